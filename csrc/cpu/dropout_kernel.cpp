@@ -1,0 +1,72 @@
+// Fused dropout on CPU: Philox words for a cache-sized chunk of groups, then one pass of compare-select-scale.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "dropout.h"
+#include "philox.h"
+
+namespace fastfuse {
+namespace {
+
+constexpr int64_t kChunkGroups = 256;  // 1024 words = 4 KB: stays in L1 between generation and use
+
+// Philox is compute-bound, so build it for AVX-512 and AVX2 too and let the loader pick (GCC/Clang on x86 ELF).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void philox_words(uint32_t* __restrict__ words, uint64_t g0, int64_t ngroups, uint64_t seed,
+                  uint64_t offset) {
+  for (int64_t j = 0; j < ngroups; ++j) {
+    const Philox4 r = dropout_group_words(seed, offset, g0 + static_cast<uint64_t>(j));
+    words[4 * j + 0] = r.w[0];
+    words[4 * j + 1] = r.w[1];
+    words[4 * j + 2] = r.w[2];
+    words[4 * j + 3] = r.w[3];
+  }
+}
+
+template <typename scalar_t>
+void dropout_range(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n, int64_t g_begin,
+                   int64_t g_end, uint32_t threshold, double scale_d, uint64_t seed, uint64_t offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  alignas(64) uint32_t words[4 * kChunkGroups];
+  for (int64_t g = g_begin; g < g_end; g += kChunkGroups) {
+    const int64_t ng = std::min(kChunkGroups, g_end - g);
+    philox_words(words, static_cast<uint64_t>(g), ng, seed, offset);
+    const int64_t i0 = 4 * g;
+    const int64_t m = std::min(4 * ng, n - i0);
+    const scalar_t* xs = x + i0;
+    scalar_t* ys = y + i0;
+    for (int64_t k = 0; k < m; ++k) {
+      const acc_t v = static_cast<acc_t>(xs[k]) * scale;
+      ys[k] = words[k] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu(), "fastfuse dropout_cpu: expected a CPU tensor, got ", x.device());
+  check_dropout_input(x);
+  const uint32_t threshold = dropout_threshold(p);
+  at::Tensor y = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  const int64_t ngroups = (n + 3) / 4;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_dropout_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, ngroups, 4 * kChunkGroups, [&](int64_t g0, int64_t g1) {
+      dropout_range<scalar_t>(xp, yp, n, g0, g1, threshold, dropout_scale(p), static_cast<uint64_t>(seed),
+                              static_cast<uint64_t>(offset));
+    });
+  });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) { m.impl("dropout", &dropout_cpu); }
+
+}  // namespace fastfuse

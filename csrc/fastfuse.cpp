@@ -1,0 +1,22 @@
+// Module init: importing fastfuse._C runs the static registrations in csrc/cpu and csrc/cuda.
+// The public ops (fastfuse::*) are declared in python/fastfuse/_library.py; this library, fastfuse_C,
+// holds the C++ kernels that the Python backend router calls. Its schemas take plain ints for the seed,
+// which the router reads from the op's seed tensor.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(fastfuse_C, m) {
+  m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", []() {
+    pybind11::dict info;
+    info["torch_version"] = FASTFUSE_TORCH_VERSION;
+#ifdef FASTFUSE_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,57 @@
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3"), the one RNG of fastfuse.
+// Written once for host and device so that the CPU and CUDA kernels draw the same bits; the Triton kernels
+// (triton_kernels/philox.py) and the pure-PyTorch reference (fastfuse/reference.py) match it bit for bit.
+//
+// Dropout's element-to-random mapping (every backend uses exactly this):
+//   element i of the tensor's dense storage order -> group g = i / 4, lane = i % 4
+//   counter = (lo32(g), hi32(g), lo32(offset), hi32(offset)), key = (lo32(seed), hi32(seed))
+//   word = philox(counter, key)[lane];  keep  <=>  word >= threshold,  threshold = floor(p * 2^32)
+// So the mask is a pure function of (seed, offset, i): independent of grid, threads and device.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FF_HOST_DEVICE inline
+#endif
+
+namespace fastfuse {
+
+struct Philox4 {
+  uint32_t w[4];
+};
+
+FF_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+  const uint64_t prod = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(prod >> 32);
+  return static_cast<uint32_t>(prod);
+}
+
+FF_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                     uint32_t k1) {
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(0xD2511F53u, c0, &hi0);
+    const uint32_t lo1 = mulhilo32(0xCD9E8D57u, c2, &hi1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The four random words of dropout group g (elements 4g .. 4g+3).
+FF_HOST_DEVICE Philox4 dropout_group_words(uint64_t seed, uint64_t offset, uint64_t g) {
+  return philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
+                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+}  // namespace fastfuse

@@ -1,0 +1,9 @@
+"""fastfuse: fused PyTorch kernels (C++, CUDA, Triton) for the layers of fast.ai-style models."""
+from . import _extension, _library  # noqa: F401  (load _C if it is there; define every op schema)
+from . import nn, reference
+from ._backends import backends, use_backend
+from .ops import dropout
+from .swap import fuse
+
+__version__ = "0.1.0"
+__all__ = ["backends", "dropout", "fuse", "nn", "reference", "use_backend"]

@@ -1,0 +1,12 @@
+"""Every public op schema of fastfuse, in one place. Defining them in Python means the ops, their fake
+kernels and their autograd exist even when the C++ extension did not build; the kernels are attached in
+fastfuse/ops/<op>.py, which routes each call to a backend (see fastfuse/_backends.py).
+
+`seed` is a CPU int64 tensor [key, offset] for Philox (see csrc/philox.h). Keeping it a tensor, drawn from
+torch's default generator, lets torch.compile(fullgraph=True) trace the call with no graph break."""
+import torch
+
+lib = torch.library.Library("fastfuse", "DEF")
+
+lib.define("dropout(Tensor input, float p, Tensor seed) -> Tensor")
+lib.define("dropout_backward(Tensor grad_output, float p, Tensor seed) -> Tensor")

@@ -1,0 +1,42 @@
+"""Seeds and dropout parameters shared by every backend (the C++ side mirrors these in csrc/dropout.h)."""
+import math
+import numbers
+
+import torch
+
+SEED_HIGH = 2**63 - 1
+
+
+def new_seed() -> torch.Tensor:
+    """[key, offset] for Philox, drawn from torch's default CPU generator: torch.manual_seed reproduces it,
+    and CPU and CUDA runs with the same seed draw the same masks."""
+    return torch.randint(0, SEED_HIGH, (2,), dtype=torch.int64)
+
+
+def seed_ints(seed: torch.Tensor):
+    if seed.dtype != torch.int64 or seed.numel() != 2 or seed.device.type != "cpu":
+        raise ValueError(f"fastfuse: seed must be a CPU int64 tensor [key, offset], got {seed.dtype} "
+                         f"of shape {tuple(seed.shape)} on {seed.device}")
+    key, offset = seed.tolist()
+    return key, offset
+
+
+def check_p(p) -> float:
+    """Dropout probability as a float; ValueError naming the value if it is not a number in [0, 1]."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or math.isnan(float(p)) or not 0 <= p <= 1:
+        raise ValueError(f"dropout probability has to be a number between 0 and 1, but got {p!r}")
+    return float(p)
+
+
+def dropout_threshold(p: float) -> int:
+    """keep <=> 32-bit Philox word >= threshold (p < 1; p == 1 is handled without a kernel)."""
+    return int(math.floor(p * 4294967296.0))
+
+
+def dropout_scale(p: float) -> float:
+    return 1.0 / (1.0 - p)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in: float32 for 16-bit floats, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,0 +1,42 @@
+"""Fused dropout in Triton: each program draws Philox words for BLOCK_GROUPS groups of 4 elements and
+applies keep ? x * scale : 0 to the matching (BLOCK_GROUPS, 4) tile of the dense input."""
+import torch
+import triton
+import triton.language as tl
+
+from .philox import dropout_group_words
+from .rounding import fp32_to
+
+BLOCK_GROUPS = 256
+
+
+@triton.jit
+def dropout_kernel(x_ptr, y_ptr, n_elements, threshold, scale, key0, key1, off0, off1,
+                   BLOCK_GROUPS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
+    r0, r1, r2, r3 = dropout_group_words(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32),
+                                         off1.to(tl.uint32))
+    lane = tl.arange(0, 4)[None, :]
+    word = tl.where(lane == 0, r0[:, None],
+                    tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+    offs = g[:, None] * 4 + lane
+    mask = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=mask)
+    y = tl.where(word >= threshold.to(tl.uint32), x.to(tl.float32) * scale, 0.0)
+    tl.store(y_ptr + offs, fp32_to(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int, offset: int) -> torch.Tensor:
+    """x must be dense; threshold and scale come from fastfuse._rng. fp16/bf16/fp32 (fp32 math)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"fastfuse triton dropout supports float16, bfloat16 and float32, got {x.dtype}")
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return y
+    m = 0xFFFFFFFF
+    grid = (triton.cdiv(n, 4 * BLOCK_GROUPS),)
+    dropout_kernel[grid](x, y, n, threshold, scale, seed & m, (seed >> 32) & m, offset & m, (offset >> 32) & m,
+                         BLOCK_GROUPS=BLOCK_GROUPS, num_warps=4)
+    return y
