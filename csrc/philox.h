@@ -28,22 +28,29 @@ FF_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
   return static_cast<uint32_t>(prod);
 }
 
-FF_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                     uint32_t k1) {
+// The ten rounds, written once for any word type U: uint32_t here and on the GPU, or a SIMD vector of
+// words (csrc/cpu/philox_simd.h) that provides mulhilo32(uint32_t, U, U*), U ^ U and U + uint32_t.
+template <typename U>
+FF_HOST_DEVICE void philox4x32_10_rounds(U& c0, U& c1, U& c2, U& c3, U k0, U k1) {
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(0xD2511F53u, c0, &hi0);
-    const uint32_t lo1 = mulhilo32(0xCD9E8D57u, c2, &hi1);
+    U hi0, hi1;
+    const U lo0 = mulhilo32(0xD2511F53u, c0, &hi0);
+    const U lo1 = mulhilo32(0xCD9E8D57u, c2, &hi1);
     c0 = hi1 ^ c1 ^ k0;
     c1 = lo1;
     c2 = hi0 ^ c3 ^ k1;
     c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 = k0 + 0x9E3779B9u;
+    k1 = k1 + 0xBB67AE85u;
   }
+}
+
+FF_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                     uint32_t k1) {
+  philox4x32_10_rounds(c0, c1, c2, c3, k0, k1);
   return Philox4{{c0, c1, c2, c3}};
 }
 
