@@ -53,7 +53,9 @@ def _backward(ctx, grad):
     return grad_input, None, None
 
 
-torch.library.register_autograd("fastfuse::dropout", _backward, setup_context=_setup_context)
+# Both ops multiply by the same mask, so each one's backward is dropout_backward (double backward works).
+for _name in ("fastfuse::dropout", "fastfuse::dropout_backward"):
+    torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:

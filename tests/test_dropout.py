@@ -1,0 +1,161 @@
+"""fastfuse.dropout against its semantics and the reference, on the default CPU backend (C++)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastfuse
+from fastfuse import reference
+
+from conftest import CPP, bits
+
+pytestmark = pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+
+TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+SHAPES = [(1,), (7,), (3, 5), (2, 3, 7, 11), (4, 8, 5, 5)]
+
+
+def _mask_and_out(x, p):
+    torch.manual_seed(123)
+    y = fastfuse.dropout(x, p)
+    torch.manual_seed(123)
+    seed = torch.randint(0, 2**63 - 1, (2,), dtype=torch.int64)  # what fastfuse draws
+    return y, seed.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_forward_matches_reference_and_semantics(shape, dtype, p):
+    x = torch.randn(shape, dtype=dtype)
+    y, (key, off) = _mask_and_out(x, p)
+    assert torch.equal(bits(y), bits(reference.dropout(x, p, key, off)))
+    keep = reference.dropout_keep_mask(x.numel(), p, key, off).view(shape)
+    expected = torch.where(keep, x.double() / (1 - p), torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(y.double(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_regenerates_mask(dtype):
+    x = torch.randn(6, 37, dtype=dtype, requires_grad=True)
+    y = fastfuse.dropout(x, 0.3)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    kept = y != 0
+    torch.testing.assert_close(gx[kept].float(), (g[kept].float() / 0.7).to(dtype).float())
+    assert torch.all(gx[~kept] == 0)
+
+
+def test_saved_tensors_are_o1():
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    x = torch.randn(64, 1024, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fastfuse.dropout(x, 0.5).sum().backward()
+    assert sizes and max(sizes) <= 2, sizes
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.dropout(x, 0.5).sum()
+    assert max(sizes) == x.numel()  # torch keeps a numel-sized mask; we keep [key, offset]
+
+
+def test_layouts_channels_last_and_noncontiguous():
+    x = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)
+    y = fastfuse.dropout(x, 0.5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 3, 5, 7)  # a contiguous gradient for a channels_last output
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(1)
+    yr = fastfuse.dropout(xr, 0.5)
+    (gx,) = torch.autograd.grad(yr, xr, g)
+    torch.testing.assert_close(gx, torch.where(yr != 0, g * 2, torch.zeros(())))
+    s = torch.randn(6, 10)[:, ::2]
+    ys = fastfuse.dropout(s, 0.5)
+    assert ys.shape == s.shape and ys.is_contiguous()
+    torch.testing.assert_close(ys[ys != 0], s[ys != 0] * 2)
+
+
+def test_special_cases():
+    x = torch.randn(10, 10, requires_grad=True)
+    assert fastfuse.dropout(x, 0.5, training=False) is x
+    assert fastfuse.dropout(x, 0.0) is x
+    z = fastfuse.dropout(x, 1.0)
+    assert torch.equal(z, torch.zeros_like(x))
+    z.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    e = torch.randn(0, 3)
+    assert fastfuse.dropout(e, 0.5).shape == (0, 3)
+
+
+def test_inplace():
+    x = torch.randn(100)
+    orig = x.clone()
+    y = fastfuse.dropout(x, 0.5, inplace=True)
+    assert y is x and not torch.equal(x, orig)
+    x2 = torch.randn(100)
+    c = x2.clone()
+    fastfuse.dropout(x2, 0.5)
+    assert torch.equal(x2, c)  # out of place writes nothing to the input
+
+
+def test_seed_reproducibility_and_keep_fraction():
+    x = torch.ones(200_000)
+    torch.manual_seed(7)
+    a = fastfuse.dropout(x, 0.3)
+    torch.manual_seed(7)
+    b = fastfuse.dropout(x, 0.3)
+    c = fastfuse.dropout(x, 0.3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    frac = (a != 0).double().mean().item()
+    assert abs(frac - 0.7) < 5 * (0.3 * 0.7 / x.numel()) ** 0.5  # 5 sigma
+    torch.testing.assert_close(a.mean().item(), 1.0, rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), "0.5", None, True])
+def test_bad_p(p):
+    with pytest.raises(ValueError, match="dropout probability"):
+        fastfuse.dropout(torch.randn(3), p)
+    with pytest.raises(ValueError):
+        fastfuse.nn.Dropout(p if isinstance(p, float) else -1.0)
+
+
+def test_integer_tensor():
+    with pytest.raises(TypeError, match="floating-point"):
+        fastfuse.dropout(torch.arange(5), 0.5)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor([12345, 0])
+    assert torch.autograd.gradcheck(lambda t: torch.ops.fastfuse.dropout(t, 0.4, seed), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.fastfuse.dropout(t, 0.4, seed), (x,))
+
+
+@pytest.mark.parametrize("args", [((5, 7), torch.float32, 0.5), ((2, 3, 4, 4), torch.float64, 0.2),
+                                  ((0, 4), torch.float32, 0.5), ((9,), torch.bfloat16, 0.7)])
+def test_opcheck(args):
+    shape, dtype, p = args
+    x = torch.randn(shape, dtype=dtype, requires_grad=dtype != torch.bfloat16)
+    torch.library.opcheck(torch.ops.fastfuse.dropout.default, (x, p, torch.tensor([99, 3])))
+    torch.library.opcheck(torch.ops.fastfuse.dropout_backward.default, (x.detach(), p, torch.tensor([99, 3])))
+
+
+def test_module_dropin():
+    m, ref = fastfuse.nn.Dropout(0.25), torch.nn.Dropout(0.25)
+    assert repr(m) == repr(ref) == "Dropout(p=0.25, inplace=False)"
+    assert isinstance(m, torch.nn.Dropout) and m.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(20, 20)
+    assert torch.equal(m.eval()(x), x)
+    y = m.train()(x)
+    torch.testing.assert_close(y[y != 0], x[y != 0] / 0.75)
+
+
+def test_fuse_swaps_dropout_and_keeps_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1), torch.nn.Sequential(torch.nn.Dropout(0.2)))
+    w = model[0].weight.clone()
+    fastfuse.fuse(model)
+    assert type(model[1]) is fastfuse.nn.Dropout and model[1].p == 0.1
+    assert type(model[2][0]) is fastfuse.nn.Dropout and torch.equal(model[0].weight, w)
