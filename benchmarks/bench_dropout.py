@@ -1,0 +1,57 @@
+"""Dropout p=0.5: fastfuse backends vs eager F.dropout vs torch.compile, fwd / bwd / fwd+bwd."""
+import torch
+import torch.nn.functional as F
+
+import fastfuse
+from fastfuse.bench import Case
+
+P = 0.5
+
+
+def _providers(x, backends):
+    g = torch.randn_like(x)
+
+    def modes(fn):
+        xr = x.detach().requires_grad_()
+        out = fn(xr)
+
+        def fwd():
+            return fn(x)
+
+        def bwd():
+            return torch.autograd.grad(out, xr, g, retain_graph=True)
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(xr), xr, g)
+
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+    def with_backend(name):
+        def fn(t):
+            with fastfuse.use_backend(name):
+                return fastfuse.dropout(t, P)
+        return fn
+
+    eager = lambda t: F.dropout(t, P)  # noqa: E731
+    provs = {f"ff-{b}": modes(with_backend(b)) for b in backends}
+    provs["eager"] = modes(eager)
+    provs["compile"] = modes(torch.compile(eager))
+    return provs
+
+
+def cases(device, quick):
+    if device == "cuda":
+        shapes = [((64, 64, 56, 56), torch.float32), ((64, 64, 56, 56), torch.bfloat16),
+                  ((8192, 8192), torch.float32), ((8192, 8192), torch.bfloat16)]
+        backends = [b for b in ("cuda", "triton") if fastfuse.backends()[b]["available"]]
+    else:
+        shapes = [((512, 1000), torch.float32)] + ([] if quick else [((64, 64, 56, 56), torch.float32)])
+        backends = ["cpp"]
+    out = []
+    for shape, dtype in shapes:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        y = torch.empty_like(x)
+        nbytes = 2 * x.numel() * x.element_size()
+        out.append(Case("dropout", shape, dtype, {"fwd": nbytes, "bwd": nbytes, "fwd+bwd": 2 * nbytes},
+                        _providers(x, backends), lambda x=x, y=y: y.copy_(x)))
+    return out
