@@ -6,6 +6,12 @@ import fastfuse
 from fastfuse.bench import Case
 
 P = 0.5
+# "bwd" re-runs backward on one graph (retain_graph=True); torch.compile's donated buffers forbid that.
+try:
+    import torch._functorch.config
+    torch._functorch.config.donated_buffer = False
+except (ImportError, AttributeError):
+    pass
 
 
 def _providers(x, backends):
@@ -29,11 +35,11 @@ def _providers(x, backends):
     def with_backend(name):
         def fn(t):
             with fastfuse.use_backend(name):
-                return fastfuse.dropout(t, P)
+                return fastfuse.dropout(t, P, training=True)
         return fn
 
     eager = lambda t: F.dropout(t, P)  # noqa: E731
-    provs = {f"ff-{b}": modes(with_backend(b)) for b in backends}
+    provs = {b: modes(with_backend(b)) for b in backends}
     provs["eager"] = modes(eager)
     provs["compile"] = modes(torch.compile(eager))
     return provs
@@ -46,12 +52,15 @@ def cases(device, quick):
         backends = [b for b in ("cuda", "triton") if fastfuse.backends()[b]["available"]]
     else:
         shapes = [((512, 1000), torch.float32)] + ([] if quick else [((64, 64, 56, 56), torch.float32)])
-        backends = ["cpp"]
+        backends = ["cpp"]  # "reference" is added per case for small tensors only
     out = []
     for shape, dtype in shapes:
         x = torch.randn(shape, device=device, dtype=dtype)
         y = torch.empty_like(x)
         nbytes = 2 * x.numel() * x.element_size()
-        out.append(Case("dropout", shape, dtype, {"fwd": nbytes, "bwd": nbytes, "fwd+bwd": 2 * nbytes},
-                        _providers(x, backends), lambda x=x, y=y: y.copy_(x)))
+        bk = [b for b in backends if fastfuse.backends()[b]["available"]]
+        if device == "cpu" and x.numel() <= 1 << 20 and fastfuse.backends()["reference"]["available"]:
+            bk.append("reference")  # pure-PyTorch reference: too slow to be worth timing on big shapes
+        out.append(Case("dropout", shape, dtype, nbytes, nbytes, _providers(x, bk),
+                        copy=lambda x=x, y=y: y.copy_(x), clone=lambda x=x: x.clone()))
     return out
