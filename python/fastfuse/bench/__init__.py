@@ -3,6 +3,7 @@ run() times every provider and mode in one process on the same inputs, after war
 import dataclasses
 import datetime
 import subprocess
+import time
 from typing import Callable, Dict
 
 import torch
@@ -31,8 +32,6 @@ def time_ms(fn, device: str, slow: bool = False):
         import triton.testing
         return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
     from torch.utils import benchmark
-    import time
-    t0 = time.perf_counter()
     fn()  # warm-up (also triggers torch.compile's compilation)
     t0 = time.perf_counter()
     fn()
