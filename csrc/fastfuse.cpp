@@ -6,6 +6,10 @@
 
 TORCH_LIBRARY(fastfuse_C, m) {
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+  m.def("embedding_concat_dropout(Tensor x_cat, Tensor[] weights, float p, int seed, int offset, Tensor? cont, "
+        "bool check_index) -> Tensor");
+  m.def("embedding_concat_dropout_backward(Tensor grad_output, Tensor x_cat, Tensor[] weights, float p, int seed, "
+        "int offset) -> Tensor[]");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -7,3 +7,5 @@ from .swap import fuse
 
 __version__ = "0.1.0"
 __all__ = ["backends", "dropout", "fuse", "nn", "reference", "use_backend"]
+from .ops import embedding_concat_dropout  # noqa: E402
+__all__ += ["embedding_concat_dropout"]

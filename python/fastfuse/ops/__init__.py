@@ -2,3 +2,5 @@
 from .dropout import dropout
 
 __all__ = ["dropout"]
+from .embedding_concat_dropout import embedding_concat_dropout  # noqa: E402
+__all__ += ["embedding_concat_dropout"]
