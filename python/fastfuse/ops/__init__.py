@@ -1,4 +1,5 @@
 """One module per op: functional wrapper, backend routing, fake kernel and autograd."""
+from .batch_norm import batch_norm
 from .dropout import dropout
 
-__all__ = ["dropout"]
+__all__ = ["batch_norm", "dropout"]
