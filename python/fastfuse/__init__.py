@@ -2,10 +2,10 @@
 from . import _extension, _library  # noqa: F401  (load _C if it is there; define every op schema)
 from . import nn, reference
 from ._backends import backends, use_backend
-from .ops import dropout
+from .ops import batch_norm, dropout
 from .swap import fuse
 
 __version__ = "0.1.0"
-__all__ = ["backends", "dropout", "fuse", "nn", "reference", "use_backend"]
+__all__ = ["backends", "batch_norm", "dropout", "fuse", "nn", "reference", "use_backend"]
 from .ops import embedding_concat_dropout  # noqa: E402
 __all__ += ["embedding_concat_dropout"]

@@ -29,3 +29,14 @@ def to_strides(x: torch.Tensor, stride) -> torch.Tensor:
     if tuple(x.stride()) == tuple(stride) or x.numel() <= 1:
         return x
     return torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def is_channels_inner(x: torch.Tensor) -> bool:
+    """True for a dense (N, C, *) tensor whose channel dim is innermost in memory (channels_last and its 1-D
+    and 3-D analogues)."""
+    return x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous()
+
+
+def channel_dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself when contiguous or channels-inner (the two layouts per-channel kernels take), else contiguous."""
+    return x if x.is_contiguous() or is_channels_inner(x) else x.contiguous()

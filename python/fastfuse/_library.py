@@ -15,3 +15,12 @@ lib.define("embedding_concat_dropout(Tensor x_cat, Tensor[] weights, float p, Te
            "bool check_index=True) -> Tensor")
 lib.define("embedding_concat_dropout_backward(Tensor grad_output, Tensor x_cat, Tensor[] weights, float p, "
            "Tensor seed) -> Tensor[]")
+
+# Batch norm fused with optional pre-ReLU, residual add, post-ReLU and dropout (see fastfuse/ops/batch_norm.py).
+# Functional: the running statistics are updated by the Python wrapper from the returned batch (mean, var).
+lib.define("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+           "Tensor? residual, bool training, float eps, bool pre_relu, bool post_relu, float p, Tensor seed) "
+           "-> (Tensor, Tensor, Tensor)")
+lib.define("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, "
+           "Tensor? output, bool training, float eps, bool pre_relu, bool post_relu, float p, Tensor seed, "
+           "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")

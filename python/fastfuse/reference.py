@@ -123,3 +123,83 @@ def embedding_concat_dropout_backward(grad_output: torch.Tensor, x_cat: torch.Te
             out[codes] = sums
         grads.append(out.to(w.dtype))
     return grads
+# ---- batch norm: the four primitives every backend implements (see fastfuse/ops/batch_norm.py) ----
+# x is (N, C, *) and dense; "x'" is relu(x) when pre_relu. Statistics and arithmetic are in the accumulation
+# dtype; the output keeps x's strides and dtype. The dropout mask is over x's storage order, as in dropout().
+
+def _channel_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(v, x):
+    return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _like(x, value):
+    """value (any layout) cast to x's dtype and laid out with x's strides."""
+    return torch.empty_like(x).copy_(value)
+
+
+def _keep_like(x, p, seed, offset):
+    """Bool keep-mask with x's shape and strides: element i of x's storage gets word i of the stream."""
+    keep = torch.empty_like(x, dtype=torch.bool)
+    _layout.flat_view(keep).copy_(dropout_keep_mask(x.numel(), p, seed, offset, x.device))
+    return keep
+
+
+def _pre(x, pre_relu):
+    xa = x.to(_rng.acc_dtype(x.dtype))
+    return xa.clamp_min(0) if pre_relu else xa
+
+
+def bn_stats(x, pre_relu):
+    """Per-channel (mean, biased variance) of x', two-pass for stability."""
+    xa = _pre(x, pre_relu)
+    mean = xa.mean(_channel_dims(x))
+    var = (xa - _per_channel(mean, x)).square().mean(_channel_dims(x))
+    return mean, var
+
+
+def bn_apply(x, mean, scale, bias, residual, pre_relu, post_relu, p, seed, offset):
+    """y = drop(post((x' - mean) * scale + bias + residual))."""
+    z = (_pre(x, pre_relu) - _per_channel(mean, x)) * _per_channel(scale, x) + _per_channel(bias, x)
+    if residual is not None:
+        z = z + residual.to(z.dtype)
+    if post_relu:
+        z = z.clamp_min(0)
+    if p > 0:
+        z = torch.where(_keep_like(x, p, seed, offset), z * _rng.dropout_scale(p), torch.zeros((), dtype=z.dtype))
+    return _like(x, z)
+
+
+def _bn_grad(grad_out, x, out, post_relu, p, seed, offset):
+    """g = dL/d(bn output + residual): grad_out through dropout and the post-ReLU (whose mask is out > 0)."""
+    g = grad_out.to(_rng.acc_dtype(x.dtype))
+    if p > 0:
+        g = g * _rng.dropout_scale(p)
+    if post_relu:
+        return torch.where(out > 0, g, torch.zeros((), dtype=g.dtype))  # out > 0 also means "kept"
+    if p > 0:
+        return torch.where(_keep_like(x, p, seed, offset), g, torch.zeros((), dtype=g.dtype))
+    return g
+
+
+def bn_grad_reduce(grad_out, x, out, mean, pre_relu, post_relu, p, seed, offset):
+    """Per-channel (sum g, sum g * (x' - mean))."""
+    g = _bn_grad(grad_out, x, out, post_relu, p, seed, offset)
+    dims = _channel_dims(x)
+    return g.sum(dims), (g * (_pre(x, pre_relu) - _per_channel(mean, x))).sum(dims)
+
+
+def bn_grad_apply(grad_out, x, out, mean, k1, k2, k3, pre_relu, post_relu, p, seed, offset, need_gi, need_g):
+    """(grad_input, g): grad_input = relu'(x) * (k1 * g + k2 * (x' - mean) + k3); g as in bn_grad_reduce.
+    Either is an empty tensor when not needed."""
+    g = _bn_grad(grad_out, x, out, post_relu, p, seed, offset)
+    gi = g.new_empty(0)
+    if need_gi:
+        gi = _per_channel(k1, x) * g + _per_channel(k2, x) * (_pre(x, pre_relu) - _per_channel(mean, x)) \
+            + _per_channel(k3, x)
+        if pre_relu:
+            gi = torch.where(x > 0, gi, torch.zeros((), dtype=gi.dtype))
+        gi = _like(x, gi)
+    return gi, (_like(x, g) if need_g else x.new_empty(0))
