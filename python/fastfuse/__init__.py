@@ -9,3 +9,5 @@ __version__ = "0.1.0"
 __all__ = ["backends", "batch_norm", "dropout", "fuse", "nn", "reference", "use_backend"]
 from .ops import embedding_concat_dropout  # noqa: E402
 __all__ += ["embedding_concat_dropout"]
+from . import models  # noqa: E402
+__all__ += ["models"]

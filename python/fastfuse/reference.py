@@ -105,7 +105,11 @@ def embedding_concat_dropout_backward(grad_output: torch.Tensor, x_cat: torch.Te
     """Gradient of every table: the dropped-out gradient of its columns summed per code, in ascending row
     order per code (a stable sort then segment sums: deterministic on every device, no atomics)."""
     width = sum(w.shape[1] for w in weights)
-    g = _embedding_dropout_block(grad_output[:, :width], p, seed, offset)
+    return embedding_table_grads(_embedding_dropout_block(grad_output[:, :width], p, seed, offset), x_cat, weights)
+
+
+def embedding_table_grads(g: torch.Tensor, x_cat: torch.Tensor, weights):
+    """Every table's gradient from the (already dropped-out) (B, D) gradient of the embedding block."""
     grads, col = [], 0
     for t, w in enumerate(weights):
         n, d = w.shape

@@ -17,7 +17,8 @@ _NO_SEED = torch.zeros(2, dtype=torch.int64)  # p == 0: no random stream is used
 
 
 # ---- validation (clear errors before any kernel runs) ------------------------------------------------
-def _validate(x_cat, weights, cont):
+def _validate(x_cat, weights, cont, tables=True):
+    """tables=False: only the O(1) checks (the public wrapper; the router checks every table)."""
     if not isinstance(x_cat, torch.Tensor):
         raise TypeError(f"embedding_concat_dropout: x_cat must be a tensor, got {type(x_cat).__name__}")
     if x_cat.is_floating_point() or x_cat.is_complex() or x_cat.dtype == torch.bool:
@@ -28,7 +29,7 @@ def _validate(x_cat, weights, cont):
     if x_cat.shape[1] != len(weights):
         raise ValueError(f"embedding_concat_dropout: x_cat has {x_cat.shape[1]} columns but {len(weights)} "
                          f"embedding tables were given")
-    for t, w in enumerate(weights):
+    for t, w in enumerate(weights if tables else ()):
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
             raise ValueError(f"embedding_concat_dropout: table {t} must be a 2-D floating-point tensor (n_t, d_t)")
         if w.dtype != weights[0].dtype or w.device != weights[0].device:
@@ -195,7 +196,7 @@ def embedding_concat_dropout(x_cat: torch.Tensor, weights, p: float = 0.0, train
     weights = [w.weight if isinstance(w, torch.nn.Embedding) else w for w in weights]
     if x_cont is not None and not isinstance(x_cont, torch.Tensor):
         raise TypeError(f"embedding_concat_dropout: x_cont must be a tensor or None, got {type(x_cont).__name__}")
-    _validate(x_cat, weights, x_cont)
+    _validate(x_cat, weights, x_cont, tables=False)
     cont = x_cont
     if cont is not None and cont.shape[1] == 0:
         cont = None
