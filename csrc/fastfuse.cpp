@@ -10,6 +10,15 @@ TORCH_LIBRARY(fastfuse_C, m) {
         "bool check_index) -> Tensor");
   m.def("embedding_concat_dropout_backward(Tensor grad_output, Tensor x_cat, Tensor[] weights, float p, int seed, "
         "int offset) -> Tensor[]");
+  // batch norm primitives (see csrc/batch_norm.h and fastfuse/reference.py)
+  m.def("bn_stats(Tensor x, bool pre_relu) -> (Tensor, Tensor)");
+  m.def("bn_apply(Tensor x, Tensor mean, Tensor scale, Tensor bias, Tensor? residual, bool pre_relu, "
+        "bool post_relu, float p, int seed, int offset) -> Tensor");
+  m.def("bn_grad_reduce(Tensor grad_out, Tensor x, Tensor? out, Tensor mean, bool pre_relu, bool post_relu, "
+        "float p, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("bn_grad_apply(Tensor grad_out, Tensor x, Tensor? out, Tensor mean, Tensor k1, Tensor k2, Tensor k3, "
+        "bool pre_relu, bool post_relu, float p, int seed, int offset, bool need_gi, bool need_g) "
+        "-> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

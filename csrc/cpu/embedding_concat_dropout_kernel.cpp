@@ -15,7 +15,7 @@
 
 #include "dropout.h"
 #include "embedding_concat_dropout.h"
-#include "cpu/philox_words.h"
+#include "cpu/philox_cpu.h"
 
 namespace fastfuse {
 namespace {
@@ -27,7 +27,7 @@ constexpr int64_t kSliceCols = 16;     // columns per backward work item
 int64_t fill_words(std::vector<uint32_t>& words, int64_t e0, int64_t e1, uint64_t seed, uint64_t offset) {
   const int64_t g0 = e0 / 4, g1 = (e1 + 3) / 4;
   words.resize(4 * (g1 - g0));
-  cpu::philox_words(words.data(), static_cast<uint64_t>(g0), g1 - g0, seed, offset);
+  philox_words(words.data(), static_cast<uint64_t>(g0), g1 - g0, seed, offset);
   return 4 * g0;
 }
 

@@ -1,0 +1,57 @@
+// Batch norm primitives shared by the CPU and CUDA kernels; the per-channel arithmetic between them is done
+// once in python/fastfuse/ops/batch_norm.py, and fastfuse/reference.py defines what each one computes.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace fastfuse {
+
+// How per-channel kernels walk a dense (N, C, *) tensor in storage order: "planes" (contiguous, element i has
+// channel (i / S) % C) or "rows" (channel innermost, e.g. channels_last: channel i % C).
+struct BnGeom {
+  int64_t numel, C, S;
+  bool rows;
+};
+
+inline BnGeom bn_geometry(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "fastfuse batch_norm: expected an (N, C, *) tensor, got ", x.dim(), "D");
+  const int64_t C = x.size(1), numel = x.numel();
+  if (x.is_contiguous()) {
+    const int64_t S = numel == 0 ? 1 : numel / (x.size(0) * C);
+    return {numel, C, S, S == 1};
+  }
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  TORCH_CHECK(x.permute(perm).is_contiguous(),
+              "fastfuse batch_norm kernel: expected a contiguous or channels-last tensor (the router makes it so)");
+  return {numel, C, 1, true};
+}
+
+inline void bn_check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() && t.scalar_type() == x.scalar_type(),
+              "fastfuse batch_norm kernel: ", name, " must have the input's shape, strides and dtype");
+}
+
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+
+#define FASTFUSE_BN_DECLARE(dev)                                                                            \
+  Tensor2 bn_stats_##dev(const at::Tensor& x, bool pre_relu);                                              \
+  at::Tensor bn_apply_##dev(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,          \
+                            const at::Tensor& bias, const c10::optional<at::Tensor>& residual, bool pre_relu, \
+                            bool post_relu, double p, int64_t seed, int64_t offset);                        \
+  Tensor2 bn_grad_reduce_##dev(const at::Tensor& grad_out, const at::Tensor& x,                            \
+                               const c10::optional<at::Tensor>& out, const at::Tensor& mean, bool pre_relu, \
+                               bool post_relu, double p, int64_t seed, int64_t offset);                     \
+  Tensor2 bn_grad_apply_##dev(const at::Tensor& grad_out, const at::Tensor& x,                             \
+                              const c10::optional<at::Tensor>& out, const at::Tensor& mean,                 \
+                              const at::Tensor& k1, const at::Tensor& k2, const at::Tensor& k3, bool pre_relu, \
+                              bool post_relu, double p, int64_t seed, int64_t offset, bool need_gi, bool need_g);
+
+FASTFUSE_BN_DECLARE(cpu)
+#ifdef FASTFUSE_WITH_CUDA
+FASTFUSE_BN_DECLARE(cuda)
+#endif
+
+}  // namespace fastfuse
