@@ -186,3 +186,22 @@ def test_opcheck(B, C):
     g = torch.randn(B, 10 + C)
     torch.library.opcheck(torch.ops.fastfuse.embedding_concat_dropout_backward.default,
                           (g, x, [w.detach() for w in ws], 0.3, SEED))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eager_fast_path_equals_registered_op(backend, monkeypatch):
+    from fastfuse.ops import embedding_concat_dropout as mod
+    x, ws, xc = _data(TABLES["odd"], 21, 3)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(mod, "EAGER_FAST_PATH", fast)
+        wr, cr = [w.clone().requires_grad_() for w in ws], xc.clone().requires_grad_()
+        bn = torch.nn.BatchNorm1d(3)
+        torch.manual_seed(9)
+        with fastfuse.use_backend(backend):
+            y = fastfuse.embedding_concat_dropout(x, wr, 0.4, True, cr, bn)
+            grads = torch.autograd.grad(y, wr + [cr], torch.arange(y.numel(), dtype=torch.float32).view(y.shape))
+        results.append((y, grads, bn.running_mean))
+    (y1, g1, m1), (y2, g2, m2) = results
+    assert torch.equal(y1, y2) and torch.equal(m1, m2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))

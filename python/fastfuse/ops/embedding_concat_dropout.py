@@ -160,6 +160,35 @@ def _backward(ctx, grad):
 torch.library.register_autograd("fastfuse::embedding_concat_dropout", _backward, setup_context=_setup_context)
 
 
+# ---- eager fast path ----------------------------------------------------------------------------------
+# The same kernels through a plain autograd.Function: torch.library's generic autograd wrapper flattens the
+# 24-tensor list with pytree on every call and costs ~0.5 ms per forward+backward on CPU, more than the
+# kernels themselves at Rossmann sizes. torch.compile (and torch.ops callers) keep using the registered op.
+EAGER_FAST_PATH = True
+
+
+class _EagerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_cat, p, seed, check_index, cont, *weights):
+        out = _route(x_cat, list(weights), p, seed, cont, check_index)
+        ctx.p, ctx.width, ctx.has_cont = p, out.shape[1] - (cont.shape[1] if cont is not None else 0), cont is not None
+        ctx.save_for_backward(x_cat, seed, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_cat, seed, *weights = ctx.saved_tensors
+        grad_weights = [None] * len(weights)
+        if any(ctx.needs_input_grad[5:]):
+            grad_weights = _route_backward(grad, x_cat, weights, ctx.p, seed)
+        grad_cont = grad[:, ctx.width:] if ctx.has_cont and ctx.needs_input_grad[4] else None
+        return (None, None, None, None, grad_cont, *grad_weights)
+
+
+def _use_fast_path() -> bool:
+    return EAGER_FAST_PATH and not torch.compiler.is_compiling()
+
+
 # ---- continuous columns -------------------------------------------------------------------------------
 def _batch_norm_cont(x_cont: torch.Tensor, bn, training: bool) -> torch.Tensor:
     """torch.nn.BatchNorm1d's forward (incl. momentum=None's cumulative average via num_batches_tracked) on
@@ -208,4 +237,6 @@ def embedding_concat_dropout(x_cat: torch.Tensor, weights, p: float = 0.0, train
         return cont if cont is not None else x_cat.new_empty((x_cat.shape[0], 0), dtype=torch.float32)
     p = p if training else 0.0
     seed = _rng.new_seed() if p > 0 else _NO_SEED
+    if _use_fast_path():
+        return _EagerFunction.apply(x_cat, p, seed, check_index, cont, *weights)
     return torch.ops.fastfuse.embedding_concat_dropout(x_cat, weights, p, seed, cont, check_index)
