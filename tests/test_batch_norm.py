@@ -253,3 +253,18 @@ def test_backend_parity(backend, cl):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     # dropout masks are bit-identical across backends
     assert torch.equal(outs[backend][0] == 0, outs["cpp"][0] == 0)
+
+
+def test_fuse_swaps_batch_norm_and_shares_state():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.BatchNorm1d(16))
+    model(torch.randn(5, 3, 4, 4))
+    eager = __import__("copy").deepcopy(model)
+    weight = model[1].weight
+    fastfuse.fuse(model)
+    assert type(model[1]) is fastfuse.nn.BatchNorm2d and type(model[4]) is fastfuse.nn.BatchNorm1d
+    assert model[1].weight is weight and repr(model) == repr(eager)
+    x = torch.randn(5, 3, 4, 4)
+    torch.testing.assert_close(model(x), eager(x))
+    for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
