@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4),
        torch.bfloat16: dict(rtol=3e-2, atol=3e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
 # (module class pair, shape, channels_last)
-LAYOUTS = [("1d", (16, 6), False), ("1d", (5, 4, 7), False), ("2d", (3, 5, 6, 7), False), ("2d", (3, 5, 6, 7), True)]
+LAYOUTS = [("1d", (16, 6), False), ("1d", (5, 4, 7), False), ("1d", (5, 4, 7), True), ("2d", (3, 5, 6, 7), False),
+           ("2d", (3, 5, 6, 7), True)]
 
 
 def _modules(kind, C, dtype, **kw):
@@ -31,7 +32,11 @@ def _modules(kind, C, dtype, **kw):
 
 def _input(shape, channels_last, dtype):
     x = torch.randn(shape, dtype=dtype) * 2 + 0.5
-    return x.to(memory_format=torch.channels_last) if channels_last else x
+    if not channels_last:
+        return x
+    if x.dim() == 3:  # (N, C, L) with channels innermost, as a transposed (N, L, C) tensor is
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.to(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
