@@ -273,3 +273,29 @@ def test_fuse_swaps_batch_norm_and_shares_state():
     torch.testing.assert_close(model(x), eager(x))
     for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,shape,cl", LAYOUTS + [("2d", (8, 64, 33, 17), True), ("1d", (4096, 1000), False)])
+def test_gpu_matches_cpu(backend, dtype, kind, shape, cl):
+    """GPU backends against the C++ CPU kernels: outputs, every gradient, running stats; same dropout mask."""
+    x = _input(shape, cl, dtype)
+    C = shape[1]
+    w, b, res = torch.rand(C), torch.randn(C), torch.randn_like(x)
+    outs = []
+    for dev, be in (("cpu", "cpp"), ("cuda", backend)):
+        xx, rr = x.to(dev).detach().requires_grad_(), res.to(dev).detach().requires_grad_()
+        ww, bb = w.to(dev).detach().requires_grad_(), b.to(dev).detach().requires_grad_()
+        rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+        with fastfuse.use_backend(be):
+            torch.manual_seed(3)
+            y = fastfuse.batch_norm(xx, rm, rv, ww, bb, True, residual=rr, post_act="relu", dropout_p=0.2)
+            grads = torch.autograd.grad(y, (xx, ww, bb, rr), torch.ones_like(y))
+        outs.append([t.cpu().float() for t in (y, *grads, rm, rv)])
+    tol = TOL[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-3)
+    for a, e in zip(outs[1], outs[0]):
+        torch.testing.assert_close(a, e, **tol)
+    if dtype == torch.float32:
+        assert torch.equal(outs[1][0] == 0, outs[0][0] == 0)  # same Philox mask (fp32: no rounding ties)
