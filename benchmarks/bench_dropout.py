@@ -3,34 +3,15 @@ import torch
 import torch.nn.functional as F
 
 import fastfuse
-from fastfuse.bench import Case
+from fastfuse.bench import Case, allow_retained_graphs, autograd_modes
 
 P = 0.5
-# "bwd" re-runs backward on one graph (retain_graph=True); torch.compile's donated buffers forbid that.
-try:
-    import torch._functorch.config
-    torch._functorch.config.donated_buffer = False
-except (ImportError, AttributeError):
-    pass
+allow_retained_graphs()
 
 
 def _providers(x, backends):
     g = torch.randn_like(x)
-
-    def modes(fn):
-        xr = x.detach().requires_grad_()
-        out = fn(xr)
-
-        def fwd():
-            return fn(x)
-
-        def bwd():
-            return torch.autograd.grad(out, xr, g, retain_graph=True)
-
-        def fwd_bwd():
-            return torch.autograd.grad(fn(xr), xr, g)
-
-        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    modes = lambda fn: autograd_modes(fn, x, g)  # noqa: E731
 
     def with_backend(name):
         def fn(t):

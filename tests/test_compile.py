@@ -36,3 +36,22 @@ def test_compile_inductor_module():
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] * 4)
     assert 0.3 < kept.float().mean() < 0.7
+
+
+def test_compile_batch_norm_blocks_fullgraph():
+    """LinBnDrop (ReLU -> BN -> Dropout fused) and a BN2d -> ReLU block, forward and backward, no graph break;
+    the running statistics are updated in the compiled code as in eager."""
+    lin = fastfuse.nn.LinBnDrop(6, 8, p=0.2, act=torch.nn.ReLU(), lin_first=True)
+    conv = fastfuse.nn.FusedSequential(torch.nn.Conv2d(2, 4, 3), fastfuse.nn.BatchNorm2d(4), torch.nn.ReLU())
+
+    def f(a, b):
+        return lin(a).sum() + conv(b).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a, b = torch.randn(16, 6, requires_grad=True), torch.randn(2, 2, 6, 6, requires_grad=True)
+    compiled(a, b).backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+    assert lin[2].num_batches_tracked == 1 and conv[1].num_batches_tracked == 1
+    assert not torch.equal(conv[1].running_mean, torch.zeros(4))
+    lin.eval(), conv.eval()
+    torch.testing.assert_close(compiled(a, b), f(a, b))

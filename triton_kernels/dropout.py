@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import dropout_group_words
+from .philox import word_tile
 from .rounding import fp32_to
 
 BLOCK_GROUPS = 256
@@ -15,12 +15,8 @@ def dropout_kernel(x_ptr, y_ptr, n_elements, threshold, scale, key0, key1, off0,
                    BLOCK_GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     g = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
-    r0, r1, r2, r3 = dropout_group_words(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32),
-                                         off1.to(tl.uint32))
-    lane = tl.arange(0, 4)[None, :]
-    word = tl.where(lane == 0, r0[:, None],
-                    tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
-    offs = g[:, None] * 4 + lane
+    word = word_tile(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32), off1.to(tl.uint32))
+    offs = g[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask)
     y = tl.where(word >= threshold.to(tl.uint32), x.to(tl.float32) * scale, 0.0)

@@ -34,3 +34,20 @@ def dropout_group_words(g, key0, key1, off0, off1):
     c1 = (g >> 32).to(tl.uint32)
     zero = c0 * 0
     return philox4x32_10(c0, c1, zero + off0, zero + off1, key0, key1)
+
+
+@triton.jit
+def word_tile(g, key0, key1, off0, off1):
+    """(len(g), 4) tile of words: row j holds the words of elements 4 g[j] .. 4 g[j] + 3."""
+    r0, r1, r2, r3 = dropout_group_words(g, key0, key1, off0, off1)
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane == 0, r0[:, None], tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+
+
+@triton.jit
+def element_words(offs, key0, key1, off0, off1):
+    """The word of each element index in offs (any shape, int64): lane offs % 4 of group offs // 4.
+    Costs a Philox call per element; word_tile shares one call between 4 aligned elements."""
+    r0, r1, r2, r3 = dropout_group_words(offs >> 2, key0, key1, off0, off1)
+    lane = offs & 3
+    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))

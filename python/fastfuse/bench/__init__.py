@@ -26,6 +26,25 @@ class Case:
         return {"fwd": self.bytes_fwd, "bwd": self.bytes_bwd, "fwd+bwd": self.bytes_fwd + self.bytes_bwd}[mode]
 
 
+def autograd_modes(fn, x, grad):
+    """{"fwd", "bwd", "fwd+bwd"} zero-arg callables timing fn on x (bwd re-runs backward on one graph)."""
+    xr = x.detach().requires_grad_()
+    out = fn(xr)
+    return {"fwd": lambda: fn(x),
+            "bwd": lambda: torch.autograd.grad(out, xr, grad, retain_graph=True),
+            "fwd+bwd": lambda: torch.autograd.grad(fn(xr), xr, grad)}
+
+
+def allow_retained_graphs():
+    """The "bwd" mode re-runs backward on one graph (retain_graph=True); torch.compile's donated buffers
+    forbid that."""
+    try:
+        import torch._functorch.config
+        torch._functorch.config.donated_buffer = False
+    except (ImportError, AttributeError):
+        pass
+
+
 def time_ms(fn, device: str, slow: bool = False):
     """(p50, p20, p80) in ms."""
     if device == "cuda":
