@@ -3,7 +3,9 @@ from . import _extension, _library  # noqa: F401  (load _C if it is there; defin
 from . import nn, reference
 from ._backends import backends, use_backend
 from .ops import dropout
+from .ops import reflect_conv2d
 from .swap import fuse
 
 __version__ = "0.1.0"
 __all__ = ["backends", "dropout", "fuse", "nn", "reference", "use_backend"]
+__all__ += ["reflect_conv2d"]

@@ -10,3 +10,8 @@ lib = torch.library.Library("fastfuse", "DEF")
 
 lib.define("dropout(Tensor input, float p, Tensor seed) -> Tensor")
 lib.define("dropout_backward(Tensor grad_output, float p, Tensor seed) -> Tensor")
+lib.define("reflect_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+           "int[2] dilation, int groups) -> Tensor")
+# entries not asked for in output_mask come back as empty tensors
+lib.define("reflect_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+           "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
