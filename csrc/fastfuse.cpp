@@ -7,9 +7,9 @@
 TORCH_LIBRARY(fastfuse_C, m) {
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
   m.def("reflect_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
+        "int[2] dilation, int groups, int algo) -> Tensor");
   m.def("reflect_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
-        "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+        "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, int algo) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -114,12 +114,16 @@ inline Geom geometry(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The weight columns of a region's taps: [G, OCg, Cg * T] in the accumulation dtype.
-inline at::Tensor weight_columns(const at::Tensor& w_acc, const Geom& g, const Taps& taps) {
+inline at::Tensor tap_index(const Geom& g, const Taps& taps, const at::Device& device) {
   std::vector<int64_t> idx(taps.n);
   for (int t = 0; t < taps.n; ++t) idx[t] = taps.kh[t] * g.KW + taps.kw[t];
-  auto index = at::tensor(idx, at::kLong).to(w_acc.device());
-  return w_acc.view({g.OC, g.Cg, g.KH * g.KW}).index_select(2, index).view({g.G, g.OCg, g.Cg * taps.n});
+  return at::tensor(idx, at::kLong).to(device);
+}
+
+// Columns are tap-major (t * Cg + cg): for channels_last inputs the gather then reads and writes
+// contiguous channel runs. w_tap is the weight as [OC, KH*KW, Cg] in the accumulation dtype.
+inline at::Tensor weight_columns(const at::Tensor& w_tap, const Geom& g, const at::Tensor& index) {
+  return w_tap.index_select(1, index).view({g.G, g.OCg, index.numel() * g.Cg});
 }
 
 // grad_output over a region as [G, NP, OCg] (NP = N * rows * cols, row-major over n, r, c).
@@ -134,22 +138,34 @@ inline at::Tensor grad_rows(const at::Tensor& go, const Geom& g, const Region& r
 }
 
 // Dev provides the device loops:
-//   gather(x, A, g, reg): A[gi, np, cg*T + t] = x[n, gi*Cg + cg, reflect(ih), reflect(iw)] for tap t
+//   gather(x, A, g, reg): A[gi, np, t*Cg + cg] = x[n, gi*Cg + cg, reflect(ih), reflect(iw)] for tap t
 //   add(out, corr, g, reg): out[n, gi*OCg + oc, r, c] += corr[gi, np, oc]
-//   fold(gin, B, g, reg):  gin[n, gi*Cg + cg, reflect(ih), reflect(iw)] += B[gi, np, cg*T + t], one writer each
+//   fold(gin, B, g, reg):  gin[n, gi*Cg + cg, reflect(ih), reflect(iw)] += B[gi, np, t*Cg + cg], one writer each
+template <typename Dev>
+at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                        const Geom& g);
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemm(const at::Tensor& go, const at::Tensor& x,
+                                                             const at::Tensor& w, const Geom& g,
+                                                             std::array<bool, 3> mask);
+inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu);
+
 template <typename Dev>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                   int64_t algo) {
   const Geom g = geometry(x, w, stride, padding, dilation, groups);
+  if (pick_gemm(g, algo, x.device().is_cpu())) return forward_gemm<Dev>(x, w, bias, g);
   at::Tensor out = at::convolution(x, w, bias, stride, padding, dilation, false, {0, 0}, groups);
   if (out.numel() == 0) return out;
   const auto acc = acc_type(x.scalar_type());
-  const at::Tensor w_acc = w.to(acc).contiguous();
+  const at::Tensor w_tap = w.to(acc).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
   for (const Region& reg : plan(g)) {
     const int64_t np = g.N * reg.rows() * reg.cols();
     at::Tensor A = at::empty({g.G, np, g.Cg * reg.taps.n}, x.options().dtype(acc));
     Dev::gather(x, A, g, reg);
-    Dev::add(out, at::bmm(A, weight_columns(w_acc, g, reg.taps).transpose(1, 2)), g, reg);
+    const at::Tensor cols = weight_columns(w_tap, g, tap_index(g, reg.taps, x.device()));
+    Dev::add(out, at::bmm(A, cols.transpose(1, 2)), g, reg);
   }
   return out;
 }
@@ -158,40 +174,132 @@ template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& go, const at::Tensor& x,
                                                         const at::Tensor& w, at::IntArrayRef stride,
                                                         at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                        int64_t groups, std::array<bool, 3> mask) {
+                                                        int64_t groups, std::array<bool, 3> mask,
+                                                        int64_t algo) {
   const Geom g = geometry(x, w, stride, padding, dilation, groups);
+  if (pick_gemm(g, algo, x.device().is_cpu())) return backward_gemm<Dev>(go, x, w, g, mask);
   std::vector<int64_t> bias_sizes{g.OC};
   auto [gi, gw, gb] = at::convolution_backward(go, x, w, bias_sizes, stride, padding, dilation, false, {0, 0},
                                                groups, mask);
   if (!mask[0] && !mask[1]) return {gi, gw, gb};
   if (go.numel() == 0) return {gi, gw, gb};
   const auto acc = acc_type(x.scalar_type());
-  const at::Tensor w_acc = w.to(acc).contiguous();
-  at::Tensor gw_acc;
-  if (mask[1]) gw_acc = gw.to(acc).contiguous().view({g.OC, g.Cg, g.KH * g.KW});
+  const at::Tensor w_tap = w.to(acc).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
+  at::Tensor gw_tap;  // [OC, KH*KW, Cg] view of the fp32/fp64 grad_weight being corrected
+  if (mask[1]) gw_tap = gw.to(acc).contiguous().view({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2);
   for (const Region& reg : plan(g)) {
     const at::Tensor Gr = grad_rows(go, g, reg);  // [G, NP, OCg]
+    const at::Tensor index = tap_index(g, reg.taps, x.device());
     if (mask[1]) {
-      at::Tensor A = at::empty({g.G, Gr.size(1), g.Cg * reg.taps.n}, x.options().dtype(acc));
+      at::Tensor A = at::empty({g.G, Gr.size(1), reg.taps.n * g.Cg}, x.options().dtype(acc));
       Dev::gather(x, A, g, reg);
-      std::vector<int64_t> idx(reg.taps.n);
-      for (int t = 0; t < reg.taps.n; ++t) idx[t] = reg.taps.kh[t] * g.KW + reg.taps.kw[t];
-      at::Tensor part = at::bmm(Gr.transpose(1, 2), A).view({g.OC, g.Cg, reg.taps.n});
-      gw_acc.index_add_(2, at::tensor(idx, at::kLong).to(x.device()), part);
+      gw_tap.index_add_(1, index, at::bmm(Gr.transpose(1, 2), A).view({g.OC, reg.taps.n, g.Cg}));
     }
-    if (mask[0]) Dev::fold(gi, at::bmm(Gr, weight_columns(w_acc, g, reg.taps)), g, reg);
+    if (mask[0]) Dev::fold(gi, at::bmm(Gr, weight_columns(w_tap, g, index)), g, reg);
   }
-  if (mask[1]) gw = gw_acc.view(w.sizes()).to(w.scalar_type());
+  if (mask[1]) gw = gw_tap.transpose(1, 2).reshape(w.sizes()).to(w.scalar_type());
   return {gi, gw, gb};
+}
+
+// Design (a) on the host: the whole output is one region with every tap, so the gather is a reflected
+// im2col of a chunk of images (about kChunkRows GEMM rows, to stay cache-sized) and one batched GEMM per
+// chunk gives the output; no vendor convolution. Faster than (b) where the frame is a large part of a small
+// output (the correction work of (b) grows with the frame's share).
+constexpr int64_t kChunkRows = 512;
+
+inline Region whole(const Geom& g) {
+  Region reg{0, g.OH, 0, g.OW, {}};
+  for (int kh = 0; kh < g.KH; ++kh)
+    for (int kw = 0; kw < g.KW; ++kw) {
+      reg.taps.kh[reg.taps.n] = kh;
+      reg.taps.kw[reg.taps.n] = kw;
+      ++reg.taps.n;
+    }
+  return reg;
+}
+
+inline at::MemoryFormat conv_format(const at::Tensor& x, const at::Tensor& w) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                 w.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+inline int64_t chunk_images(const Geom& g) { return std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, g.OH * g.OW)); }
+
+template <typename Dev>
+at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                        const Geom& g) {
+  at::Tensor out = at::empty({g.N, g.OC, g.OH, g.OW}, x.options().memory_format(conv_format(x, w)));
+  if (bias.has_value() && bias->defined())
+    out.copy_(bias->view({1, g.OC, 1, 1}).expand_as(out));
+  else
+    out.zero_();
+  if (out.numel() == 0) return out;
+  const auto acc = acc_type(x.scalar_type());
+  const Region reg = whole(g);
+  const at::Tensor w_tap = w.to(acc).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
+  const at::Tensor cols_t = w_tap.view({g.G, g.OCg, -1}).transpose(1, 2);
+  const int64_t step = chunk_images(g);
+  for (int64_t n0 = 0; n0 < g.N; n0 += step) {
+    Geom gc = g;
+    gc.N = std::min(step, g.N - n0);
+    at::Tensor A = at::empty({g.G, gc.N * g.OH * g.OW, reg.taps.n * g.Cg}, x.options().dtype(acc));
+    Dev::gather(x.narrow(0, n0, gc.N), A, gc, reg);
+    at::Tensor o = out.narrow(0, n0, gc.N);
+    Dev::add(o, at::bmm(A, cols_t), gc, reg);
+  }
+  return out;
+}
+
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemm(const at::Tensor& go, const at::Tensor& x,
+                                                             const at::Tensor& w, const Geom& g,
+                                                             std::array<bool, 3> mask) {
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor gi, gw, gb;
+  if (mask[2]) gb = go.sum({0, 2, 3}, false, acc).to(go.scalar_type());
+  if (!mask[0] && !mask[1]) return {gi, gw, gb};
+  if (mask[0]) gi = at::zeros_like(x, x.options().memory_format(conv_format(x, w)));
+  at::Tensor gw_tap;
+  if (mask[1]) gw_tap = at::zeros({g.G, g.OCg, g.KH * g.KW * g.Cg}, x.options().dtype(acc));
+  const Region reg = whole(g);
+  const at::Tensor w_tap = w.to(acc).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
+  const at::Tensor cols = w_tap.view({g.G, g.OCg, -1});
+  const int64_t step = chunk_images(g);
+  for (int64_t n0 = 0; go.numel() && n0 < g.N; n0 += step) {
+    Geom gc = g;
+    gc.N = std::min(step, g.N - n0);
+    const at::Tensor Gr = grad_rows(go.narrow(0, n0, gc.N), gc, reg);
+    if (mask[1]) {
+      at::Tensor A = at::empty({g.G, Gr.size(1), reg.taps.n * g.Cg}, x.options().dtype(acc));
+      Dev::gather(x.narrow(0, n0, gc.N), A, gc, reg);
+      gw_tap.baddbmm_(Gr.transpose(1, 2), A);
+    }
+    if (mask[0]) {
+      at::Tensor gin = gi.narrow(0, n0, gc.N);
+      Dev::fold(gin, at::bmm(Gr, cols), gc, reg);
+    }
+  }
+  if (mask[1])
+    gw = gw_tap.view({g.OC, g.KH * g.KW, g.Cg}).transpose(1, 2).reshape(w.sizes()).to(w.scalar_type());
+  return {gi, gw, gb};
+}
+
+// algo: 0 = pick per shape, 1 = vendor convolution + frame correction (b), 2 = reflected im2col GEMM (a).
+// (a) pays off on CPU once the frame covers a large share of a small output (measured, see README).
+inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu) {
+  if (algo != 0) return algo == 2;
+  return cpu && g.OH * g.OW <= 196;
 }
 
 }  // namespace rconv
 
 at::Tensor reflect_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups);
+                              int64_t groups, int64_t algo);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cpu(
     const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask);
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo);
 
 }  // namespace fastfuse

@@ -30,9 +30,9 @@ struct CpuFrame {
             const int64_t iw = reflect(c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
             const scalar_t* src = xp + n * st[0] + ih * st[2] + iw * st[3];
             for (int64_t gi = 0; gi < g.G; ++gi) {
-              acc_t* dst = ap + (gi * NP + p) * K + t;
+              acc_t* dst = ap + (gi * NP + p) * K + t * g.Cg;
               const scalar_t* s = src + gi * g.Cg * st[1];
-              for (int64_t cg = 0; cg < g.Cg; ++cg) dst[cg * T] = static_cast<acc_t>(s[cg * st[1]]);
+              for (int64_t cg = 0; cg < g.Cg; ++cg) dst[cg] = static_cast<acc_t>(s[cg * st[1]]);
             }
           }
         }
@@ -83,11 +83,11 @@ struct CpuFrame {
               const int64_t iw = reflect(c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
               scalar_t* dst = gp + n * st[0] + ih * st[2] + iw * st[3];
               for (int64_t gi = 0; gi < g.G; ++gi) {
-                const acc_t* src = bp + (gi * NP + p) * K + t;
+                const acc_t* src = bp + (gi * NP + p) * K + t * g.Cg;
                 scalar_t* d = dst + gi * g.Cg * st[1];
                 for (int64_t cg = 0; cg < g.Cg; ++cg) {
                   scalar_t& o = d[cg * st[1]];
-                  o = static_cast<scalar_t>(static_cast<acc_t>(o) + src[cg * T]);
+                  o = static_cast<scalar_t>(static_cast<acc_t>(o) + src[cg]);
                 }
               }
             }
@@ -101,16 +101,16 @@ struct CpuFrame {
 
 at::Tensor reflect_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups) {
+                              int64_t groups, int64_t algo) {
   TORCH_CHECK(x.device().is_cpu(), "fastfuse reflect_conv2d_cpu: expected CPU tensors, got ", x.device());
-  return rconv::forward<CpuFrame>(x, w, bias, stride, padding, dilation, groups);
+  return rconv::forward<CpuFrame>(x, w, bias, stride, padding, dilation, groups, algo);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cpu(
     const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   TORCH_CHECK(x.device().is_cpu(), "fastfuse reflect_conv2d_backward_cpu: expected CPU tensors, got ", x.device());
-  return rconv::backward<CpuFrame>(go, x, w, stride, padding, dilation, groups, mask);
+  return rconv::backward<CpuFrame>(go, x, w, stride, padding, dilation, groups, mask, algo);
 }
 
 TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {

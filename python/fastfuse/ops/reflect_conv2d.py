@@ -3,6 +3,8 @@
 Path of a call: reflect_conv2d() -> torch.ops.fastfuse.reflect_conv2d -> _route() -> the backend's kernel;
 backward -> torch.ops.fastfuse.reflect_conv2d_backward -> the same backend's (grad_input, grad_weight,
 grad_bias). Every argument is checked (_check) before any kernel runs, with torch's error messages."""
+import os
+
 import torch
 
 from .. import _backends, _library, reference  # noqa: F401  (_library defines the schemas)
@@ -81,12 +83,25 @@ def _format(x, w):
     return torch.channels_last if _channels_last(x) or _channels_last(w) else torch.contiguous_format
 
 
+# C++ designs: "auto" picks per shape; "frame" = vendor convolution with zero padding + frame correction;
+# "gemm" = reflected im2col + GEMM. FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
+_ALGOS = {"auto": 0, "frame": 1, "gemm": 2}
+
+
+def _algo():
+    name = os.environ.get("FASTFUSE_REFLECT_CONV2D_ALGO", "auto")
+    if name not in _ALGOS:
+        raise ValueError(f"FASTFUSE_REFLECT_CONV2D_ALGO must be one of {list(_ALGOS)}, got {name!r}")
+    return _ALGOS[name]
+
+
 def _run_cpp(x, w, b, stride, padding, dilation, groups):
-    return torch.ops.fastfuse_C.reflect_conv2d(x, w, b, stride, padding, dilation, groups)
+    return torch.ops.fastfuse_C.reflect_conv2d(x, w, b, stride, padding, dilation, groups, _algo())
 
 
 def _run_cpp_backward(go, x, w, stride, padding, dilation, groups, mask):
-    return torch.ops.fastfuse_C.reflect_conv2d_backward(go, x, w, stride, padding, dilation, groups, mask)
+    return torch.ops.fastfuse_C.reflect_conv2d_backward(go, x, w, stride, padding, dilation, groups, mask,
+                                                        _algo())
 
 
 def _run_triton(x, w, b, stride, padding, dilation, groups):
