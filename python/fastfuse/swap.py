@@ -10,8 +10,19 @@ def _fused_dropout(m: torch.nn.Dropout) -> torch.nn.Module:
     return new
 
 
+def _fused_reflect_conv2d(m: torch.nn.Conv2d) -> torch.nn.Module:
+    if m.padding_mode != "reflect":
+        return m  # zero/circular/replicate padding: torch's convolution stays
+    new = ffnn.ReflectConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                             m.groups, m.bias is not None, device="meta")
+    new.weight, new.bias = m.weight, m.bias  # shares the parameters: optimizers and state_dict keep working
+    new.train(m.training)
+    return new
+
+
 # exact types only: a subclass of nn.Dropout may do more than dropout
 _SWAPS = {torch.nn.Dropout: _fused_dropout}
+_SWAPS[torch.nn.Conv2d] = _fused_reflect_conv2d
 
 
 def fuse(model: torch.nn.Module) -> torch.nn.Module:
