@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import fp32_to
+
 
 @triton.jit
 def _reflect(i, size):
@@ -19,11 +21,20 @@ def _reflect(i, size):
 
 
 @triton.jit
+def _mma(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # the interpreter's bf16 tl.dot gives garbage: do it in fp32 there
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    if IEEE:
+        return acc + tl.dot(a, b, input_precision="ieee")
+    return acc + tl.dot(a, b)
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, C_g, H, W, OC_g, OH, OW,
                 sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw,
                 SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                 DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BM + tl.arange(0, BM)
     n_idx, oh, ow = m // (OH * OW), m // OW % OH, m % OW
@@ -42,14 +53,11 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, C_g, H, W, OC_g, OH, OW,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + (g * OC_g + oc[None, :]) * swo + cg[:, None] * swc + kh[:, None] * swh + kw[:, None] * sww,
                     mask=k_ok[:, None] & oc_ok[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc = _mma(acc, a, b, IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * OC_g + oc, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
     y_off = n_idx[:, None].to(tl.int64) * syn + (g * OC_g + oc[None, :]) * syc + oh[:, None] * syh + ow[:, None] * syw
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & oc_ok[None, :])
+    tl.store(y_ptr + y_off, fp32_to(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & oc_ok[None, :])
 
 
 @triton.jit
@@ -69,7 +77,7 @@ def _dgrad_kernel(go_ptr, w_ptr, gi_ptr, N, C_g, H, W, OC_g, OH, OW,
                   sgn, sgc, sgh, sgw, swo, swc, swh, sww, sin, sic, sih, siw,
                   SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                   DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                  IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BM + tl.arange(0, BM)
     n_idx, ih, iw = m // (H * W), m // W % H, m % W
@@ -99,12 +107,9 @@ def _dgrad_kernel(go_ptr, w_ptr, gi_ptr, N, C_g, H, W, OC_g, OH, OW,
                                 + oh * sgh + ow * sgw, mask=ok, other=0.0)
                     b = tl.load(w_ptr + (g * OC_g + oc[:, None]) * swo + c[None, :] * swc + kh[:, None] * swh
                                 + kw[:, None] * sww, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                    if IEEE:
-                        acc += tl.dot(a, b, input_precision="ieee")
-                    else:
-                        acc += tl.dot(a, b)
+                    acc = _mma(acc, a, b, IEEE, UPCAST)
     off = n_idx[:, None].to(tl.int64) * sin + (g * C_g + c[None, :]) * sic + ih[:, None] * sih + iw[:, None] * siw
-    tl.store(gi_ptr + off, acc.to(gi_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    tl.store(gi_ptr + off, fp32_to(acc, gi_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -112,7 +117,7 @@ def _wgrad_kernel(go_ptr, x_ptr, gw_ptr, N, C_g, H, W, OC_g, OH, OW,
                   sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swo, swc, swh, sww,
                   SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                   DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                  IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     oc = pid_m * BM + tl.arange(0, BM)
     oc_ok = oc < OC_g
@@ -131,12 +136,9 @@ def _wgrad_kernel(go_ptr, x_ptr, gw_ptr, N, C_g, H, W, OC_g, OH, OW,
         iw = _reflect(ow[:, None] * SW - PW + kw[None, :] * DW, W)
         b = tl.load(x_ptr + n_idx[:, None].to(tl.int64) * sxn + (g * C_g + cg[None, :]) * sxc + ih * sxh + iw * sxw,
                     mask=p_ok[:, None] & j_ok[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc = _mma(acc, a, b, IEEE, UPCAST)
     off = (g * OC_g + oc[:, None]) * swo + cg[None, :] * swc + kh[None, :] * swh + kw[None, :] * sww
-    tl.store(gw_ptr + off, acc.to(gw_ptr.dtype.element_ty), mask=oc_ok[:, None] & j_ok[None, :])
+    tl.store(gw_ptr + off, fp32_to(acc, gw_ptr.dtype.element_ty), mask=oc_ok[:, None] & j_ok[None, :])
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -158,7 +160,7 @@ def _geom(x, w, stride, padding, dilation, groups):
     OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
     OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
     consts = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=KH,
-                  KW=KW, IEEE=x.dtype == torch.float32)
+                  KW=KW, IEEE=x.dtype == torch.float32, UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu")
     return N, C_g, H, W, OC // groups, OH, OW, consts
 
 
