@@ -4,4 +4,7 @@ from .dropout import Dropout
 from .fused_sequential import FusedSequential
 from .lin_bn_drop import LinBnDrop
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "Dropout", "FusedSequential", "LinBnDrop"]
+from .reflect_conv2d import ConvLayer, NormType, ReflectConv2d
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "ConvLayer", "Dropout", "FusedSequential", "LinBnDrop", "NormType",
+           "ReflectConv2d"]

@@ -2,4 +2,6 @@
 from .batch_norm import batch_norm
 from .dropout import dropout
 
-__all__ = ["batch_norm", "dropout"]
+from .reflect_conv2d import reflect_conv2d
+
+__all__ = ["batch_norm", "dropout", "reflect_conv2d"]
