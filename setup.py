@@ -112,10 +112,12 @@ ext_modules, cmdclass = build_extensions()
 
 setup(
     packages=["fastfuse", "fastfuse.ops", "fastfuse.nn", "fastfuse.bench",
-              "fastfuse.triton_kernels", "fastfuse.benchmarks"],
+              "fastfuse.triton_kernels", "fastfuse.benchmarks",
+              "fastfuse.models", "fastfuse.examples"],
     package_dir={"fastfuse": "python/fastfuse", "fastfuse.ops": "python/fastfuse/ops",
                  "fastfuse.nn": "python/fastfuse/nn", "fastfuse.bench": "python/fastfuse/bench",
-                 "fastfuse.triton_kernels": "triton_kernels", "fastfuse.benchmarks": "benchmarks"},
+                 "fastfuse.triton_kernels": "triton_kernels", "fastfuse.benchmarks": "benchmarks",
+                 "fastfuse.models": "python/fastfuse/models", "fastfuse.examples": "python/fastfuse/examples"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -6,6 +6,10 @@
 
 TORCH_LIBRARY(fastfuse_C, m) {
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+  m.def("embedding_concat_dropout(Tensor x_cat, Tensor[] weights, float p, int seed, int offset, Tensor? cont, "
+        "bool check_index) -> Tensor");
+  m.def("embedding_concat_dropout_backward(Tensor grad_output, Tensor x_cat, Tensor[] weights, float p, int seed, "
+        "int offset) -> Tensor[]");
   // batch norm primitives (see csrc/batch_norm.h and fastfuse/reference.py)
   m.def("bn_stats(Tensor x, bool pre_relu) -> (Tensor, Tensor)");
   m.def("bn_apply(Tensor x, Tensor mean, Tensor scale, Tensor bias, Tensor? residual, bool pre_relu, "

@@ -10,6 +10,11 @@ lib = torch.library.Library("fastfuse", "DEF")
 
 lib.define("dropout(Tensor input, float p, Tensor seed) -> Tensor")
 lib.define("dropout_backward(Tensor grad_output, float p, Tensor seed) -> Tensor")
+# (B, sum d_t + C): embedding rows in column order with dropout, then `cont` (batch-normed continuous columns)
+lib.define("embedding_concat_dropout(Tensor x_cat, Tensor[] weights, float p, Tensor seed, Tensor? cont, "
+           "bool check_index=True) -> Tensor")
+lib.define("embedding_concat_dropout_backward(Tensor grad_output, Tensor x_cat, Tensor[] weights, float p, "
+           "Tensor seed) -> Tensor[]")
 
 # Batch norm fused with optional pre-ReLU, residual add, post-ReLU and dropout (see fastfuse/ops/batch_norm.py).
 # Functional: the running statistics are updated by the Python wrapper from the returned batch (mean, var).

@@ -60,6 +60,73 @@ def dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tens
     return y
 
 
+# --- embedding_concat_dropout -------------------------------------------------------------------------
+# Dropout indexing (every backend uses exactly this): element (b, j) of the (B, D) embedding block, D = sum
+# of the tables' widths, is element b * D + j of the Philox stream (seed, offset). The continuous columns
+# that follow in the output are never dropped, so they take no part in the stream.
+
+def embedding_concat_keep_mask(batch: int, width: int, p: float, seed: int, offset: int = 0,
+                               device=None) -> torch.Tensor:
+    """(B, D) bool keep-mask of the embedding block."""
+    return dropout_keep_mask(batch * width, p, seed, offset, device).view(batch, width)
+
+
+def _embedding_dropout_block(block: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+    """keep ? v * 1/(1-p) : 0 over a (B, D) block, in the accumulation dtype, as the kernels compute it."""
+    if p <= 0 or block.numel() == 0:
+        return block
+    if p >= 1:
+        return torch.zeros_like(block)
+    acc = _rng.acc_dtype(block.dtype)
+    keep = embedding_concat_keep_mask(block.shape[0], block.shape[1], p, seed, offset, block.device)
+    scaled = (block.to(acc) * torch.tensor(_rng.dropout_scale(p), dtype=acc, device=block.device)).to(block.dtype)
+    return torch.where(keep, scaled, torch.zeros((), dtype=block.dtype, device=block.device))
+
+
+def embedding_concat_dropout(x_cat: torch.Tensor, weights, p: float, seed: int, offset: int = 0,
+                             cont: torch.Tensor = None) -> torch.Tensor:
+    """(B, sum d_t + C): row x_cat[b, t] of every table t in column order, dropout on that block, then
+    `cont` (the already batch-normed continuous columns) unchanged. Codes outside [0, n_t) give zeros
+    (callers check them before; this keeps the reference as safe as the kernels)."""
+    cols = []
+    for t, w in enumerate(weights):
+        idx = x_cat[:, t].long()
+        ok = (idx >= 0) & (idx < w.shape[0])
+        rows = w[torch.where(ok, idx, torch.zeros_like(idx))]
+        cols.append(torch.where(ok[:, None], rows, torch.zeros((), dtype=w.dtype, device=w.device)))
+    dtype = weights[0].dtype if len(weights) else (cont.dtype if cont is not None else torch.float32)
+    block = torch.cat(cols, 1) if cols else x_cat.new_empty((x_cat.shape[0], 0), dtype=dtype)
+    block = _embedding_dropout_block(block, p, seed, offset)
+    return torch.cat([block, cont.to(block.dtype)], 1) if cont is not None else block
+
+
+def embedding_concat_dropout_backward(grad_output: torch.Tensor, x_cat: torch.Tensor, weights, p: float,
+                                      seed: int, offset: int = 0):
+    """Gradient of every table: the dropped-out gradient of its columns summed per code, in ascending row
+    order per code (a stable sort then segment sums: deterministic on every device, no atomics)."""
+    width = sum(w.shape[1] for w in weights)
+    return embedding_table_grads(_embedding_dropout_block(grad_output[:, :width], p, seed, offset), x_cat, weights)
+
+
+def embedding_table_grads(g: torch.Tensor, x_cat: torch.Tensor, weights):
+    """Every table's gradient from the (already dropped-out) (B, D) gradient of the embedding block."""
+    grads, col = [], 0
+    for t, w in enumerate(weights):
+        n, d = w.shape
+        gt = g[:, col:col + d]
+        col += d
+        idx = x_cat[:, t].long()
+        ok = (idx >= 0) & (idx < n)
+        idx, gt = idx[ok], gt[ok]
+        acc = _rng.acc_dtype(w.dtype)
+        out = torch.zeros((n, d), dtype=acc, device=w.device)
+        if idx.numel():
+            idx_sorted, order = torch.sort(idx, stable=True)
+            codes, counts = torch.unique_consecutive(idx_sorted, return_counts=True)
+            sums = torch.segment_reduce(gt[order].to(acc), "sum", lengths=counts, axis=0)
+            out[codes] = sums
+        grads.append(out.to(w.dtype))
+    return grads
 # ---- batch norm: the four primitives every backend implements (see fastfuse/ops/batch_norm.py) ----
 # x is (N, C, *) and dense; "x'" is relu(x) when pre_relu. Statistics and arithmetic are in the accumulation
 # dtype; the output keeps x's strides and dtype. The dropout mask is over x's storage order, as in dropout().

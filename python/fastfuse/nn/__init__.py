@@ -5,6 +5,7 @@ from .fused_sequential import FusedSequential
 from .lin_bn_drop import LinBnDrop
 
 from .reflect_conv2d import ConvLayer, NormType, ReflectConv2d
+from .tabular import Embedding, TabularEmbedding
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "ConvLayer", "Dropout", "FusedSequential", "LinBnDrop", "NormType",
-           "ReflectConv2d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "ConvLayer", "Dropout", "Embedding", "FusedSequential", "LinBnDrop",
+           "NormType", "ReflectConv2d", "TabularEmbedding"]

@@ -1,0 +1,60 @@
+// Host-side pieces of embedding_concat_dropout shared by the CPU and CUDA kernels.
+//
+// Output (B, D + C): columns [off_t, off_t + d_t) hold row x_cat[b, t] of table t (D = sum d_t), with
+// dropout: element (b, j) of the (B, D) embedding block is element b*D + j of the Philox stream
+// (csrc/philox.h); then the C columns of `cont` (already batch-normed), copied unchanged.
+// Backward: table t's gradient row r = sum over b with x_cat[b, t] == r of the dropped-out grad_output
+// row segment, summed in a fixed order (deterministic, no atomics).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fastfuse {
+
+struct TableLayout {
+  std::vector<int64_t> rows, dims, offs;  // n_t, d_t, first output column of table t
+  int64_t width = 0;                      // D
+};
+
+inline TableLayout table_layout(const at::TensorList& weights) {
+  TableLayout L;
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "embedding_concat_dropout: tables must be contiguous 2-D");
+    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type(), "embedding_concat_dropout: tables differ in dtype");
+    L.rows.push_back(w.size(0));
+    L.dims.push_back(w.size(1));
+    L.offs.push_back(L.width);
+    L.width += w.size(1);
+  }
+  return L;
+}
+
+inline void check_embedding_inputs(const at::Tensor& x_cat, const at::TensorList& weights,
+                                   const c10::optional<at::Tensor>& cont) {
+  TORCH_CHECK(x_cat.scalar_type() == at::kLong && x_cat.dim() == 2 && x_cat.is_contiguous(),
+              "embedding_concat_dropout kernel: x_cat must be a contiguous int64 (B, T) tensor");
+  TORCH_CHECK(x_cat.size(1) == static_cast<int64_t>(weights.size()) && !weights.empty(),
+              "embedding_concat_dropout kernel: x_cat has ", x_cat.size(1), " columns but ", weights.size(),
+              " tables were given");
+  if (cont.has_value()) {
+    TORCH_CHECK(cont->dim() == 2 && cont->size(0) == x_cat.size(0) && cont->is_contiguous() &&
+                    cont->scalar_type() == weights[0].scalar_type(),
+                "embedding_concat_dropout kernel: cont must be a contiguous (B, C) tensor of the tables' dtype");
+  }
+}
+
+at::Tensor embedding_concat_dropout_cpu(const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed,
+                                        int64_t offset, const c10::optional<at::Tensor>& cont, bool check_index);
+std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& x_cat,
+                                                              at::TensorList weights, double p, int64_t seed,
+                                                              int64_t offset);
+#ifdef FASTFUSE_WITH_CUDA
+at::Tensor embedding_concat_dropout_cuda(const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed,
+                                         int64_t offset, const c10::optional<at::Tensor>& cont, bool check_index);
+std::vector<at::Tensor> embedding_concat_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& x_cat,
+                                                               at::TensorList weights, double p, int64_t seed,
+                                                               int64_t offset);
+#endif
+
+}  // namespace fastfuse

@@ -1,0 +1,119 @@
+"""embedding_concat_dropout in Triton. Forward: each program takes BLOCK_GROUPS Philox groups (4 elements
+each) of the (B, D) embedding block, gathers their table rows and applies the mask, writing straight into
+the (B, D + C) output. Backward: the same tiling regenerates the mask on the gradient; the per-table sums
+then use fastfuse.reference.embedding_table_grads (a stable sort and segment sums: deterministic, no atomics).
+
+The tables are read through one flat copy of all of them (torch.cat), so a kernel needs no pointer array;
+that costs one copy of the tables per forward (Rossmann: ~0.5 MB)."""
+import torch
+import triton
+import triton.language as tl
+
+from .philox import dropout_group_words
+from .rounding import fp32_to
+
+BLOCK_GROUPS = 128
+
+
+@triton.jit
+def _words(g, key0, key1, off0, off1):
+    r0, r1, r2, r3 = dropout_group_words(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32),
+                                         off1.to(tl.uint32))
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane == 0, r0[:, None],
+                    tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+
+
+@triton.jit
+def ecd_forward_kernel(x_ptr, flat_ptr, col_t_ptr, col_k_ptr, base_ptr, dim_ptr, rows_ptr, out_ptr,
+                       n_elements, D, T, W, threshold, scale, key0, key1, off0, off1,
+                       BLOCK_GROUPS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
+    word = _words(g, key0, key1, off0, off1)
+    e = g[:, None] * 4 + tl.arange(0, 4)[None, :]  # element b*D + j of the embedding block
+    live = e < n_elements
+    b = e // D
+    j = e - b * D
+    t = tl.load(col_t_ptr + j, mask=live, other=0)
+    k = tl.load(col_k_ptr + j, mask=live, other=0).to(tl.int64)
+    idx = tl.load(x_ptr + b * T + t, mask=live, other=0)
+    n = tl.load(rows_ptr + t, mask=live, other=1)
+    ok = live & (idx >= 0) & (idx < n)  # a bad code reads nothing and gives 0
+    d = tl.load(dim_ptr + t, mask=live, other=0)
+    base = tl.load(base_ptr + t, mask=live, other=0)
+    v = tl.load(flat_ptr + base + idx * d + k, mask=ok, other=0.0)
+    y = tl.where(word >= threshold.to(tl.uint32), v.to(tl.float32) * scale, 0.0)
+    tl.store(out_ptr + b * W + j, fp32_to(y, out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def ecd_grad_mask_kernel(g_ptr, out_ptr, n_elements, D, W, threshold, scale, key0, key1, off0, off1,
+                         BLOCK_GROUPS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
+    word = _words(g, key0, key1, off0, off1)
+    e = g[:, None] * 4 + tl.arange(0, 4)[None, :]
+    live = e < n_elements
+    b = e // D
+    j = e - b * D
+    v = tl.load(g_ptr + b * W + j, mask=live, other=0.0)
+    y = tl.where(word >= threshold.to(tl.uint32), v.to(tl.float32) * scale, 0.0)
+    tl.store(out_ptr + e, fp32_to(y, out_ptr.dtype.element_ty), mask=live)
+
+
+def _check_dtype(dtype):
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"fastfuse triton embedding_concat_dropout supports float16, bfloat16 and float32, "
+                        f"got {dtype}")
+
+
+def _mask_args(p, key, offset):
+    from fastfuse import _rng
+    m = 0xFFFFFFFF
+    threshold = _rng.dropout_threshold(p) if p > 0 else 0  # threshold 0 keeps every word
+    scale = _rng.dropout_scale(p) if p > 0 else 1.0
+    return threshold, scale, key & m, (key >> 32) & m, offset & m, (offset >> 32) & m
+
+
+def _layout(weights, device):
+    dims = [w.shape[1] for w in weights]
+    col_t = torch.repeat_interleave(torch.arange(len(weights), dtype=torch.int32), torch.tensor(dims))
+    col_k = torch.cat([torch.arange(d, dtype=torch.int32) for d in dims])
+    sizes = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
+    base = torch.cumsum(sizes, 0) - sizes
+    meta = [col_t, col_k, base, torch.tensor(dims, dtype=torch.int64),
+            torch.tensor([w.shape[0] for w in weights], dtype=torch.int64)]
+    return [m.to(device) for m in meta], sum(dims)
+
+
+def forward(x_cat, weights, p, key, offset, cont):
+    """x_cat: contiguous int64 (B, T); weights: contiguous tables of one dtype; cont: (B, C) or None."""
+    _check_dtype(weights[0].dtype)
+    (col_t, col_k, base, dims, rows), D = _layout(weights, x_cat.device)
+    B, T = x_cat.shape
+    C = cont.shape[1] if cont is not None else 0
+    out = torch.empty((B, D + C), dtype=weights[0].dtype, device=x_cat.device)
+    if C:
+        out[:, D:].copy_(cont)
+    n = B * D
+    if n:
+        flat = torch.cat([w.reshape(-1) for w in weights])
+        grid = (triton.cdiv(n, 4 * BLOCK_GROUPS),)
+        ecd_forward_kernel[grid](x_cat, flat, col_t, col_k, base, dims, rows, out, n, D, T, D + C,
+                                 *_mask_args(p, key, offset), BLOCK_GROUPS=BLOCK_GROUPS, num_warps=4)
+    return out
+
+
+def backward(grad, x_cat, weights, p, key, offset):
+    from fastfuse import reference
+    _check_dtype(weights[0].dtype)
+    D = sum(w.shape[1] for w in weights)
+    B = x_cat.shape[0]
+    masked = torch.empty((B, D), dtype=grad.dtype, device=grad.device)
+    n = B * D
+    if n:
+        grid = (triton.cdiv(n, 4 * BLOCK_GROUPS),)
+        ecd_grad_mask_kernel[grid](grad, masked, n, D, grad.shape[1], *_mask_args(p, key, offset),
+                                   BLOCK_GROUPS=BLOCK_GROUPS, num_warps=4)
+    return reference.embedding_table_grads(masked, x_cat, weights)
