@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.reflect_conv2d import reflect_conv2d
+from .batch_norm import BatchNorm1d, BatchNorm2d, is_fused_bn
 
 
 class ReflectConv2d(nn.Conv2d):
@@ -50,6 +51,8 @@ def _norm(nf, norm_type, ndim):
     starts as identity), else 1."""
     batch = norm_type in (NormType.Batch, NormType.BatchZero)
     cls = getattr(nn, f"{'BatchNorm' if batch else 'InstanceNorm'}{ndim}d")
+    if batch and ndim in (1, 2):  # fastfuse's drop-ins: same keys, and bn_act can fuse them with the ReLU
+        cls = BatchNorm1d if ndim == 1 else BatchNorm2d
     norm = cls(nf) if batch else cls(nf, affine=True)
     with torch.no_grad():
         norm.bias.fill_(1e-3)
@@ -72,9 +75,10 @@ def _init_conv(conv, act, init, bias_std):
 
 
 def bn_act(bn: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm then activation: the one place ConvLayer applies them together.
-    FUSION POINT: when fastfuse.batch_norm(..., post_act="relu") lands (main branch), call it here for an
-    nn.BatchNorm2d followed by nn.ReLU (same buffers and running-stat updates), keeping this fallback."""
+    """BatchNorm then activation: one fused fastfuse.batch_norm(..., post_act="relu") for a fastfuse
+    BatchNorm followed by nn.ReLU, else the two modules in turn."""
+    if is_fused_bn(bn) and type(act) is nn.ReLU:
+        return bn(x, post_act="relu")
     return act(bn(x))
 
 
