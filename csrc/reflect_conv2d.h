@@ -193,7 +193,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& go, co
     if (mask[1]) {
       at::Tensor A = at::empty({g.G, Gr.size(1), reg.taps.n * g.Cg}, x.options().dtype(acc));
       Dev::gather(x, A, g, reg);
-      gw_tap.index_add_(1, index, at::bmm(Gr.transpose(1, 2), A).view({g.OC, reg.taps.n, g.Cg}));
+      const at::Tensor part = at::bmm(Gr.transpose(1, 2), A).view({g.OC, reg.taps.n, g.Cg});
+      // tap by tap rather than index_add_, which uses atomics on CUDA (and fails deterministic mode)
+      for (int t = 0; t < reg.taps.n; ++t)
+        gw_tap.select(1, reg.taps.kh[t] * g.KW + reg.taps.kw[t]).add_(part.select(1, t));
     }
     if (mask[0]) Dev::fold(gi, at::bmm(Gr, weight_columns(w_tap, g, index)), g, reg);
   }
@@ -290,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemm(const at::Tensor& g
 // (a) pays off on CPU once the frame covers a large share of a small output (measured, see README).
 inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu) {
   if (algo != 0) return algo == 2;
-  return cpu && g.OH * g.OW <= 196;
+  return cpu && g.OH * g.OW <= 196 && g.Cg * g.KH * g.KW >= 32;
 }
 
 }  // namespace rconv

@@ -1,12 +1,13 @@
 """Reflection-padded conv2d in Triton: implicit GEMMs with tl.dot whose loads map every padded coordinate
 through the reflection, so no padded tensor is built. fp32 accumulation; strided loads and stores, so
-contiguous and channels_last tensors both work. Each output element is written by one program that loops
-over the whole reduction: no atomics, the same bits on every run.
+contiguous and channels_last tensors both work. Each output element (or wgrad partial sum) is written by one
+program that loops over its whole reduction range: no atomics, the same bits on every run.
 
   forward: M = output pixels (n, oh, ow), N = output channels of a group, K = (cg, kh, kw)
   dgrad:   M = input pixels (n, ih, iw),   N = input channels of a group,  K = (oc, kh, kw), summed over
            the up to 3 x 3 padded positions that reflect onto each input pixel (itself and its mirrors)
-  wgrad:   M = output channels, N = (cg, kh, kw), K = output pixels (n, oh, ow)"""
+  wgrad:   M = output channels, N = (cg, kh, kw), K = output pixels (n, oh, ow), split in a fixed number
+           of ranges whose fp32 partial sums are added in order afterwards"""
 import torch
 import triton
 import triton.language as tl
@@ -113,12 +114,13 @@ def _dgrad_kernel(go_ptr, w_ptr, gi_ptr, N, C_g, H, W, OC_g, OH, OW,
 
 
 @triton.jit
-def _wgrad_kernel(go_ptr, x_ptr, gw_ptr, N, C_g, H, W, OC_g, OH, OW,
-                  sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swo, swc, swh, sww,
+def _wgrad_kernel(go_ptr, x_ptr, part_ptr, N, C_g, H, W, OC_g, OH, OW, SPLITS, P_PER,
+                  sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
                   SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                   DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                   IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_n, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g, split = pid_gs // SPLITS, pid_gs % SPLITS
     oc = pid_m * BM + tl.arange(0, BM)
     oc_ok = oc < OC_g
     j = pid_n * BN + tl.arange(0, BN)
@@ -126,7 +128,7 @@ def _wgrad_kernel(go_ptr, x_ptr, gw_ptr, N, C_g, H, W, OC_g, OH, OW,
     j_ok = j < C_g * KH * KW
     P = N * OH * OW
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for p0 in range(0, P, BK):
+    for p0 in range(split * P_PER, tl.minimum(P, (split + 1) * P_PER), BK):
         p = p0 + tl.arange(0, BK)
         n_idx, oh, ow = p // (OH * OW), p // OW % OH, p % OW
         p_ok = p < P
@@ -137,8 +139,10 @@ def _wgrad_kernel(go_ptr, x_ptr, gw_ptr, N, C_g, H, W, OC_g, OH, OW,
         b = tl.load(x_ptr + n_idx[:, None].to(tl.int64) * sxn + (g * C_g + cg[None, :]) * sxc + ih * sxh + iw * sxw,
                     mask=p_ok[:, None] & j_ok[None, :], other=0.0)
         acc = _mma(acc, a, b, IEEE, UPCAST)
-    off = (g * OC_g + oc[:, None]) * swo + cg[None, :] * swc + kh[None, :] * swh + kw[None, :] * sww
-    tl.store(gw_ptr + off, fp32_to(acc, gw_ptr.dtype.element_ty), mask=oc_ok[:, None] & j_ok[None, :])
+    # fp32 partial sums [split, OC, C_g*KH*KW]; the launcher adds the splits in a fixed order (no atomics)
+    K = C_g * KH * KW
+    off = (split.to(tl.int64) * (OC_g * tl.num_programs(2) // SPLITS) + g * OC_g + oc[:, None]) * K + j[None, :]
+    tl.store(part_ptr + off, acc, mask=oc_ok[:, None] & j_ok[None, :])
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -195,10 +199,19 @@ def reflect_conv2d_backward(go, x, w, stride, padding, dilation, groups, mask):
             else:
                 gi.zero_()
     if mask[1]:
-        gw = torch.empty_like(w)
-        grid = (triton.cdiv(OC_g, BM), triton.cdiv(C_g * w.shape[2] * w.shape[3], BN), groups)
-        _wgrad_kernel[grid](go, x, gw, N, C_g, H, W, OC_g, OH, OW, *go.stride(), *x.stride(), *gw.stride(),
+        # split the N*OH*OW reduction so that enough programs run (a fixed split count: same bits every run)
+        K = C_g * w.shape[2] * w.shape[3]
+        P = N * OH * OW
+        tiles = triton.cdiv(OC_g, BM) * triton.cdiv(K, BN) * groups
+        splits = max(1, min(triton.cdiv(P, 4 * BK), triton.cdiv(512, tiles)))
+        if x.device.type == "cpu":  # the interpreter: keep it cheap, but still go through the split path
+            splits = min(2, triton.cdiv(P, BK))
+        p_per = triton.cdiv(triton.cdiv(P, splits), BK) * BK
+        part = torch.zeros((splits, w.shape[0], K), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(OC_g, BM), triton.cdiv(K, BN), groups * splits)
+        _wgrad_kernel[grid](go, x, part, N, C_g, H, W, OC_g, OH, OW, splits, p_per, *go.stride(), *x.stride(),
                             BM=BM, BN=BN, BK=BK, **consts)
+        gw = part.sum(0).view(w.shape).to(w.dtype)  # the router lays it out like the weight
     if mask[2]:
         gb = go.sum((0, 2, 3), dtype=torch.float32).to(go.dtype)
     return gi, gw, gb
