@@ -204,7 +204,7 @@ def test_errors_match_torch_and_run_nothing(case, monkeypatch):
 def test_reflect_conv2d_module_is_a_drop_in():
     torch_m = nn.Conv2d(4, 6, 3, 2, 1, bias=True, padding_mode="reflect")
     ours = fastfuse.nn.ReflectConv2d(4, 6, 3, 2, 1, bias=True)
-    assert repr(ours) == repr(torch_m).replace("Conv2d", "ReflectConv2d", 1)
+    assert repr(ours) == repr(torch_m)
     assert isinstance(ours, nn.Conv2d) and list(ours.state_dict()) == list(torch_m.state_dict())
     ours.load_state_dict(torch_m.state_dict())
     x = torch.randn(2, 4, 7, 9)

@@ -22,6 +22,9 @@ class ReflectConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
 
+    def _get_name(self):
+        return "Conv2d"  # the same repr as the nn.Conv2d it replaces (fastfuse.nn.BatchNorm2d's is torch's too)
+
     def _symmetric_padding(self):
         if not isinstance(self.padding, str):
             return list(self.padding)
