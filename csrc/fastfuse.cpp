@@ -19,6 +19,10 @@ TORCH_LIBRARY(fastfuse_C, m) {
   m.def("bn_grad_apply(Tensor grad_out, Tensor x, Tensor? out, Tensor mean, Tensor k1, Tensor k2, Tensor k3, "
         "bool pre_relu, bool post_relu, float p, int seed, int offset, bool need_gi, bool need_g) "
         "-> (Tensor, Tensor)");
+  m.def("reflect_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, int algo) -> Tensor");
+  m.def("reflect_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool[3] output_mask, int algo) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -24,3 +24,8 @@ lib.define("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? runni
 lib.define("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, "
            "Tensor? output, bool training, float eps, bool pre_relu, bool post_relu, float p, Tensor seed, "
            "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
+lib.define("reflect_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+           "int[2] dilation, int groups) -> Tensor")
+# entries not asked for in output_mask come back as empty tensors
+lib.define("reflect_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+           "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")

@@ -207,3 +207,24 @@ def bn_grad_apply(grad_out, x, out, mean, k1, k2, k3, pre_relu, post_relu, p, se
             gi = torch.where(x > 0, gi, torch.zeros((), dtype=gi.dtype))
         gi = _like(x, gi)
     return gi, (_like(x, g) if need_g else x.new_empty(0))
+def reflect_conv2d(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """conv2d of the reflection-padded input: F.pad(mode="reflect") then an unpadded convolution. This is
+    exactly what nn.Conv2d(padding_mode="reflect") computes (and it does build the padded copy)."""
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    x = torch.nn.functional.pad(input, (pw, pw, ph, ph), mode="reflect") if ph or pw else input
+    return torch.nn.functional.conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+
+def reflect_conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    """(grad_input, grad_weight, grad_bias) of reflect_conv2d through aten's own backward ops: the padded
+    input's gradient, folded back by reflection_pad2d_backward. Entries not in output_mask are None."""
+    ph, pw = padding
+    pad = [pw, pw, ph, ph]
+    xp = torch.nn.functional.pad(input, pad, mode="reflect") if ph or pw else input
+    gxp, gw, gb = torch.ops.aten.convolution_backward(
+        grad_output, xp, weight, [weight.shape[0]], list(stride), [0, 0], list(dilation), False, [0, 0], groups,
+        [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2])])
+    gx = None
+    if output_mask[0]:
+        gx = torch.ops.aten.reflection_pad2d_backward(gxp, input, pad) if ph or pw else gxp
+    return gx, gw, gb

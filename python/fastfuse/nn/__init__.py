@@ -4,6 +4,8 @@ from .dropout import Dropout
 from .fused_sequential import FusedSequential
 from .lin_bn_drop import LinBnDrop
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "Dropout", "FusedSequential", "LinBnDrop"]
-from .tabular import Embedding, TabularEmbedding  # noqa: E402
-__all__ += ["Embedding", "TabularEmbedding"]
+from .reflect_conv2d import ConvLayer, NormType, ReflectConv2d
+from .tabular import Embedding, TabularEmbedding
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "ConvLayer", "Dropout", "Embedding", "FusedSequential", "LinBnDrop",
+           "NormType", "ReflectConv2d", "TabularEmbedding"]

@@ -2,6 +2,7 @@
 from .batch_norm import batch_norm
 from .dropout import dropout
 
-__all__ = ["batch_norm", "dropout"]
-from .embedding_concat_dropout import embedding_concat_dropout  # noqa: E402
-__all__ += ["embedding_concat_dropout"]
+from .embedding_concat_dropout import embedding_concat_dropout
+from .reflect_conv2d import reflect_conv2d
+
+__all__ = ["batch_norm", "dropout", "embedding_concat_dropout", "reflect_conv2d"]

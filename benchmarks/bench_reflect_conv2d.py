@@ -1,0 +1,89 @@
+"""Reflection-padded conv2d on ResNet-34's 3x3 shapes at batch 16 (stride 1 and the stride-2 entries) and the
+7x7 stride-2 stem: fastfuse backends vs eager nn.Conv2d(padding_mode='reflect') ("eager"), the same conv with
+zero padding ("zeros", the speed target) and torch.compile of eager ("compile"); fwd and fwd+bwd.
+Also ConvLayer (reflect conv -> BN -> ReLU) fwd+bwd against its eager and compiled nn.Sequential twin."""
+import torch
+from torch import nn
+
+import fastfuse
+from fastfuse.bench import Case
+
+try:  # "fwd+bwd" re-runs a compiled graph's backward on fresh graphs; keep buffers undonated like dropout
+    import torch._functorch.config
+    torch._functorch.config.donated_buffer = False
+except (ImportError, AttributeError):
+    pass
+
+# (input shape, out channels, kernel, stride)
+RESNET34 = [((16, 64, 56, 56), 64, 3, 1), ((16, 128, 28, 28), 128, 3, 1), ((16, 256, 14, 14), 256, 3, 1),
+            ((16, 512, 7, 7), 512, 3, 1), ((16, 64, 56, 56), 128, 3, 2), ((16, 128, 28, 28), 256, 3, 2),
+            ((16, 256, 14, 14), 512, 3, 2), ((16, 3, 224, 224), 64, 7, 2)]
+QUICK = [((2, 16, 20, 20), 16, 3, 1), ((2, 16, 20, 20), 32, 3, 2)]
+
+
+def _modes(fn, x, params):
+    """{"fwd", "fwd+bwd"} callables of fn(x) with gradients for x and params."""
+    xr = x.detach().requires_grad_()
+    g = torch.randn_like(fn(x))
+
+    def fwd():
+        return fn(x)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(xr), [xr] + params, g)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def _conv_case(shape, oc, k, stride, device, dtype, backends):
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    p = (k - 1) // 2
+    eager = nn.Conv2d(shape[1], oc, k, stride, p, bias=False, padding_mode="reflect").to(device, dtype)
+    zeros = nn.Conv2d(shape[1], oc, k, stride, p, bias=False).to(device, dtype)
+    zeros.weight = eager.weight
+    params = [eager.weight]
+
+    def with_backend(name):
+        def fn(t):
+            with fastfuse.use_backend(name):
+                return fastfuse.reflect_conv2d(t, eager.weight, None, stride, p)
+        return fn
+
+    provs = {b: _modes(with_backend(b), x, params) for b in backends}
+    provs["eager"] = _modes(eager, x, params)
+    provs["zeros"] = _modes(zeros, x, params)
+    provs["compile"] = _modes(torch.compile(eager), x, params)
+    out_numel = shape[0] * oc * (shape[2] // stride) * (shape[3] // stride)
+    nbytes = (x.numel() + eager.weight.numel() + out_numel) * x.element_size()
+    y = torch.empty_like(x)
+    return Case("reflect_conv2d", shape + (oc, k, stride), dtype, nbytes, 2 * nbytes, provs,
+                copy=lambda: y.copy_(x), clone=lambda: x.clone())
+
+
+def _conv_layer_case(shape, device, dtype):
+    ni = shape[1]
+    ours = fastfuse.nn.ConvLayer(ni, ni).to(device, dtype).to(memory_format=torch.channels_last)
+    twin = nn.Sequential(nn.Conv2d(ni, ni, 3, 1, 1, bias=False, padding_mode="reflect"), nn.BatchNorm2d(ni),
+                         nn.ReLU()).to(device, dtype).to(memory_format=torch.channels_last)
+    twin.load_state_dict(ours.state_dict())
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    modes = lambda m: {"fwd+bwd": _modes(m, x, list(m.parameters()))["fwd+bwd"]}  # noqa: E731
+    provs = {"fastfuse": modes(ours), "eager": modes(twin), "compile": modes(torch.compile(twin))}
+    nbytes = 3 * x.numel() * x.element_size()
+    y = torch.empty_like(x)
+    return Case("reflect_conv2d_layer", shape, dtype, nbytes, 2 * nbytes, provs, copy=lambda: y.copy_(x),
+                clone=lambda: x.clone())
+
+
+def cases(device, quick):
+    if device == "cuda":
+        dtype = torch.bfloat16
+        backends = [b for b in ("cuda", "triton") if fastfuse.backends()[b]["available"]]
+    else:
+        dtype = torch.float32  # channels_last: oneDNN's faster layout on this CPU
+        backends = [b for b in ("cpp",) if fastfuse.backends()[b]["available"]]
+    shapes = QUICK if quick else RESNET34
+    out = [_conv_case(s, oc, k, st, device, dtype, backends) for s, oc, k, st in shapes]
+    if device == "cuda" or quick:  # ConvLayer is a GPU target; on CPU only the smoke run times it
+        out += [_conv_layer_case(s, device, dtype) for s, _, k, st in shapes if k == 3 and st == 1]
+    return out

@@ -1,0 +1,198 @@
+"""fastfuse.reflect_conv2d: conv2d over the reflection-padded input, without building the padded copy.
+
+Path of a call: reflect_conv2d() -> torch.ops.fastfuse.reflect_conv2d -> _route() -> the backend's kernel;
+backward -> torch.ops.fastfuse.reflect_conv2d_backward -> the same backend's (grad_input, grad_weight,
+grad_bias). Every argument is checked (_check) before any kernel runs, with torch's error messages."""
+import os
+
+import torch
+
+from .. import _backends, _library, reference  # noqa: F401  (_library defines the schemas)
+
+_MAX_TAPS = 64  # csrc/reflect_conv2d.h kMaxTaps: larger kernels run on the reference
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) == 1:
+        return v * 2
+    if len(v) != 2:
+        raise RuntimeError(f"reflect_conv2d: expected {name} to be a single integer value or a list of 2 values, "
+                           f"got {v}")
+    return [int(v[0]), int(v[1])]
+
+
+def _check(x, w, b, stride, padding, dilation, groups):
+    """Raise what F.conv2d / F.pad(mode='reflect') would raise, before any work is done."""
+    if x.dim() != 4:
+        raise RuntimeError(f"reflect_conv2d: expected a 4-D input (batched), got {x.dim()}-D input of size "
+                           f"{list(x.shape)}")
+    if w.dim() != 4:
+        raise RuntimeError(f"weight should have 4 dimensions, got {w.dim()}-D weight of size {list(w.shape)}")
+    for t, name in ((w, "weight"), (b, "bias")):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise RuntimeError(f"Input type ({x.device}) and {name} type ({t.device}) should be the same")
+        if t.dtype != x.dtype:
+            raise RuntimeError(f"Input type ({x.dtype}) and {name} type ({t.dtype}) should be the same")
+    if not x.is_floating_point():
+        raise RuntimeError(f"reflect_conv2d: expected a floating-point input, got {x.dtype}")
+    if any(s <= 0 for s in stride):
+        raise RuntimeError("non-positive stride is not supported")
+    if any(p < 0 for p in padding):
+        raise RuntimeError("negative padding is not supported")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError("dilation should be greater than zero")
+    if groups <= 0:
+        raise RuntimeError("non-positive groups is not supported")
+    if w.shape[0] % groups:
+        raise RuntimeError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
+                           f"but got weight of size {list(w.shape)} instead")
+    if x.shape[1] != w.shape[1] * groups:
+        raise RuntimeError(f"Given groups={groups}, weight of size {list(w.shape)}, expected input{list(x.shape)} "
+                           f"to have {w.shape[1] * groups} channels, but got {x.shape[1]} channels instead")
+    if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0]):
+        raise RuntimeError(f"Given weight of size {list(w.shape)}, expected bias to be 1-dimensional with "
+                           f"{w.shape[0]} elements, but got bias of size {list(b.shape)} instead")
+    # torch checks the width (argument #4 of the pad) before the height (argument #6)
+    for dim, arg, p in ((3, 4, padding[1]), (2, 6, padding[0])):
+        if p >= x.shape[dim]:
+            raise RuntimeError(f"Argument #{arg}: Padding size should be less than the corresponding input "
+                               f"dimension, but got: padding ({p}, {p}) at dimension {dim} of input {list(x.shape)}")
+    eff = [d * (k - 1) + 1 for d, k in zip(dilation, w.shape[2:])]
+    padded = [x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]]
+    if padded[0] < eff[0] or padded[1] < eff[1]:
+        raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+                           f"({eff[0]} x {eff[1]}). Kernel size can't be greater than actual input size")
+
+
+def _out_shape(x, w, stride, padding, dilation):
+    return [x.shape[0], w.shape[0]] + [
+        (x.shape[i + 2] + 2 * padding[i] - dilation[i] * (w.shape[i + 2] - 1) - 1) // stride[i] + 1 for i in (0, 1)]
+
+
+def _channels_last(t):
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _format(x, w):
+    """The output layout torch's convolution picks: channels_last when the input or the weight is."""
+    return torch.channels_last if _channels_last(x) or _channels_last(w) else torch.contiguous_format
+
+
+# C++ designs: "auto" picks per shape; "frame" = vendor convolution with zero padding + frame correction;
+# "gemm" = reflected im2col + GEMM. FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
+_ALGOS = {"auto": 0, "frame": 1, "gemm": 2}
+
+
+def _algo():
+    name = os.environ.get("FASTFUSE_REFLECT_CONV2D_ALGO", "auto")
+    if name not in _ALGOS:
+        raise ValueError(f"FASTFUSE_REFLECT_CONV2D_ALGO must be one of {list(_ALGOS)}, got {name!r}")
+    return _ALGOS[name]
+
+
+def _run_cpp(x, w, b, stride, padding, dilation, groups):
+    return torch.ops.fastfuse_C.reflect_conv2d(x, w, b, stride, padding, dilation, groups, _algo())
+
+
+def _run_cpp_backward(go, x, w, stride, padding, dilation, groups, mask):
+    return torch.ops.fastfuse_C.reflect_conv2d_backward(go, x, w, stride, padding, dilation, groups, mask,
+                                                        _algo())
+
+
+def _run_triton(x, w, b, stride, padding, dilation, groups):
+    from ..triton_kernels import reflect_conv2d as tk  # lazily: triton is optional and slow to import
+    return tk.reflect_conv2d(x, w, b, stride, padding, dilation, groups)
+
+
+def _run_triton_backward(go, x, w, stride, padding, dilation, groups, mask):
+    from ..triton_kernels import reflect_conv2d as tk
+    return tk.reflect_conv2d_backward(go, x, w, stride, padding, dilation, groups, mask)
+
+
+_FWD = {"cpp": _run_cpp, "cuda": _run_cpp, "triton": _run_triton, "reference": reference.reflect_conv2d}
+_BWD = {"cpp": _run_cpp_backward, "cuda": _run_cpp_backward, "triton": _run_triton_backward,
+        "reference": reference.reflect_conv2d_backward}
+
+
+def _backend(x, w):
+    name = _backends.select(x)
+    if name in ("cpp", "cuda") and w.shape[2] * w.shape[3] > _MAX_TAPS:
+        return "reference"
+    return name
+
+
+def _route(x, w, b, stride, padding, dilation, groups):
+    _check(x, w, b, stride, padding, dilation, groups)
+    out = _FWD[_backend(x, w)](x, w, b, stride, padding, dilation, groups)
+    return out.contiguous(memory_format=_format(x, w))
+
+
+def _fake(x, w, b, stride, padding, dilation, groups):
+    _check(x, w, b, stride, padding, dilation, groups)
+    return x.new_empty(_out_shape(x, w, stride, padding, dilation)).contiguous(memory_format=_format(x, w))
+
+
+def _grad_like(t, fmt):
+    return t.contiguous(memory_format=fmt)
+
+
+def _route_backward(go, x, w, stride, padding, dilation, groups, mask):
+    _check(x, w, None, stride, padding, dilation, groups)
+    gi, gw, gb = _BWD[_backend(x, w)](go, x, w, stride, padding, dilation, groups, list(mask))
+    empty = x.new_empty(0)
+    return (_grad_like(gi, _format(x, w)) if mask[0] else empty,
+            _grad_like(gw, torch.channels_last if _channels_last(w) else torch.contiguous_format) if mask[1] else
+            empty.clone(),
+            gb.contiguous() if mask[2] else empty.clone())
+
+
+def _fake_backward(go, x, w, stride, padding, dilation, groups, mask):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x, memory_format=_format(x, w)) if mask[0] else empty,
+            torch.empty_like(w, memory_format=torch.channels_last if _channels_last(w) else torch.contiguous_format)
+            if mask[1] else empty.clone(),
+            w.new_empty(w.shape[0]) if mask[2] else empty.clone())
+
+
+torch.library.register_kernel("fastfuse::reflect_conv2d", ("cpu", "cuda"), _route)
+torch.library.register_fake("fastfuse::reflect_conv2d", _fake)
+torch.library.register_kernel("fastfuse::reflect_conv2d_backward", ("cpu", "cuda"), _route_backward)
+torch.library.register_fake("fastfuse::reflect_conv2d_backward", _fake_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, stride, padding, dilation, groups = inputs
+    ctx.args = (stride, padding, dilation, groups)
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, w)
+
+
+def _backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], ctx.has_bias and need[2]]
+    if not any(mask):
+        return None, None, None, None, None, None, None
+    gi, gw, gb = torch.ops.fastfuse.reflect_conv2d_backward(grad, x, w, *ctx.args, mask)
+    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None
+
+
+torch.library.register_autograd("fastfuse::reflect_conv2d", _backward, setup_context=_setup_context)
+
+
+def reflect_conv2d(input: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0, dilation=1,
+                   groups: int = 1) -> torch.Tensor:
+    """Same result as F.conv2d(F.pad(input, (pw, pw, ph, ph), mode='reflect'), weight, bias, stride, 0,
+    dilation, groups), with int or pair arguments, batched (N, C, H, W) or unbatched (C, H, W) input. The
+    reflected index is computed where the input is read: no padded tensor is built. Deterministic backward."""
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    unbatched = isinstance(input, torch.Tensor) and input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    _check(x, weight, bias, stride, padding, dilation, int(groups))
+    out = torch.ops.fastfuse.reflect_conv2d(x, weight, bias, stride, padding, dilation, int(groups))
+    return out.squeeze(0) if unbatched else out

@@ -1,0 +1,276 @@
+"""fastfuse.reflect_conv2d and its modules against nn.Conv2d(padding_mode='reflect') with copied weights:
+forward and every gradient, on each CPU backend (C++ with both designs, Triton through the interpreter)."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastfuse
+from fastfuse import reference
+
+from conftest import CPP, CPU_BACKENDS, TRITON, bits
+
+rc_ops = importlib.import_module("fastfuse.ops.reflect_conv2d")  # the package attribute is the function
+
+pytestmark = pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+
+# (N, C, H, W, OC, kernel, stride, padding, dilation, groups, bias)
+CONFIGS = [
+    (2, 4, 7, 8, 6, 3, 1, 1, 1, 1, True),            # the common 3x3 'same' conv, odd sizes
+    (2, 3, 5, 5, 5, 1, 1, 0, 1, 1, False),           # no padding at all
+    (2, 3, 5, 7, 4, 1, 1, 1, 1, 1, True),            # 1x1 with padding: the whole frame is reflected
+    (2, 4, 8, 8, 4, 3, 2, 1, 1, 4, True),            # depthwise, stride 2
+    (2, 4, 7, 7, 6, 5, 1, 2, 2, 2, False),           # 5x5, dilation 2, groups 2
+    (1, 3, 9, 8, 5, 7, 2, 3, 1, 1, True),            # the stem: 7x7 stride 2
+    (2, 4, 3, 3, 4, 3, 1, 2, 1, 1, True),            # input one pixel larger than the padding
+    (2, 4, 2, 5, 4, 3, 1, 1, 1, 1, False),           # height = padding + 1
+    (2, 2, 5, 6, 4, 2, 1, 1, 1, 1, True),            # even kernel
+    (2, 4, 6, 9, 4, (3, 5), (1, 2), (1, 2), (2, 1), 1, True),  # pair arguments
+    (2, 6, 7, 5, 4, 4, 2, 3, 1, 2, True),            # 4x4 stride 2, padding 3, groups 2
+    (2, 4, 8, 7, 4, 6, 1, 3, 1, 1, False),           # 6x6 kernel
+]
+# the interpreter is slow: a subset of (config, channels_last) that covers every feature
+TRITON_CASES = {(0, False), (3, True), (4, True), (5, False), (6, True), (9, False)}
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10),
+       torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=4e-2, atol=8e-2)}
+
+# (backend, C++ design): the C++ backend is tested with both designs, whatever "auto" would pick
+RUNS = [("reference", None)] + ([("cpp", "frame"), ("cpp", "gemm")] if CPP else []) + \
+    ([("triton", None)] if "triton" in CPU_BACKENDS else [])
+
+
+def _conv(cfg, dtype=torch.float32, channels_last=False):
+    N, C, H, W, OC, k, s, p, d, g, bias = cfg
+    m = nn.Conv2d(C, OC, k, s, p, d, g, bias, padding_mode="reflect").to(dtype)
+    x = torch.randn(N, C, H, W, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return m, x
+
+
+def _run(backend, algo, monkeypatch, fn):
+    if algo:
+        monkeypatch.setenv("FASTFUSE_REFLECT_CONV2D_ALGO", algo)
+    with fastfuse.use_backend(backend):
+        return fn()
+
+
+def _fwd_bwd(m, x, fn):
+    """Output and (grad_input, grad_weight, grad_bias) of fn(x, weight, bias) for one fixed grad_output."""
+    xr = x.detach().clone().requires_grad_()
+    w = m.weight.detach().clone().requires_grad_()
+    b = None if m.bias is None else m.bias.detach().clone().requires_grad_()
+    y = fn(xr, w, b)
+    torch.manual_seed(1)
+    go = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t for t in (xr, w, b) if t is not None], go)
+    return y, grads
+
+
+def _ours(m):
+    return lambda x, w, b: fastfuse.reflect_conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _theirs(m):
+    return lambda x, w, b: m._conv_forward(x, w, b)  # nn.Conv2d's own reflect path
+
+
+def _cases():
+    out = []
+    for backend, algo in RUNS:
+        for i, cfg in enumerate(CONFIGS):
+            for cl in (False, True):
+                if backend == "triton" and (i, cl) not in TRITON_CASES:
+                    continue
+                out.append(pytest.param(backend, algo, cfg, cl, id=f"{backend}-{algo}-{i}-{'cl' if cl else 'nchw'}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,algo,cfg,channels_last", _cases())
+def test_matches_nn_conv2d_reflect(backend, algo, cfg, channels_last, monkeypatch):
+    m, x = _conv(cfg, channels_last=channels_last)
+    y, grads = _run(backend, algo, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m)))
+    y_ref, grads_ref = _fwd_bwd(m, x, _theirs(m))
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,algo", [r for r in RUNS if r[0] != "reference"])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3], CONFIGS[6]], ids=["3x3", "depthwise", "pad+1"])
+def test_half_precision_against_fp32(backend, algo, cfg, dtype, monkeypatch):
+    if backend == "triton" and cfg is not CONFIGS[0]:
+        pytest.skip("the interpreter is slow: Triton's half precision is checked on the 3x3 case")
+    m, x = _conv(cfg, dtype=dtype, channels_last=True)
+    y, grads = _run(backend, algo, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m)))
+    m32 = m.float()
+    y_ref, grads_ref = _fwd_bwd(m32, x.float(), _theirs(m32))
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(y.float(), y_ref, **TOL[dtype])
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.float(), b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("algo", ["frame", "gemm"])
+@pytest.mark.parametrize("cfg", [(1, 2, 4, 5, 3, 3, 1, 1, 1, 1, True), (1, 2, 5, 4, 4, 3, 2, 2, 1, 2, True),
+                                 (1, 2, 5, 6, 2, 4, 2, 3, 1, 2, True)], ids=["3x3", "s2g2", "k4s2g2"])
+def test_gradcheck_float64(cfg, algo, monkeypatch):
+    monkeypatch.setenv("FASTFUSE_REFLECT_CONV2D_ALGO", algo)
+    N, C, H, W, OC, k, s, p, d, g, _ = cfg
+    x = torch.randn(N, C, H, W, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(OC, C // g, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(OC, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: fastfuse.reflect_conv2d(x, w, b, s, p, d, g), (x, w, b),
+                                    fast_mode=True)
+
+
+def test_opcheck():
+    x = torch.randn(2, 4, 6, 7)
+    w = torch.randn(6, 2, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    for xi in (x.requires_grad_(), x.to(memory_format=torch.channels_last).requires_grad_()):
+        torch.library.opcheck(torch.ops.fastfuse.reflect_conv2d, (xi, w, b, [1, 2], [1, 2], [1, 1], 2))
+        torch.library.opcheck(torch.ops.fastfuse.reflect_conv2d, (xi.detach(), w.detach(), None, [2, 1], [2, 1],
+                                                                  [1, 2], 1 if w.shape[1] == 4 else 2))
+    go = torch.randn(2, 6, 6, 7)
+    torch.library.opcheck(torch.ops.fastfuse.reflect_conv2d_backward,
+                          (go, x.detach(), w.detach(), [1, 1], [1, 1], [1, 1], 2, [True, True, True]))
+    torch.library.opcheck(torch.ops.fastfuse.reflect_conv2d_backward,
+                          (go, x.detach(), w.detach(), [1, 1], [1, 1], [1, 1], 2, [False, True, False]))
+
+
+@pytest.mark.parametrize("backend,algo", [r for r in RUNS if r[0] != "reference"])
+def test_gradients_bit_identical_run_to_run(backend, algo, monkeypatch):
+    cfg = (3, 8, 12, 11, 8, 3, 1, 1, 1, 1, True) if backend != "triton" else CONFIGS[0]
+    m, x = _conv(cfg, channels_last=True)
+    first = _run(backend, algo, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m)))
+    for _ in range(2):
+        again = _run(backend, algo, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m)))
+        for a, b in zip((first[0],) + first[1], (again[0],) + again[1]):
+            assert torch.equal(bits(a), bits(b))
+
+
+def test_unbatched_and_strided_inputs():
+    m, x = _conv(CONFIGS[0])
+    torch.testing.assert_close(fastfuse.reflect_conv2d(x[0], m.weight, m.bias, 1, 1), m(x[0]))
+    xs = torch.randn(2, 8, 9, 16)[:, ::2, 1:, ::2]  # strided view, not dense
+    torch.testing.assert_close(fastfuse.reflect_conv2d(xs, m.weight, m.bias, 1, 1), m(xs))
+
+
+def _both_raise(fn_ours, fn_torch, match):
+    if fn_torch is not None:
+        with pytest.raises(RuntimeError):
+            fn_torch()
+    with pytest.raises(RuntimeError, match=match):
+        fn_ours()
+
+
+@pytest.mark.parametrize("case", ["pad_h", "pad_w", "groups_out", "groups_in", "weight_channels", "dtype", "bias",
+                                  "device"])
+def test_errors_match_torch_and_run_nothing(case, monkeypatch):
+    x, w, b, p, g = torch.randn(2, 4, 6, 5), torch.randn(6, 4, 3, 3), None, 1, 1
+    match = "should be the same"
+    if case == "pad_h":
+        x, p, match = torch.randn(2, 4, 3, 8), 3, "Padding size should be less than the corresponding input dimension"
+    elif case == "pad_w":
+        x, p, match = torch.randn(2, 4, 8, 2), 2, "Padding size should be less than the corresponding input dimension"
+    elif case == "groups_out":
+        w, g, match = torch.randn(5, 2, 3, 3), 2, "expected weight to be divisible by 2"
+    elif case == "groups_in":
+        w, g, match = torch.randn(6, 4, 3, 3), 3, "to have 12 channels, but got 4 channels"
+    elif case == "weight_channels":
+        w, match = torch.randn(6, 3, 3, 3), "to have 3 channels, but got 4 channels"
+    elif case == "dtype":
+        w = w.double()
+    elif case == "bias":
+        b = torch.randn(6, dtype=torch.float16)
+    elif case == "device":
+        w = w.to("meta")
+    calls = []
+    for name in rc_ops._FWD:  # reaching any backend's kernel would be a bug
+        monkeypatch.setitem(rc_ops._FWD, name, lambda *a: calls.append(a))
+    # a CPU input with a meta weight does not raise in torch (meta wins); a CUDA one would, with this message
+    torch_fn = None if case == "device" else lambda: F.conv2d(F.pad(x, (p, p, p, p), mode="reflect"), w, b, 1, 0, 1, g)
+    _both_raise(lambda: fastfuse.reflect_conv2d(x, w, b, 1, p, 1, g), torch_fn, match)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastfuse.reflect_conv2d(x, w, b, [1, 1], [p, p], [1, 1], g)  # the op checks too
+    assert not calls
+
+
+def test_reflect_conv2d_module_is_a_drop_in():
+    torch_m = nn.Conv2d(4, 6, 3, 2, 1, bias=True, padding_mode="reflect")
+    ours = fastfuse.nn.ReflectConv2d(4, 6, 3, 2, 1, bias=True)
+    assert repr(ours) == repr(torch_m)
+    assert isinstance(ours, nn.Conv2d) and list(ours.state_dict()) == list(torch_m.state_dict())
+    ours.load_state_dict(torch_m.state_dict())
+    x = torch.randn(2, 4, 7, 9)
+    torch.testing.assert_close(ours(x), torch_m(x))
+    torch_m.load_state_dict(fastfuse.nn.ReflectConv2d(4, 6, 3, 2, 1).state_dict())  # and back
+    same = nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect")
+    ours_same = fastfuse.nn.ReflectConv2d(4, 6, 3, padding="same")
+    ours_same.load_state_dict(same.state_dict())
+    torch.testing.assert_close(ours_same(x), same(x))
+    with pytest.raises(ValueError):
+        fastfuse.nn.ReflectConv2d(4, 6, 3, padding_mode="zeros")
+
+
+def _fastai_layout(ni, nf, ks, stride, bias, padding_mode="reflect"):
+    """What fastai's ConvLayer(ni, nf, ks, stride, padding_mode=...) builds with BN and ReLU (bn_1st)."""
+    return nn.Sequential(nn.Conv2d(ni, nf, ks, stride, (ks - 1) // 2, bias=bias, padding_mode=padding_mode),
+                         nn.BatchNorm2d(nf), nn.ReLU())
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "zeros"])
+def test_conv_layer_matches_fastai_layout(padding_mode):
+    layer = fastfuse.nn.ConvLayer(4, 8, ks=3, stride=2, padding_mode=padding_mode)
+    twin = _fastai_layout(4, 8, 3, 2, False, padding_mode)
+    assert list(layer.state_dict()) == list(twin.state_dict())
+    assert type(layer[0]) is (fastfuse.nn.ReflectConv2d if padding_mode == "reflect" else nn.Conv2d)
+    assert layer[0].bias is None and torch.all(layer[1].bias == 1e-3)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 4, 9, 8)
+    torch.testing.assert_close(layer(x), twin(x))  # train mode: batch statistics and running-stat updates
+    torch.testing.assert_close(layer[1].running_mean, twin[1].running_mean)
+    layer.eval(), twin.eval()
+    torch.testing.assert_close(layer(x), twin(x))
+    no_bn = fastfuse.nn.ConvLayer(4, 8, ks=5, norm_type=None, bn_1st=False)
+    assert len(no_bn) == 2 and no_bn[0].bias is not None and no_bn[0].padding == (2, 2)
+
+
+def test_fuse_swaps_reflect_conv_and_keeps_weights():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    weight = model[0].weight
+    fastfuse.fuse(model)
+    assert type(model[0]) is fastfuse.nn.ReflectConv2d and model[0].weight is weight
+    assert type(model[2]) is nn.Conv2d
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_compile_conv_layer_stack_fullgraph():
+    model = nn.Sequential(fastfuse.nn.ConvLayer(3, 8, stride=2), fastfuse.nn.ConvLayer(8, 8))
+    x = torch.randn(2, 3, 10, 10, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    torch.testing.assert_close(out, model(x))
+    torch.testing.assert_close(gx, x.grad)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton not runnable here")
+def test_triton_matches_reference_op():
+    cfg = CONFIGS[4]
+    m, x = _conv(cfg, channels_last=True)
+    with fastfuse.use_backend("triton"):
+        y = _ours(m)(x, m.weight, m.bias)
+    torch.testing.assert_close(y, reference.reflect_conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation,
+                                                           m.groups), **TOL[torch.float32])
