@@ -150,6 +150,10 @@ def test_input_errors():
         fastfuse.embedding_concat_dropout(x, ws, x_cont=xc[:7])
     with pytest.raises(ValueError, match="dropout probability"):
         fastfuse.embedding_concat_dropout(x, ws, p=1.5)
+    with pytest.raises(ValueError, match="table 2 is torch.float64"):
+        fastfuse.embedding_concat_dropout(x, ws[:2] + [ws[2].double()] + ws[3:])
+    with pytest.raises(ValueError, match="table 1 must be a 2-D floating-point"):
+        fastfuse.embedding_concat_dropout(x, ws[:1] + [ws[1][0]] + ws[2:])
 
 
 def test_int32_codes_and_embedding_modules():

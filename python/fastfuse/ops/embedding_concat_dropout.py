@@ -29,6 +29,8 @@ def _validate(x_cat, weights, cont, tables=True):
     if x_cat.shape[1] != len(weights):
         raise ValueError(f"embedding_concat_dropout: x_cat has {x_cat.shape[1]} columns but {len(weights)} "
                          f"embedding tables were given")
+    if tables and weights and _tables_uniform(weights, x_cat.device):
+        tables = False  # the common case, checked in one pass; the loop below names the culprit otherwise
     for t, w in enumerate(weights if tables else ()):
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
             raise ValueError(f"embedding_concat_dropout: table {t} must be a 2-D floating-point tensor (n_t, d_t)")
@@ -43,6 +45,14 @@ def _validate(x_cat, weights, cont, tables=True):
         if cont.shape[0] != x_cat.shape[0]:
             raise ValueError(f"embedding_concat_dropout: x_cat has batch size {x_cat.shape[0]} but x_cont has "
                              f"{cont.shape[0]}")
+
+
+def _tables_uniform(weights, device) -> bool:
+    try:
+        sig = {(w.dim(), w.dtype, w.device) for w in weights}
+    except AttributeError:
+        return False
+    return len(sig) == 1 and weights[0].dim() == 2 and weights[0].is_floating_point() and weights[0].device == device
 
 
 def check_codes(x_cat: torch.Tensor, weights) -> None:
