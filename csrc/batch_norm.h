@@ -36,6 +36,11 @@ inline void bn_check_like(const at::Tensor& t, const at::Tensor& x, const char* 
 
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 
+// x86-64 with GCC/Clang: the CPU kernels are also built for AVX2 + FMA and picked at run time.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#define FASTFUSE_BN_AVX2 1
+#endif
+
 #define FASTFUSE_BN_DECLARE(dev)                                                                            \
   Tensor2 bn_stats_##dev(const at::Tensor& x, bool pre_relu);                                              \
   at::Tensor bn_apply_##dev(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,          \

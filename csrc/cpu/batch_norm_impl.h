@@ -1,0 +1,422 @@
+// The CPU batch-norm kernels, written once and compiled twice: in namespace FF_BN_NS = base (the build's
+// baseline ISA) by batch_norm_kernel.cpp, and = avx2 (AVX2 + FMA) by batch_norm_kernel_avx2.cpp. The loops
+// are vectorised by the compiler, and at SSE2 width they are compute-bound (about 2x slower than AVX2 here).
+// The including file includes every header first, so that only this code takes the ISA pragma.
+//
+// Determinism: reductions split the tensor into blocks that depend only on its shape and add the partial sums
+// in a fixed order, so results are the same bits on every run and for every thread count (for one ISA).
+namespace fastfuse {
+namespace FF_BN_NS {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // elements per elementwise task / per Philox buffer (16 KB of words)
+constexpr int kLanes = 16;        // independent accumulators: lets the compiler vectorise the sums
+
+template <typename acc_t>
+inline acc_t relu(acc_t v) { return v < acc_t(0) ? acc_t(0) : v; }  // NaN stays NaN, as in torch.relu
+
+// ---- drivers: walk the geometry, call an element functor F ----
+// F::begin(buf, i0, n) prepares storage elements [i0, i0 + n) (e.g. their Philox words, in buf);
+// reduction functors add two quantities of element i (k = i - i0) of channel c: F::pair(k, i, c, a, b);
+// elementwise functors run over a piece of a plane (one channel) or of a row: F::plane / F::row (ElemLoops).
+
+// Per-channel sums (s1, s2) in double.
+template <typename acc_t, typename F>
+void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
+  if (!g.rows) {  // planes: each channel is N runs of S contiguous elements; one task per channel range
+    const int64_t N = g.numel / (g.C * g.S);
+    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<uint32_t> buf(kChunk + 8);
+      F f = proto;
+      for (int64_t c = c0; c < c1; ++c) {
+        double d1 = 0, d2 = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t j = 0; j < g.S; j += kChunk) {
+            const int64_t i0 = (n * g.C + c) * g.S + j, len = std::min(kChunk, g.S - j);
+            f.begin(buf.data(), i0, len);
+            acc_t l1[kLanes] = {}, l2[kLanes] = {};
+            int64_t k = 0;
+            for (; k + kLanes <= len; k += kLanes)
+              for (int l = 0; l < kLanes; ++l) f.pair(k + l, i0 + k + l, c, l1[l], l2[l]);
+            for (; k < len; ++k) f.pair(k, i0 + k, c, l1[0], l2[0]);
+            for (int l = 0; l < kLanes; ++l) d1 += l1[l], d2 += l2[l];
+          }
+        }
+        s1[c] = d1;
+        s2[c] = d2;
+      }
+    });
+    return;
+  }
+  // rows of C: fixed blocks of rows give per-block partials [block][C], then a fixed-order sum over blocks
+  const int64_t R = g.numel / g.C, rpb = std::max<int64_t>(1, 4 * kChunk / g.C), nb = (R + rpb - 1) / rpb;
+  std::vector<double> p1(nb * g.C), p2(nb * g.C);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> buf(rpb * g.C + 8);
+    std::vector<acc_t> l1(g.C), l2(g.C);
+    F f = proto;
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(l1.begin(), l1.end(), acc_t(0));
+      std::fill(l2.begin(), l2.end(), acc_t(0));
+      const int64_t r0 = b * rpb, r1 = std::min(R, r0 + rpb);
+      f.begin(buf.data(), r0 * g.C, (r1 - r0) * g.C);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i0 = r * g.C, k0 = (r - r0) * g.C;
+        acc_t* a = l1.data();
+        acc_t* q = l2.data();
+#pragma GCC ivdep
+        for (int64_t c = 0; c < g.C; ++c) f.pair(k0 + c, i0 + c, c, a[c], q[c]);
+      }
+      for (int64_t c = 0; c < g.C; ++c) p1[b * g.C + c] = l1[c], p2[b * g.C + c] = l2[c];
+    }
+  });
+  at::parallel_for(0, g.C, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double d1 = 0, d2 = 0;
+      for (int64_t b = 0; b < nb; ++b) d1 += p1[b * g.C + c], d2 += p2[b * g.C + c];
+      s1[c] = d1;
+      s2[c] = d2;
+    }
+  });
+}
+
+template <typename F>
+void for_each_element(const BnGeom& g, const F& proto) {
+  const int64_t nchunks = (g.numel + kChunk - 1) / kChunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t a, int64_t b) {
+    alignas(64) uint32_t buf[kChunk + 8];
+    F f = proto;
+    for (int64_t ch = a; ch < b; ++ch) {
+      const int64_t i0 = ch * kChunk, end = std::min(g.numel, i0 + kChunk);
+      f.begin(buf, i0, end - i0);
+      for (int64_t i = i0; i < end;) {
+        if (g.rows) {  // a piece of one row: channels c .. c + len - 1
+          const int64_t c = i % g.C, len = std::min(g.C - c, end - i);
+          f.row(i - i0, i, len, c);
+          i += len;
+        } else {  // a piece of one plane: one channel
+          const int64_t c = (i / g.S) % g.C, len = std::min(g.S - i % g.S, end - i);
+          f.plane(i - i0, i, len, c);
+          i += len;
+        }
+      }
+    }
+  });
+}
+
+// Elementwise functors give consts(c) (the channel's parameters, loaded once per plane run) and
+// elem(k, i, consts); this base turns them into the two loops the driver calls.
+template <class D>
+struct ElemLoops {
+  void plane(int64_t k0, int64_t i0, int64_t len, int64_t c) const {
+    const D& d = static_cast<const D&>(*this);
+    const auto cc = d.consts(c);
+#pragma GCC ivdep  // outputs never alias inputs: skip GCC's runtime alias checks
+    for (int64_t t = 0; t < len; ++t) d.elem(k0 + t, i0 + t, cc);
+  }
+  void row(int64_t k0, int64_t i0, int64_t len, int64_t c0) const {
+    const D& d = static_cast<const D&>(*this);
+#pragma GCC ivdep
+    for (int64_t t = 0; t < len; ++t) d.elem(k0 + t, i0 + t, d.consts(c0 + t));
+  }
+};
+
+// ---- element functors ----
+struct Drop {
+  uint32_t threshold;
+  uint64_t seed, offset;
+  const uint32_t* w = nullptr;
+  void begin(uint32_t* buf, int64_t i0, int64_t n) { w = element_words(buf, i0, n, seed, offset); }
+};
+
+template <typename scalar_t>
+struct StatsOp {  // (x' - K_c, (x' - K_c)^2): sums shifted by a value of the channel, for stability
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const acc_t* shift;
+  bool pre;
+  void begin(uint32_t*, int64_t, int64_t) {}
+  void pair(int64_t, int64_t i, int64_t c, acc_t& a, acc_t& b) const {
+    acc_t v = static_cast<acc_t>(x[i]);
+    const acc_t d = (pre ? relu(v) : v) - shift[c];
+    a += d;
+    b += d * d;
+  }
+};
+
+// g = dL/d(bn + residual): grad_out through dropout (scale ds) and the post-ReLU.
+// kMask: 0 none, 1 post-ReLU (out > 0, which also means "kept"), 2 dropout (Philox word >= threshold).
+template <typename scalar_t, int kMask>
+struct GradOf : Drop {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* go;
+  const scalar_t* out;
+  acc_t ds;
+  void begin(uint32_t* buf, int64_t i0, int64_t n) {
+    if (kMask == 2) Drop::begin(buf, i0, n);
+  }
+  acc_t g(int64_t k, int64_t i) const {
+    const acc_t v = static_cast<acc_t>(go[i]) * ds;
+    if (kMask == 1) return static_cast<acc_t>(out[i]) > acc_t(0) ? v : acc_t(0);
+    if (kMask == 2) return w[k] >= threshold ? v : acc_t(0);
+    return v;
+  }
+};
+
+template <typename scalar_t, int kMask>
+struct GradReduceOp : GradOf<scalar_t, kMask> {  // (g, g * (x' - mean_c))
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const acc_t* mean;
+  bool pre;
+  void pair(int64_t k, int64_t i, int64_t c, acc_t& a, acc_t& b) const {
+    const acc_t g = this->g(k, i), v = static_cast<acc_t>(x[i]);
+    a += g;
+    b += g * ((pre ? relu(v) : v) - mean[c]);
+  }
+};
+
+template <typename scalar_t, bool kRes, bool kDrop>
+struct ApplyOp : Drop, ElemLoops<ApplyOp<scalar_t, kRes, kDrop>> {  // y = drop(post((x' - m) * s + b + res))
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Consts {
+    acc_t m, s, b;
+  };
+  const scalar_t* x;
+  const scalar_t* res;
+  scalar_t* y;
+  const acc_t *mean, *scale, *bias;
+  acc_t ds;
+  bool pre, post;
+  void begin(uint32_t* buf, int64_t i0, int64_t n) {
+    if (kDrop) Drop::begin(buf, i0, n);
+  }
+  Consts consts(int64_t c) const { return {mean[c], scale[c], bias[c]}; }
+  void elem(int64_t k, int64_t i, const Consts& cc) const {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    acc_t z = ((pre ? relu(v) : v) - cc.m) * cc.s + cc.b;
+    if (kRes) z += static_cast<acc_t>(res[i]);
+    if (post) z = relu(z);
+    if (kDrop) z = w[k] >= threshold ? z * ds : acc_t(0);
+    y[i] = static_cast<scalar_t>(z);
+  }
+};
+
+template <typename scalar_t, int kMask, bool kGi, bool kG>
+struct GradApplyOp : GradOf<scalar_t, kMask>, ElemLoops<GradApplyOp<scalar_t, kMask, kGi, kG>> {
+  // gi = relu'(x) * (k1 g + k2 (x' - mean) + k3), and g itself (for the residual's gradient)
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Consts {
+    acc_t m, k1, k2, k3;
+  };
+  const scalar_t* x;
+  const acc_t *mean, *k1, *k2, *k3;
+  scalar_t* gi;
+  scalar_t* gout;
+  bool pre;
+  Consts consts(int64_t c) const { return {mean[c], k1[c], k2[c], k3[c]}; }
+  void elem(int64_t k, int64_t i, const Consts& cc) const {
+    const acc_t g = this->g(k, i);
+    if (kG) gout[i] = static_cast<scalar_t>(g);
+    if (kGi) {
+      const acc_t v = static_cast<acc_t>(x[i]);
+      const acc_t r = cc.k1 * g + cc.k2 * ((pre ? relu(v) : v) - cc.m) + cc.k3;
+      gi[i] = static_cast<scalar_t>(pre && !(v > acc_t(0)) ? acc_t(0) : r);
+    }
+  }
+};
+
+// ---- helpers ----
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Calls fn(Int<kMask>) with the gradient mask kind of GradOf.
+template <typename Fn>
+void with_mask_kind(bool post_relu, double p, Fn fn) {
+  if (post_relu)
+    fn(Int<1>());
+  else if (p > 0)
+    fn(Int<2>());
+  else
+    fn(Int<0>());
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_vec(const at::Tensor& v, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.numel() == x.size(1) && v.is_contiguous() && v.scalar_type() == acc_type(x),
+              "fastfuse batch_norm kernel: ", name, " must be a contiguous (C,) ", acc_type(x), " tensor");
+}
+
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "fastfuse batch_norm CPU kernel: expected CPU tensors, got ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastfuse batch_norm: expected a floating-point input");
+}
+
+const uint32_t kNoDrop = 0;
+
+template <typename T>
+void set_drop(T& f, double p, int64_t seed, int64_t offset) {
+  f.threshold = p > 0 ? dropout_threshold(p) : kNoDrop;
+  f.seed = static_cast<uint64_t>(seed);
+  f.offset = static_cast<uint64_t>(offset);
+}
+
+}  // namespace
+
+Tensor2 bn_stats_cpu(const at::Tensor& x, bool pre_relu) {
+  check_input(x);
+  const BnGeom g = bn_geometry(x);
+  TORCH_CHECK(g.numel > 0, "fastfuse bn_stats: empty input");
+  const int64_t n = g.numel / g.C;
+  at::Tensor mean = at::empty({g.C}, x.options().dtype(acc_type(x)));
+  at::Tensor var = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    std::vector<acc_t> shift(g.C);
+    for (int64_t c = 0; c < g.C; ++c) {  // the channel's first element
+      const acc_t v = static_cast<acc_t>(xp[g.rows ? c : c * g.S]);
+      shift[c] = pre_relu ? relu(v) : v;
+    }
+    std::vector<double> s1(g.C), s2(g.C);
+    channel_sums<acc_t>(g, StatsOp<scalar_t>{xp, shift.data(), pre_relu}, s1.data(), s2.data());
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* vp = var.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      const double m = s1[c] / n;
+      mp[c] = static_cast<acc_t>(shift[c] + m);
+      vp[c] = static_cast<acc_t>(std::max(0.0, s2[c] / n - m * m));
+    }
+  });
+  return {mean, var};
+}
+
+at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& bias,
+                        const c10::optional<at::Tensor>& residual, bool pre_relu, bool post_relu, double p,
+                        int64_t seed, int64_t offset) {
+  check_input(x);
+  const BnGeom g = bn_geometry(x);
+  check_vec(mean, x, "mean");
+  check_vec(scale, x, "scale");
+  check_vec(bias, x, "bias");
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) bn_check_like(*residual, x, "residual");
+  at::Tensor y = empty_like_output(x);
+  if (g.numel == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto res_c, auto drop_c) {
+      ApplyOp<scalar_t, decltype(res_c)::value, decltype(drop_c)::value> f;
+      set_drop(f, p, seed, offset);
+      f.x = x.const_data_ptr<scalar_t>();
+      f.res = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+      f.y = y.mutable_data_ptr<scalar_t>();
+      f.mean = mean.const_data_ptr<acc_t>();
+      f.scale = scale.const_data_ptr<acc_t>();
+      f.bias = bias.const_data_ptr<acc_t>();
+      f.ds = static_cast<acc_t>(p > 0 ? dropout_scale(p) : 1.0);
+      f.pre = pre_relu;
+      f.post = post_relu;
+      for_each_element(g, f);
+    };
+    if (has_res)
+      p > 0 ? run(std::true_type(), std::true_type()) : run(std::true_type(), std::false_type());
+    else
+      p > 0 ? run(std::false_type(), std::true_type()) : run(std::false_type(), std::false_type());
+  });
+  return y;
+}
+
+template <typename F, typename scalar_t>
+void init_grad(F& f, const at::Tensor& grad_out, const c10::optional<at::Tensor>& out, double p, int64_t seed,
+               int64_t offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  set_drop(f, p, seed, offset);
+  f.go = grad_out.const_data_ptr<scalar_t>();
+  f.out = out.has_value() && out->defined() ? out->const_data_ptr<scalar_t>() : nullptr;
+  f.ds = static_cast<acc_t>(p > 0 ? dropout_scale(p) : 1.0);
+}
+
+void check_grad_inputs(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& out,
+                       bool post_relu) {
+  check_input(x);
+  bn_check_like(grad_out, x, "grad_out");
+  if (post_relu) {
+    TORCH_CHECK(out.has_value() && out->defined(), "fastfuse batch_norm backward: post_relu needs the output");
+    bn_check_like(*out, x, "output");
+  }
+}
+
+Tensor2 bn_grad_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& out,
+                           const at::Tensor& mean, bool pre_relu, bool post_relu, double p, int64_t seed,
+                           int64_t offset) {
+  check_grad_inputs(grad_out, x, out, post_relu);
+  check_vec(mean, x, "mean");
+  const BnGeom g = bn_geometry(x);
+  at::Tensor sum_g = at::zeros({g.C}, x.options().dtype(acc_type(x)));
+  at::Tensor sum_gx = at::zeros_like(sum_g);
+  if (g.numel == 0) return {sum_g, sum_gx};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_grad_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_mask_kind(post_relu, p, [&](auto mask_c) {
+      GradReduceOp<scalar_t, decltype(mask_c)::value> f;
+      init_grad<decltype(f), scalar_t>(f, grad_out, out, p, seed, offset);
+      f.x = x.const_data_ptr<scalar_t>();
+      f.mean = mean.const_data_ptr<acc_t>();
+      f.pre = pre_relu;
+      std::vector<double> s1(g.C), s2(g.C);
+      channel_sums<acc_t>(g, f, s1.data(), s2.data());
+      for (int64_t c = 0; c < g.C; ++c) {
+        sum_g.mutable_data_ptr<acc_t>()[c] = static_cast<acc_t>(s1[c]);
+        sum_gx.mutable_data_ptr<acc_t>()[c] = static_cast<acc_t>(s2[c]);
+      }
+    });
+  });
+  return {sum_g, sum_gx};
+}
+
+Tensor2 bn_grad_apply_cpu(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& out,
+                          const at::Tensor& mean, const at::Tensor& k1, const at::Tensor& k2, const at::Tensor& k3,
+                          bool pre_relu, bool post_relu, double p, int64_t seed, int64_t offset, bool need_gi,
+                          bool need_g) {
+  check_grad_inputs(grad_out, x, out, post_relu);
+  check_vec(mean, x, "mean");
+  check_vec(k1, x, "k1");
+  check_vec(k2, x, "k2");
+  check_vec(k3, x, "k3");
+  const BnGeom g = bn_geometry(x);
+  at::Tensor gi = need_gi ? empty_like_output(x) : x.new_empty({0});
+  at::Tensor gout = need_g ? empty_like_output(x) : x.new_empty({0});
+  if (g.numel == 0 || !(need_gi || need_g)) return {gi, gout};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_grad_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto mask_c, auto gi_c, auto g_c) {
+      GradApplyOp<scalar_t, decltype(mask_c)::value, decltype(gi_c)::value, decltype(g_c)::value> f;
+      init_grad<decltype(f), scalar_t>(f, grad_out, out, p, seed, offset);
+      f.x = x.const_data_ptr<scalar_t>();
+      f.mean = mean.const_data_ptr<acc_t>();
+      f.k1 = k1.const_data_ptr<acc_t>();
+      f.k2 = k2.const_data_ptr<acc_t>();
+      f.k3 = k3.const_data_ptr<acc_t>();
+      f.gi = need_gi ? gi.mutable_data_ptr<scalar_t>() : nullptr;
+      f.gout = need_g ? gout.mutable_data_ptr<scalar_t>() : nullptr;
+      f.pre = pre_relu;
+      for_each_element(g, f);
+    };
+    with_mask_kind(post_relu, p, [&](auto mask_c) {
+      if (need_gi && need_g)
+        run(mask_c, std::true_type(), std::true_type());
+      else if (need_gi)
+        run(mask_c, std::true_type(), std::false_type());
+      else
+        run(mask_c, std::false_type(), std::true_type());
+    });
+  });
+  return {gi, gout};
+}
+
+}  // namespace FF_BN_NS
+}  // namespace fastfuse
