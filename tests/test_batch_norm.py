@@ -299,3 +299,16 @@ def test_gpu_matches_cpu(backend, dtype, kind, shape, cl):
         torch.testing.assert_close(a, e, **tol)
     if dtype == torch.float32:
         assert torch.equal(outs[1][0] == 0, outs[0][0] == 0)  # same Philox mask (fp32: no rounding ties)
+
+
+def test_fused_sequential_keeps_module_modes():
+    """A training Dropout after an eval-mode BatchNorm still drops (unfused); an eval Dropout is the identity."""
+    m = fastfuse.nn.LinBnDrop(8, 8, p=0.5, act=torch.nn.ReLU(), lin_first=True)
+    x = torch.randn(64, 8)
+    m[2].eval()  # BN uses running stats, Dropout still trains
+    y = m(x)
+    assert (y == 0).float().mean() > 0.3
+    m.train()
+    m[3].eval()
+    z = m(x)
+    torch.testing.assert_close(z, F.batch_norm(F.relu(m[0](x)), None, None, m[2].weight, m[2].bias, True))
