@@ -21,14 +21,6 @@ class StepCase(Case):
         return self.bytes_fwd
 
 
-def _fused_head_available():
-    try:
-        fastfuse.nn.BatchNorm1d(2)(torch.randn(3, 2))
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _step_fn(model, x_cat, x_cont, y, forward=None):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     forward = model if forward is None else forward
@@ -53,8 +45,7 @@ def cases(device, quick):
         provs = {}
         fused = rossmann_model(TabularModel).to(device).train()
         fused.load_state_dict(eager.state_dict())
-        if _fused_head_available():
-            provs["fastfuse"] = _step_fn(fused, x_cat, x_cont, y)
+        provs["fastfuse"] = _step_fn(fused, x_cat, x_cont, y)
         # the fused input layer alone, with the eager head: what embedding_concat_dropout contributes
         hybrid = copy.deepcopy(fused)
         hybrid.layers = copy.deepcopy(eager.layers)

@@ -8,7 +8,6 @@ a city's monthly sales. Preprocessing follows the fast.ai lesson: date parts, ca
 fill missing continuous values with the training median plus a `<col>_na` category, normalize; the model
 trains on log(sales) with y_range and is scored by RMSPE on the last 12 months."""
 import argparse
-import copy
 import csv
 import importlib.util
 import math
@@ -17,7 +16,6 @@ import time
 
 import torch
 
-import fastfuse
 from fastfuse.models import EagerTabularModel, TabularModel, emb_sz_rule
 
 CAT_NAMES = ["city", "year", "month", "quarter", "is_quarter_start", "is_year_end"]
@@ -110,14 +108,6 @@ def train_epoch(model, opt, data, bs, gen, desc):
     return time.perf_counter() - t0, loss.item()
 
 
-def _fused_head_available():
-    try:
-        fastfuse.nn.BatchNorm1d(2)(torch.randn(3, 2))
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastfuse.examples.tabular", description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=3)
@@ -137,10 +127,6 @@ def main(argv=None):
     eager = EagerTabularModel(**cfg)
     fused = TabularModel(**cfg)
     fused.load_state_dict(eager.state_dict())  # the same initial weights
-    if not _fused_head_available():
-        fused.layers = copy.deepcopy(eager.layers)
-        print("  note: fastfuse.batch_norm has no kernels in this build; the fused model's LinBnDrop blocks "
-              "run eagerly (only the input layer is fused)")
     results = {}
     for name, model in (("fused", fused), ("eager", eager)):
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)

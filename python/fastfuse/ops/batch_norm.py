@@ -226,3 +226,18 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                 running_mean.copy_(mean * factor + running_mean.to(mean.dtype) * (1 - factor))
                 running_var.copy_(var * (n / (n - 1)) * factor + running_var.to(var.dtype) * (1 - factor))
     return out
+
+
+def module_batch_norm(bn, input, training, **fused):
+    """batch_norm with torch's _BatchNorm.forward rules for a BatchNorm module `bn` (or anything with its
+    attributes): batch statistics in training or without running stats; the buffers, num_batches_tracked
+    included, updated only in training with track_running_stats. `fused` are batch_norm's keyword options."""
+    running_mean, running_var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    track = getattr(bn, "track_running_stats", True)
+    keep = not training or track
+    update = training and track
+    return batch_norm(input, running_mean if keep else None, running_var if keep else None,
+                      getattr(bn, "weight", None), getattr(bn, "bias", None),
+                      training or (running_mean is None and running_var is None), getattr(bn, "momentum", 0.1),
+                      getattr(bn, "eps", 1e-5),
+                      num_batches_tracked=getattr(bn, "num_batches_tracked", None) if update else None, **fused)

@@ -9,9 +9,9 @@ the mask and gives every table's gradient in one deterministic pass; x_cont's gr
 Dropout indexing: element (b, j) of the (B, D) embedding block is element b*D + j of the Philox stream
 (see reference.embedding_concat_keep_mask), identical on every backend."""
 import torch
-import torch.nn.functional as F
 
 from .. import _backends, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
+from .batch_norm import module_batch_norm
 
 _NO_SEED = torch.zeros(2, dtype=torch.int64)  # p == 0: no random stream is used
 
@@ -201,24 +201,11 @@ def _use_fast_path() -> bool:
 
 # ---- continuous columns -------------------------------------------------------------------------------
 def _batch_norm_cont(x_cont: torch.Tensor, bn, training: bool) -> torch.Tensor:
-    """torch.nn.BatchNorm1d's forward (incl. momentum=None's cumulative average via num_batches_tracked) on
-    the continuous columns; `bn` is a BatchNorm1d or anything with its attributes. The one place to switch
-    to fastfuse.batch_norm once it lands."""
+    """BatchNorm1d's forward (torch's module rules, momentum=None included) on the continuous columns, by
+    fastfuse.batch_norm; `bn` is a BatchNorm1d or anything with its attributes."""
     if x_cont.shape[0] == 0:
         return x_cont.clone()
-    track = getattr(bn, "track_running_stats", True)
-    momentum = getattr(bn, "momentum", 0.1)
-    nbt = getattr(bn, "num_batches_tracked", None)
-    factor = 0.0 if momentum is None else momentum
-    if training and track and nbt is not None:
-        nbt.add_(1)
-        factor = 1.0 / float(nbt) if momentum is None else momentum
-    running_mean, running_var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
-    use_batch_stats = training or (running_mean is None and running_var is None)
-    keep_stats = not training or track
-    return F.batch_norm(x_cont, running_mean if keep_stats else None, running_var if keep_stats else None,
-                        getattr(bn, "weight", None), getattr(bn, "bias", None), use_batch_stats, factor,
-                        getattr(bn, "eps", 1e-5))
+    return module_batch_norm(bn, x_cont, training)
 
 
 # ---- public API ---------------------------------------------------------------------------------------
