@@ -4,6 +4,8 @@
 // which the router reads from the op's seed tensor.
 #include <torch/extension.h>
 
+#include "cpu/alloc.h"
+
 TORCH_LIBRARY(fastfuse_C, m) {
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
   m.def("embedding_concat_dropout(Tensor x_cat, Tensor[] weights, float p, int seed, int offset, Tensor? cont, "
@@ -36,4 +38,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return info;
   });
+  m.def("empty_cpu_cache", &fastfuse::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
+  m.def("cpu_cache_idle_bytes", &fastfuse::cpu_cache_idle_bytes, "Bytes the CPU output cache holds idle");
 }

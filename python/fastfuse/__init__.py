@@ -2,10 +2,11 @@
 from . import _extension, _library  # noqa: F401  (load _C if it is there; define every op schema)
 from . import nn, reference
 from ._backends import backends, use_backend
+from ._extension import empty_cpu_cache
 from . import models  # noqa: F401  (after nn: models are built from its modules)
 from .ops import batch_norm, dropout, embedding_concat_dropout, reflect_conv2d
 from .swap import fuse
 
 __version__ = "0.1.0"
-__all__ = ["backends", "batch_norm", "dropout", "embedding_concat_dropout", "fuse", "models", "nn", "reference",
+__all__ = ["backends", "batch_norm", "dropout", "embedding_concat_dropout", "empty_cpu_cache", "fuse", "models", "nn", "reference",
            "reflect_conv2d", "use_backend"]

@@ -37,3 +37,10 @@ def require():
     """Raise a RuntimeError that says how to rebuild if the extension is unusable."""
     if _error:
         raise RuntimeError(f"{_error}. {REBUILD_HINT}")
+
+
+def empty_cpu_cache() -> None:
+    """Free the idle blocks of fastfuse's CPU output cache (big outputs reuse already-touched memory; see
+    csrc/cpu/alloc.h). Like torch.cuda.empty_cache(): live tensors are untouched. FASTFUSE_CPU_CACHE_MB caps it."""
+    if _C is not None and _error is None:
+        _C.empty_cpu_cache()
