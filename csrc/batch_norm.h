@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <type_traits>
 
 namespace fastfuse {
 
@@ -35,6 +36,21 @@ inline void bn_check_like(const at::Tensor& t, const at::Tensor& x, const char* 
 }
 
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+
+// Which mask the backward applies to grad_out: none, the post-ReLU's (out > 0, which also means "kept" when
+// there is dropout too) or dropout's (Philox word >= threshold). with_mask_kind calls fn with it as a
+// compile-time constant, so each kernel is instantiated once per kind.
+enum MaskKind { kMaskNone = 0, kMaskPost = 1, kMaskDrop = 2 };
+
+template <typename Fn>
+void with_mask_kind(bool post_relu, double p, Fn fn) {
+  if (post_relu)
+    fn(std::integral_constant<int, kMaskPost>());
+  else if (p > 0)
+    fn(std::integral_constant<int, kMaskDrop>());
+  else
+    fn(std::integral_constant<int, kMaskNone>());
+}
 
 // x86-64 with GCC/Clang: the CPU kernels are also built for AVX2 + FMA and picked at run time.
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)

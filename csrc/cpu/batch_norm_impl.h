@@ -145,7 +145,7 @@ struct StatsOp {  // (x' - K_c, (x' - K_c)^2): sums shifted by a value of the ch
 };
 
 // g = dL/d(bn + residual): grad_out through dropout (scale ds) and the post-ReLU.
-// kMask: 0 none, 1 post-ReLU (out > 0, which also means "kept"), 2 dropout (Philox word >= threshold).
+// kMask: a MaskKind (csrc/batch_norm.h).
 template <typename scalar_t, int kMask>
 struct GradOf : Drop {
   using acc_t = at::opmath_type<scalar_t>;
@@ -153,12 +153,12 @@ struct GradOf : Drop {
   const scalar_t* out;
   acc_t ds;
   void begin(uint32_t* buf, int64_t i0, int64_t n) {
-    if (kMask == 2) Drop::begin(buf, i0, n);
+    if (kMask == kMaskDrop) Drop::begin(buf, i0, n);
   }
   acc_t g(int64_t k, int64_t i) const {
     const acc_t v = static_cast<acc_t>(go[i]) * ds;
-    if (kMask == 1) return static_cast<acc_t>(out[i]) > acc_t(0) ? v : acc_t(0);
-    if (kMask == 2) return w[k] >= threshold ? v : acc_t(0);
+    if (kMask == kMaskPost) return static_cast<acc_t>(out[i]) > acc_t(0) ? v : acc_t(0);
+    if (kMask == kMaskDrop) return w[k] >= threshold ? v : acc_t(0);
     return v;
   }
 };
@@ -227,20 +227,6 @@ struct GradApplyOp : GradOf<scalar_t, kMask>, ElemLoops<GradApplyOp<scalar_t, kM
 };
 
 // ---- helpers ----
-template <int N>
-using Int = std::integral_constant<int, N>;
-
-// Calls fn(Int<kMask>) with the gradient mask kind of GradOf.
-template <typename Fn>
-void with_mask_kind(bool post_relu, double p, Fn fn) {
-  if (post_relu)
-    fn(Int<1>());
-  else if (p > 0)
-    fn(Int<2>());
-  else
-    fn(Int<0>());
-}
-
 at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -17,7 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRowsX = 32, kRowsY = 8;  // rows reduction block: 32 channels x 8 rows
-enum MaskKind { kMaskNone = 0, kMaskPost = 1, kMaskDrop = 2 };
 
 struct DropArgs {
   uint32_t threshold;
@@ -214,16 +213,6 @@ DropArgs drop_args(double p, int64_t seed, int64_t offset, bool use_words) {
                   static_cast<uint64_t>(offset)};
 }
 
-template <typename Fn>
-void with_mask(bool post_relu, double p, Fn fn) {
-  if (post_relu)
-    fn(std::integral_constant<int, kMaskPost>());
-  else if (p > 0)
-    fn(std::integral_constant<int, kMaskDrop>());
-  else
-    fn(std::integral_constant<int, kMaskNone>());
-}
-
 }  // namespace
 
 Tensor2 bn_stats_cuda(const at::Tensor& x, bool pre_relu) {
@@ -288,7 +277,7 @@ Tensor2 bn_grad_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& x, con
   if (post_relu) bn_check_like(o, x, "output");
   at::Tensor sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_grad_reduce_cuda", [&] {
-    with_mask(post_relu, p, [&](auto mask_c) {
+    with_mask_kind(post_relu, p, [&](auto mask_c) {
       sums = channel_sums<scalar_t, true, decltype(mask_c)::value>(x, grad_out, o, mean, pre_relu,
                                                                   drop_args(p, seed, offset, true));
     });
@@ -314,7 +303,7 @@ Tensor2 bn_grad_apply_cuda(const at::Tensor& grad_out, const at::Tensor& x, cons
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int blocks = blocks_for((g.numel + 3) / 4);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_grad_apply_cuda", [&] {
-    with_mask(post_relu, p, [&](auto mask_c) {
+    with_mask_kind(post_relu, p, [&](auto mask_c) {
       grad_apply_kernel<scalar_t, decltype(mask_c)::value><<<blocks, kThreads, 0, stream>>>(
           grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
           o.defined() ? o.const_data_ptr<scalar_t>() : nullptr, need_gi ? gi.mutable_data_ptr<scalar_t>() : nullptr,
