@@ -36,6 +36,8 @@ inline void bn_check_like(const at::Tensor& t, const at::Tensor& x, const char* 
 }
 
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Which mask the backward applies to grad_out: none, the post-ReLU's (out > 0, which also means "kept" when
 // there is dropout too) or dropout's (Philox word >= threshold). with_mask_kind calls fn with it as a
@@ -71,6 +73,19 @@ void with_mask_kind(bool post_relu, double p, Fn fn) {
                               bool post_relu, double p, int64_t seed, int64_t offset, bool need_gi, bool need_g);
 
 FASTFUSE_BN_DECLARE(cpu)
+
+// CPU only: training forward / backward of a contiguous (N, C, *) tensor, one channel at a time (see
+// cpu/batch_norm_impl.h). weight and bias are given (ones / zeros when the module has none).
+#define FASTFUSE_BN_PLANES_DECLARE                                                                            \
+  Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,          \
+                              const c10::optional<at::Tensor>& residual, double eps, bool pre_relu,          \
+                              bool post_relu, double p, int64_t seed, int64_t offset);                       \
+  Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,                      \
+                                       const c10::optional<at::Tensor>& out, const at::Tensor& weight,       \
+                                       const at::Tensor& mean, const at::Tensor& var, double eps,            \
+                                       bool pre_relu, bool post_relu, double p, int64_t seed, int64_t offset, \
+                                       bool need_g);
+FASTFUSE_BN_PLANES_DECLARE
 #ifdef FASTFUSE_WITH_CUDA
 FASTFUSE_BN_DECLARE(cuda)
 #endif

@@ -21,6 +21,12 @@ TORCH_LIBRARY(fastfuse_C, m) {
   m.def("bn_grad_apply(Tensor grad_out, Tensor x, Tensor? out, Tensor mean, Tensor k1, Tensor k2, Tensor k3, "
         "bool pre_relu, bool post_relu, float p, int seed, int offset, bool need_gi, bool need_g) "
         "-> (Tensor, Tensor)");
+  // CPU only: one-read training forward / backward for contiguous (N, C, *) tensors (cpu/batch_norm_impl.h)
+  m.def("bn_train_planes(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps, bool pre_relu, "
+        "bool post_relu, float p, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_train_planes_backward(Tensor grad_out, Tensor x, Tensor? out, Tensor weight, Tensor mean, Tensor var, "
+        "float eps, bool pre_relu, bool post_relu, float p, int seed, int offset, bool need_g) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("reflect_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, int algo) -> Tensor");
   m.def("reflect_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "

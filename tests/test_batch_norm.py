@@ -1,4 +1,6 @@
 """fastfuse.batch_norm and the BatchNorm/LinBnDrop modules against torch, on the default CPU backend (C++)."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,3 +314,33 @@ def test_fused_sequential_keeps_module_modes():
     m[3].eval()
     z = m(x)
     torch.testing.assert_close(z, F.batch_norm(F.relu(m[0](x)), None, None, m[2].weight, m[2].bias, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("combo", [dict(), dict(pre_act="relu", dropout_p=0.3),
+                                   dict(residual=True, post_act="relu", dropout_p=0.2)], ids=str)
+def test_one_read_planes_path_matches_two_pass(monkeypatch, dtype, combo):
+    """Contiguous (N, C, *) training on cpp takes bn_train_planes(_backward); they must agree with the four
+    two-pass primitives (the path channels_last takes), dropout masks included."""
+    bn_ops = importlib.import_module("fastfuse.ops.batch_norm")  # the module (fastfuse.ops.batch_norm is the function)
+    x = torch.randn(4, 6, 5, 7, dtype=dtype) + 3
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    res = torch.randn_like(x) if combo.get("residual") else None
+    kw = {k: v for k, v in combo.items() if k != "residual"}
+    g = torch.randn_like(x)
+    results, taken = {}, []
+    one_read = bn_ops._one_read
+    for allowed in (True, False):
+        monkeypatch.setattr(bn_ops, "_one_read", lambda k, t, allowed=allowed: taken.append(one_read(k, t)) or
+                            (allowed and taken[-1]))
+        ins = [t.detach().clone().requires_grad_() for t in (x, w, b) + ((res,) if res is not None else ())]
+        rm, rv = torch.zeros(6), torch.ones(6)
+        torch.manual_seed(5)
+        y = fastfuse.batch_norm(ins[0], rm, rv, ins[1], ins[2], True, residual=ins[3] if res is not None else None,
+                                **kw)
+        results[allowed] = (y, *torch.autograd.grad(y, ins, g), rm, rv)
+    assert taken == [True, True] * 2  # the forward and the backward both took (or could take) it
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else TOL[dtype]
+    for a, e in zip(results[True], results[False]):
+        torch.testing.assert_close(a, e, **tol)
+    assert torch.equal(results[True][0] == 0, results[False][0] == 0)  # the same dropout masks

@@ -20,31 +20,46 @@ inline acc_t relu(acc_t v) { return v < acc_t(0) ? acc_t(0) : v; }  // NaN stays
 // reduction functors add two quantities of element i (k = i - i0) of channel c: F::pair(k, i, c, a, b);
 // elementwise functors run over a piece of a plane (one channel) or of a row: F::plane / F::row (ElemLoops).
 
+// Sums (d1, d2) of channel c of a planes tensor (N runs of S contiguous elements), in a fixed order.
+template <typename acc_t, typename F>
+void plane_sums(const BnGeom& g, F& f, uint32_t* buf, int64_t c, double& d1, double& d2) {
+  const int64_t N = g.numel / (g.C * g.S);
+  d1 = d2 = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < g.S; j += kChunk) {
+      const int64_t i0 = (n * g.C + c) * g.S + j, len = std::min(kChunk, g.S - j);
+      f.begin(buf, i0, len);
+      acc_t l1[kLanes] = {}, l2[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= len; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) f.pair(k + l, i0 + k + l, c, l1[l], l2[l]);
+      for (; k < len; ++k) f.pair(k, i0 + k, c, l1[0], l2[0]);
+      for (int l = 0; l < kLanes; ++l) d1 += l1[l], d2 += l2[l];
+    }
+  }
+}
+
+// Runs the elementwise functor f over channel c of a planes tensor.
+template <typename F>
+void plane_apply(const BnGeom& g, F& f, uint32_t* buf, int64_t c) {
+  const int64_t N = g.numel / (g.C * g.S);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < g.S; j += kChunk) {
+      const int64_t i0 = (n * g.C + c) * g.S + j, len = std::min(kChunk, g.S - j);
+      f.begin(buf, i0, len);
+      f.plane(0, i0, len, c);
+    }
+  }
+}
+
 // Per-channel sums (s1, s2) in double.
 template <typename acc_t, typename F>
 void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
-  if (!g.rows) {  // planes: each channel is N runs of S contiguous elements; one task per channel range
-    const int64_t N = g.numel / (g.C * g.S);
+  if (!g.rows) {  // planes: one task per channel range
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<uint32_t> buf(kChunk + 8);
       F f = proto;
-      for (int64_t c = c0; c < c1; ++c) {
-        double d1 = 0, d2 = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          for (int64_t j = 0; j < g.S; j += kChunk) {
-            const int64_t i0 = (n * g.C + c) * g.S + j, len = std::min(kChunk, g.S - j);
-            f.begin(buf.data(), i0, len);
-            acc_t l1[kLanes] = {}, l2[kLanes] = {};
-            int64_t k = 0;
-            for (; k + kLanes <= len; k += kLanes)
-              for (int l = 0; l < kLanes; ++l) f.pair(k + l, i0 + k + l, c, l1[l], l2[l]);
-            for (; k < len; ++k) f.pair(k, i0 + k, c, l1[0], l2[0]);
-            for (int l = 0; l < kLanes; ++l) d1 += l1[l], d2 += l2[l];
-          }
-        }
-        s1[c] = d1;
-        s2[c] = d2;
-      }
+      for (int64_t c = c0; c < c1; ++c) plane_sums<acc_t>(g, f, buf.data(), c, s1[c], s2[c]);
     });
     return;
   }
@@ -402,6 +417,134 @@ Tensor2 bn_grad_apply_cpu(const at::Tensor& grad_out, const at::Tensor& x, const
     });
   });
   return {gi, gout};
+}
+
+// ---- training in one read per pass, for planes (NCHW) tensors ----
+// The two-pass forward reads x from memory twice (statistics, then apply) and the backward reads grad_out and x
+// twice. Here each task takes whole channels and applies one right after reducing it, while its plane is still
+// in cache (L2 for planes up to about 1 MB, L3 beyond), so memory sees x once forward and (grad_out, x) once
+// backward. The per-channel arithmetic between the two steps is ops/batch_norm.py's (_forward, _backward).
+
+Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const c10::optional<at::Tensor>& residual, double eps, bool pre_relu, bool post_relu,
+                            double p, int64_t seed, int64_t offset) {
+  check_input(x);
+  const BnGeom g = bn_geometry(x);
+  TORCH_CHECK(!g.rows && g.numel > 0, "fastfuse bn_train_planes: expected a non-empty contiguous (N, C, *) tensor");
+  check_vec(weight, x, "weight");
+  check_vec(bias, x, "bias");
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) bn_check_like(*residual, x, "residual");
+  const int64_t n = g.numel / g.C;
+  at::Tensor mean = at::empty({g.C}, x.options().dtype(acc_type(x)));
+  at::Tensor var = at::empty_like(mean);
+  at::Tensor y = empty_like_output(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_train_planes", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* vp = var.mutable_data_ptr<acc_t>();
+    const acc_t* wp = weight.const_data_ptr<acc_t>();
+    std::vector<acc_t> shift(g.C), scale(g.C);
+    auto run = [&](auto res_c, auto drop_c) {
+      ApplyOp<scalar_t, decltype(res_c)::value, decltype(drop_c)::value> fa;
+      set_drop(fa, p, seed, offset);
+      fa.x = xp;
+      fa.res = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+      fa.y = y.mutable_data_ptr<scalar_t>();
+      fa.mean = mp;
+      fa.scale = scale.data();
+      fa.bias = bias.const_data_ptr<acc_t>();
+      fa.ds = static_cast<acc_t>(p > 0 ? dropout_scale(p) : 1.0);
+      fa.pre = pre_relu;
+      fa.post = post_relu;
+      at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<uint32_t> buf(kChunk + 8);
+        StatsOp<scalar_t> fs{xp, shift.data(), pre_relu};
+        auto f = fa;
+        for (int64_t c = c0; c < c1; ++c) {
+          const acc_t v0 = static_cast<acc_t>(xp[c * g.S]);  // shift by the channel's first element, as bn_stats
+          shift[c] = pre_relu ? relu(v0) : v0;
+          double d1, d2;
+          plane_sums<acc_t>(g, fs, buf.data(), c, d1, d2);
+          const double m = d1 / n;
+          mp[c] = static_cast<acc_t>(shift[c] + m);
+          vp[c] = static_cast<acc_t>(std::max(0.0, d2 / n - m * m));
+          scale[c] = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps)) * wp[c];
+          plane_apply(g, f, buf.data(), c);
+        }
+      });
+    };
+    if (has_res)
+      p > 0 ? run(std::true_type(), std::true_type()) : run(std::true_type(), std::false_type());
+    else
+      p > 0 ? run(std::false_type(), std::true_type()) : run(std::false_type(), std::false_type());
+  });
+  return {y, mean, var};
+}
+
+Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const c10::optional<at::Tensor>& out, const at::Tensor& weight,
+                                     const at::Tensor& mean, const at::Tensor& var, double eps, bool pre_relu,
+                                     bool post_relu, double p, int64_t seed, int64_t offset, bool need_g) {
+  check_grad_inputs(grad_out, x, out, post_relu);
+  const BnGeom g = bn_geometry(x);
+  TORCH_CHECK(!g.rows && g.numel > 0, "fastfuse bn_train_planes_backward: expected a non-empty contiguous tensor");
+  check_vec(weight, x, "weight");
+  check_vec(mean, x, "mean");
+  check_vec(var, x, "var");
+  const int64_t n = g.numel / g.C;
+  at::Tensor sum_g = at::empty({g.C}, x.options().dtype(acc_type(x)));
+  at::Tensor sum_gx = at::empty_like(sum_g);
+  at::Tensor gi = empty_like_output(x);
+  at::Tensor gout = need_g ? empty_like_output(x) : x.new_empty({0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_train_planes_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* vp = var.const_data_ptr<acc_t>();
+    const acc_t* wp = weight.const_data_ptr<acc_t>();
+    acc_t* sg = sum_g.mutable_data_ptr<acc_t>();
+    acc_t* sgx = sum_gx.mutable_data_ptr<acc_t>();
+    std::vector<acc_t> k1(g.C), k2(g.C), k3(g.C);
+    auto run = [&](auto mask_c, auto g_c) {
+      constexpr int kMask = decltype(mask_c)::value;
+      GradReduceOp<scalar_t, kMask> fr;
+      init_grad<decltype(fr), scalar_t>(fr, grad_out, out, p, seed, offset);
+      fr.x = x.const_data_ptr<scalar_t>();
+      fr.mean = mp;
+      fr.pre = pre_relu;
+      GradApplyOp<scalar_t, kMask, true, decltype(g_c)::value> fa;
+      init_grad<decltype(fa), scalar_t>(fa, grad_out, out, p, seed, offset);
+      fa.x = fr.x;
+      fa.mean = mp;
+      fa.k1 = k1.data();
+      fa.k2 = k2.data();
+      fa.k3 = k3.data();
+      fa.gi = gi.mutable_data_ptr<scalar_t>();
+      fa.gout = need_g ? gout.mutable_data_ptr<scalar_t>() : nullptr;
+      fa.pre = pre_relu;
+      at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<uint32_t> buf(kChunk + 8);
+        auto r = fr;
+        auto a = fa;
+        for (int64_t c = c0; c < c1; ++c) {
+          double d1, d2;
+          plane_sums<acc_t>(g, r, buf.data(), c, d1, d2);
+          sg[c] = static_cast<acc_t>(d1);
+          sgx[c] = static_cast<acc_t>(d2);
+          const acc_t invstd = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps));
+          k1[c] = invstd * wp[c];
+          k2[c] = -k1[c] * invstd * invstd * sgx[c] / static_cast<acc_t>(n);
+          k3[c] = -k1[c] * sg[c] / static_cast<acc_t>(n);
+          plane_apply(g, a, buf.data(), c);
+        }
+      });
+    };
+    with_mask_kind(post_relu, p, [&](auto mask_c) {
+      need_g ? run(mask_c, std::true_type()) : run(mask_c, std::false_type());
+    });
+  });
+  return {gi, gout, sum_g, sum_gx};
 }
 
 }  // namespace FF_BN_NS

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +25,7 @@ namespace fastfuse {
 #ifdef FASTFUSE_BN_AVX2
 namespace avx2 {
 FASTFUSE_BN_DECLARE(cpu)
+FASTFUSE_BN_PLANES_DECLARE
 }
 #define FF_BN_PICK(fn) (use_avx2() ? avx2::fn : base::fn)
 static bool use_avx2() {
@@ -56,7 +58,23 @@ Tensor2 bn_grad_apply_cpu(const at::Tensor& grad_out, const at::Tensor& x, const
                                        need_gi, need_g);
 }
 
+Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const c10::optional<at::Tensor>& residual, double eps, bool pre_relu, bool post_relu,
+                            double p, int64_t seed, int64_t offset) {
+  return FF_BN_PICK(bn_train_planes_cpu)(x, weight, bias, residual, eps, pre_relu, post_relu, p, seed, offset);
+}
+
+Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const c10::optional<at::Tensor>& out, const at::Tensor& weight,
+                                     const at::Tensor& mean, const at::Tensor& var, double eps, bool pre_relu,
+                                     bool post_relu, double p, int64_t seed, int64_t offset, bool need_g) {
+  return FF_BN_PICK(bn_train_planes_backward_cpu)(grad_out, x, out, weight, mean, var, eps, pre_relu, post_relu, p,
+                                                  seed, offset, need_g);
+}
+
 TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
+  m.impl("bn_train_planes", &bn_train_planes_cpu);
+  m.impl("bn_train_planes_backward", &bn_train_planes_backward_cpu);
   m.impl("bn_stats", &bn_stats_cpu);
   m.impl("bn_apply", &bn_apply_cpu);
   m.impl("bn_grad_reduce", &bn_grad_reduce_cpu);

@@ -2,7 +2,10 @@
 
 Every backend implements four primitives with the signatures of fastfuse.reference.bn_* (per-channel stats;
 the fused elementwise forward; the per-channel gradient sums; the fused elementwise backward). This file
-does the O(C) per-channel arithmetic between them in torch, once for every backend."""
+does the O(C) per-channel arithmetic between them in torch, once for every backend. One exception: for
+contiguous (N, C, *) CPU tensors in training, the cpp backend runs bn_train_planes(_backward), which reduce and
+apply one channel at a time while it is in cache (one read of memory instead of two) and so repeat that
+arithmetic in C++ (csrc/cpu/batch_norm_impl.h)."""
 import types
 
 import torch
@@ -26,6 +29,12 @@ def _kernels(backend):
     return reference
 
 
+def _one_read(k, x):
+    """The cpp backend's one-read training kernels (bn_train_planes*) take contiguous (N, C, *) CPU tensors with
+    planes of more than one element: they reduce and apply a channel while it is still in cache."""
+    return k is _CPP and x.device.type == "cpu" and x.dim() > 2 and x.is_contiguous() and x[0, 0].numel() > 1
+
+
 def _acc_vec(t, acc, C, fill, like):
     return t.to(acc) if t is not None else torch.full((C,), fill, dtype=acc, device=like.device)
 
@@ -34,6 +43,11 @@ def _forward(x, weight, bias, running_mean, running_var, residual, training, eps
     k = _kernels(_backends.select(x))
     x = _layout.channel_dense(x)
     acc, C = _rng.acc_dtype(x.dtype), x.shape[1]
+    if training and x.numel() and p < 1 and _one_read(k, x):
+        if residual is not None:
+            residual = _layout.to_strides(residual, x.stride())
+        return torch.ops.fastfuse_C.bn_train_planes(x, _acc_vec(weight, acc, C, 1.0, x), _acc_vec(bias, acc, C, 0.0, x),
+                                                    residual, eps, pre_relu, post_relu, p, *_rng.seed_ints(seed))
     if training:
         mean, var = k.bn_stats(x, pre_relu)
     else:  # copies: an op's outputs must not alias its inputs
@@ -73,10 +87,15 @@ def _backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post
     key, offset = _rng.seed_ints(seed)
     invstd = torch.rsqrt(var + eps)
     sum_g = sum_gxmu = None
-    if need_gw or need_gb or (training and need_gi):
-        sum_g, sum_gxmu = k.bn_grad_reduce(grad_out, x, out, mean, pre_relu, post_relu, p, key, offset)
     gi = gr = empty
-    if need_gi or need_gr:
+    one_read = training and need_gi and _one_read(k, x)
+    if one_read:  # the gradient sums and grad_input (and grad_residual) in one kernel
+        gi, gr, sum_g, sum_gxmu = torch.ops.fastfuse_C.bn_train_planes_backward(
+            grad_out, x, out, _acc_vec(weight, acc, C, 1.0, x), mean, var, eps, pre_relu, post_relu, p, key, offset,
+            need_gr)
+    elif need_gw or need_gb or (training and need_gi):
+        sum_g, sum_gxmu = k.bn_grad_reduce(grad_out, x, out, mean, pre_relu, post_relu, p, key, offset)
+    if (need_gi or need_gr) and not one_read:
         k1 = invstd * _acc_vec(weight, acc, C, 1.0, x)
         if training:  # d/dx of the batch statistics: grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
             n = x.numel() // C
