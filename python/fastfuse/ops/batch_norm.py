@@ -97,7 +97,7 @@ def _backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post
         sum_g, sum_gxmu = k.bn_grad_reduce(grad_out, x, out, mean, pre_relu, post_relu, p, key, offset)
     if (need_gi or need_gr) and not one_read:
         k1 = invstd * _acc_vec(weight, acc, C, 1.0, x)
-        if training:  # d/dx of the batch statistics: grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
+        if training and need_gi:  # d/dx of the batch statistics: grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
             n = x.numel() // C
             k2, k3 = -k1 * invstd * invstd * sum_gxmu / n, -k1 * sum_g / n
         else:
