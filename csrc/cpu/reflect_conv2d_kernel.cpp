@@ -140,14 +140,6 @@ std::vector<Region> regions_for(const Geom& g, bool gemm) {
   return gemm ? std::vector<Region>{rconv::whole(g)} : rconv::plan(g);
 }
 
-// Design per direction: oneDNN's zero-padded forward and backward are not equally fast against design (a)
-// on small outputs, so each direction has its own rule (algo != 0 forces both).
-bool pick_gemm_cpu(const Geom& g, int64_t algo, bool forward) {
-  if (algo != 0) return algo == 2;
-  (void)forward;
-  return rconv::pick_gemm(g, 0, true);
-}
-
 // With one group and a channels_last output of the compute dtype, the GEMM rows of design (a) are the
 // output's NHWC pixels: row-major [N*OH*OW, OC] views let the GEMMs read grad_output and write the output
 // in place instead of going through gathered copies.
@@ -161,7 +153,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const bool gemm = pick_gemm_cpu(g, algo, true);
+  const bool gemm = rconv::pick_gemm(g, algo, true);
   const auto acc = rconv::acc_type(x.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   at::Tensor out;
@@ -224,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                                             int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const bool gemm = pick_gemm_cpu(g, algo, false);
+  const bool gemm = rconv::pick_gemm(g, algo, true);
   const auto acc = rconv::acc_type(x.scalar_type());
   const at::Tensor& go = go_in;
   at::Tensor gi, gw, gb;
