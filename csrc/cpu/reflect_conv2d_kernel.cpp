@@ -147,6 +147,25 @@ bool direct_rows(const Geom& g, bool gemm, const at::Tensor& t, at::ScalarType a
   return gemm && g.G == 1 && t.scalar_type() == acc && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// Largest gathered matrix of any task, in elements: each thread allocates its scratch once and reuses it
+// (a fresh multi-MB buffer per task is a fresh mmap, whose page faults showed up in profiles).
+int64_t max_gather(const Geom& g, const std::vector<Region>& regions, const std::vector<Task>& tasks) {
+  int64_t m = 0;
+  for (const Task& t : tasks) m = std::max(m, g.G * (t.p1 - t.p0) * regions[t.region].taps.n * g.Cg);
+  return m;
+}
+
+int64_t max_rows(const std::vector<Task>& tasks) {
+  int64_t m = 0;
+  for (const Task& t : tasks) m = std::max(m, t.p1 - t.p0);
+  return m;
+}
+
+// A [d0, d1, d2] view of the start of a scratch buffer.
+at::Tensor scratch(const at::Tensor& buf, int64_t d0, int64_t d1, int64_t d2) {
+  return buf.narrow(0, 0, d0 * d1 * d2).view({d0, d1, d2});
+}
+
 at::Tensor pixel_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
@@ -182,11 +201,13 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
       // worker threads do not inherit the caller's below-autograd dispatch state; the in-place GEMMs on
       // output views would otherwise go through autograd's view checks
       at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::Tensor bufA = at::empty({max_gather(g, regions, tasks)}, x.options().dtype(acc));
+      const at::Tensor bufC = direct ? at::Tensor() : at::empty({g.OC * max_rows(tasks)}, x.options().dtype(acc));
       for (int64_t i = b; i < e; ++i) {
         const Task& tk = tasks[i];
         const Region& reg = regions[tk.region];
         const int64_t rows = tk.p1 - tk.p0;
-        at::Tensor A = at::empty({g.G, rows, reg.taps.n * g.Cg}, x.options().dtype(acc));
+        at::Tensor A = scratch(bufA, g.G, rows, reg.taps.n * g.Cg);
         gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
         if (direct) {
           at::Tensor o = out_rows.narrow(0, tk.p0, rows);
@@ -199,7 +220,8 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
           }
           continue;
         }
-        const at::Tensor corr = at::bmm(A, cols[tk.region].transpose(1, 2)).contiguous();
+        at::Tensor corr = scratch(bufC, g.G, rows, g.OCg);
+        at::bmm_out(corr, A, cols[tk.region].transpose(1, 2));
         add_out<scalar_t, acc_t>(op, out.strides(), corr.const_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
       }
     });
@@ -251,6 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
     // right away (its tasks own whole images)
     at::parallel_for(0, slots, 1, [&](int64_t sb, int64_t se) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::Tensor bufA = at::empty({max_gather(g, regions, tasks)}, x.options().dtype(acc));
+      const at::Tensor bufB = gemm && mask[0] ? at::empty_like(bufA) : at::Tensor();
+      const at::Tensor bufG = direct ? at::Tensor() : at::empty({g.OC * max_rows(tasks)}, x.options().dtype(acc));
       for (int64_t s = sb; s < se; ++s)
         for (int64_t i = s * nt / slots; i < (s + 1) * nt / slots; ++i) {
           const Task& tk = tasks[i];
@@ -260,11 +285,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
           if (direct) {
             Gr = go_rows.narrow(0, tk.p0, rows).unsqueeze(0);
           } else {
-            Gr = at::empty({g.G, rows, g.OCg}, x.options().dtype(acc));
+            Gr = scratch(bufG, g.G, rows, g.OCg);
             gather_grad<scalar_t, acc_t>(gp, go.strides(), Gr.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
           }
           if (mask[1]) {
-            at::Tensor A = at::empty({g.G, rows, reg.taps.n * g.Cg}, x.options().dtype(acc));
+            at::Tensor A = scratch(bufA, g.G, rows, reg.taps.n * g.Cg);
             gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
             at::Tensor& part = gw_parts[s][tk.region];  // [G, OCg, T*Cg]
             if (part.defined())
@@ -273,7 +298,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
               part = at::bmm(Gr.transpose(1, 2), A);
           }
           if (mask[0]) {
-            at::Tensor B = at::bmm(Gr, cols[tk.region]).contiguous();  // [G, rows, T*Cg]
+            // [G, rows, T*Cg]; design (b) keeps every task's for phase 2
+            at::Tensor B = gemm ? scratch(bufB, g.G, rows, reg.taps.n * g.Cg)
+                                : at::empty({g.G, rows, reg.taps.n * g.Cg}, x.options().dtype(acc));
+            at::bmm_out(B, Gr, cols[tk.region]);
             if (gemm) {
               const int64_t img = reg.rows() * reg.cols();
               for (int64_t n = tk.p0 / img; n < tk.p1 / img; ++n)
