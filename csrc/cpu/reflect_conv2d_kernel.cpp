@@ -1,11 +1,12 @@
 // Reflection-padded conv2d on CPU, both designs of reflect_conv2d.h: (b) oneDNN's zero-padded convolution
 // plus the frame correction, (a) a reflected im2col GEMM for small outputs.
 //
-// The correction work is cut into fixed tasks of at most kTaskRows GEMM rows of one region, run in ONE
-// parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
+// The work is cut into fixed tasks (about kTaskRows GEMM rows of one region; whole images for (a)), run in
+// ONE parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
 // there). Many short parallel regions cost a scheduler slice each when the cores are shared, which made
 // the correction cost more than the convolution. The task split never depends on the thread count, and
-// per-task grad_weight partials are added in task order, so the bits are the same on every run.
+// grad_weight partials are summed in fixed runs of tasks in a fixed order, so the bits are the same on
+// every run.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
