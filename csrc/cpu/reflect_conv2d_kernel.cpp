@@ -26,9 +26,8 @@ struct Task {
   int64_t region, p0, p1;  // GEMM rows [p0, p1) of regions[region]; row p = (n * R + r) * Cc + c
 };
 
-// Design (b): tasks of at most kTaskRows rows of one region. Design (a): tasks of whole images, about
-// kTaskRows rows each and evenly split (no short last task to unbalance the threads), so a task's
-// grad_input fold only touches its own images and runs inside the task.
+// Forward tasks. Design (b): at most kTaskRows rows of one region. Design (a): whole images, about
+// kTaskRows rows each and evenly split (no short last task to unbalance the threads).
 std::vector<Task> make_tasks(const Geom& g, const std::vector<Region>& regions, bool gemm) {
   std::vector<Task> tasks;
   for (int64_t i = 0; i < (int64_t)regions.size(); ++i) {
@@ -230,18 +229,20 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return out;
 }
 
-// grad_weight partials: the tasks are split into kSlots fixed runs, each summed in task order by one thread
-// (per region), then the runs are added in order: the bits do not depend on the thread count.
+// Backward works on chunks of whole images, each covering every region: a chunk's grad_input fold then only
+// touches its own images, so it runs inside the chunk and the whole backward is ONE parallel region (a
+// second region for the fold cost a scheduler slice on shared cores). About kTaskRows frame rows a chunk.
+// grad_weight partials: the chunks are split into kSlots fixed runs, each summed in chunk order by one
+// thread (per region), then the runs are added in order: the bits do not depend on the thread count.
 constexpr int64_t kSlots = 8;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go_in, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go, const at::Tensor& x,
                                                             const at::Tensor& w, at::IntArrayRef stride,
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                                             int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
   const bool gemm = rconv::pick_gemm(g, algo, true);
   const auto acc = rconv::acc_type(x.scalar_type());
-  const at::Tensor& go = go_in;
   at::Tensor gi, gw, gb;
   if (gemm) {
     if (mask[2]) gb = go.sum({0, 2, 3}, false, acc).to(go.scalar_type());
@@ -251,18 +252,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
     std::vector<int64_t> bias_sizes{g.OC};
     std::tie(gi, gw, gb) = at::convolution_backward(go, x, w, bias_sizes, stride, padding, dilation, false, {0, 0},
                                                     groups, mask);
-    if (mask[1]) gw = gw.to(acc).contiguous();
+    if (mask[1] && gw.scalar_type() != acc) gw = gw.to(acc);  // else corrected in place, in its own layout
   }
   if ((!mask[0] && !mask[1]) || go.numel() == 0 || x.numel() == 0) {
     if (mask[1]) gw = gw.to(w.scalar_type());
     return {gi, gw, gb};
   }
   const auto regions = regions_for(g, gemm);
-  const auto tasks = make_tasks(g, regions, gemm);
   const auto cols = region_columns(w, g, regions);
-  const int64_t nt = (int64_t)tasks.size(), slots = std::min(kSlots, nt);
+  int64_t frame = 0, max_img = 0, max_k = 0;  // per image: frame rows, largest region, widest region
+  for (const Region& r : regions) {
+    frame += r.rows() * r.cols();
+    max_img = std::max(max_img, r.rows() * r.cols());
+    max_k = std::max<int64_t>(max_k, r.taps.n * g.Cg);
+  }
+  // an even chunk count, evenly cut: two threads get equal shares (the cut must not follow the thread count)
+  int64_t chunks = std::max<int64_t>(1, (g.N * frame + kTaskRows - 1) / kTaskRows);
+  chunks = std::min(g.N, chunks + chunks % 2);
+  const int64_t per = (g.N + chunks - 1) / chunks;  // most images in one chunk
+  const int64_t slots = std::min(kSlots, chunks);
   std::vector<std::vector<at::Tensor>> gw_parts(slots, std::vector<at::Tensor>(regions.size()));
-  std::vector<at::Tensor> folds(gemm ? 0 : nt);
   const bool direct = direct_rows(g, gemm, go, acc);
   const at::Tensor go_rows = direct ? pixel_rows(go) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "reflect_conv2d_backward_cpu", [&] {
@@ -270,77 +279,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     scalar_t* gip = mask[0] ? gi.mutable_data_ptr<scalar_t>() : nullptr;
-    // phase 1: per task, grad_weight partial and the gradient of the gathered reads; design (a) folds it
-    // right away (its tasks own whole images)
     at::parallel_for(0, slots, 1, [&](int64_t sb, int64_t se) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const at::Tensor bufA = at::empty({max_gather(g, regions, tasks)}, x.options().dtype(acc));
-      const at::Tensor bufB = gemm && mask[0] ? at::empty_like(bufA) : at::Tensor();
-      const at::Tensor bufG = direct ? at::Tensor() : at::empty({g.OC * max_rows(tasks)}, x.options().dtype(acc));
+      const auto opt = x.options().dtype(acc);
+      const at::Tensor bufA = mask[1] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor();
+      const at::Tensor bufB = mask[0] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor();
+      const at::Tensor bufG = direct ? at::Tensor() : at::empty({per * max_img * g.OC}, opt);
       for (int64_t s = sb; s < se; ++s)
-        for (int64_t i = s * nt / slots; i < (s + 1) * nt / slots; ++i) {
-          const Task& tk = tasks[i];
-          const Region& reg = regions[tk.region];
-          const int64_t rows = tk.p1 - tk.p0;
-          at::Tensor Gr;
-          if (direct) {
-            Gr = go_rows.narrow(0, tk.p0, rows).unsqueeze(0);
-          } else {
-            Gr = scratch(bufG, g.G, rows, g.OCg);
-            gather_grad<scalar_t, acc_t>(gp, go.strides(), Gr.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
-          }
-          if (mask[1]) {
-            at::Tensor A = scratch(bufA, g.G, rows, reg.taps.n * g.Cg);
-            gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
-            at::Tensor& part = gw_parts[s][tk.region];  // [G, OCg, T*Cg]
-            if (part.defined())
-              part.baddbmm_(Gr.transpose(1, 2), A);
-            else
-              part = at::bmm(Gr.transpose(1, 2), A);
-          }
-          if (mask[0]) {
-            // [G, rows, T*Cg]; design (b) keeps every task's for phase 2
-            at::Tensor B = gemm ? scratch(bufB, g.G, rows, reg.taps.n * g.Cg)
-                                : at::empty({g.G, rows, reg.taps.n * g.Cg}, x.options().dtype(acc));
-            at::bmm_out(B, Gr, cols[tk.region]);
-            if (gemm) {
-              const int64_t img = reg.rows() * reg.cols();
-              for (int64_t n = tk.p0 / img; n < tk.p1 / img; ++n)
-                fold_image<scalar_t, acc_t>(gip, gi.strides(), B.const_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1, n);
+        for (int64_t c = s * chunks / slots; c < (s + 1) * chunks / slots; ++c) {
+          const int64_t n0 = c * g.N / chunks, n1 = (c + 1) * g.N / chunks;
+          for (size_t r = 0; r < regions.size(); ++r) {
+            const Region& reg = regions[r];
+            const int64_t img = reg.rows() * reg.cols(), p0 = n0 * img, p1 = n1 * img, rows = p1 - p0;
+            const int64_t K = reg.taps.n * g.Cg;
+            if (rows == 0) continue;
+            at::Tensor Gr;
+            if (direct) {
+              Gr = go_rows.narrow(0, p0, rows).unsqueeze(0);
             } else {
-              folds[i] = B;
+              Gr = scratch(bufG, g.G, rows, g.OCg);
+              gather_grad<scalar_t, acc_t>(gp, go.strides(), Gr.mutable_data_ptr<acc_t>(), g, reg, p0, p1);
+            }
+            if (mask[1]) {
+              at::Tensor A = scratch(bufA, g.G, rows, K);
+              gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, p0, p1);
+              at::Tensor& part = gw_parts[s][r];  // [G, OCg, T*Cg]
+              if (part.defined())
+                part.baddbmm_(Gr.transpose(1, 2), A);
+              else
+                part = at::bmm(Gr.transpose(1, 2), A);
+            }
+            if (mask[0]) {
+              at::Tensor B = scratch(bufB, g.G, rows, K);  // gradient of the gathered reads
+              at::bmm_out(B, Gr, cols[r]);
+              for (int64_t n = n0; n < n1; ++n)
+                fold_image<scalar_t, acc_t>(gip, gi.strides(), B.const_data_ptr<acc_t>(), g, reg, p0, p1, n);
             }
           }
         }
     });
-    // phase 2 (design (b)): fold onto the reflected sources, one thread per image, tasks in order
-    if (mask[0] && !gemm) {
-      at::parallel_for(0, g.N, 1, [&](int64_t nb, int64_t ne) {
-        for (int64_t n = nb; n < ne; ++n)
-          for (int64_t i = 0; i < nt; ++i)
-            fold_image<scalar_t, acc_t>(gip, gi.strides(), folds[i].const_data_ptr<acc_t>(), g,
-                                        regions[tasks[i].region], tasks[i].p0, tasks[i].p1, n);
-      });
-    }
     if (mask[1]) {
-      // gw is [OC, Cg, KH, KW] contiguous in acc_t: add each region's runs in order onto its taps
+      // add each region's runs in order onto its taps of gw ([OC, Cg, KH, KW] in acc_t, any strides)
       acc_t* wp = gw.mutable_data_ptr<acc_t>();
-      const int64_t KK = g.KH * g.KW;
+      const auto ws = gw.strides();
+      // Plain loops, not at:: add_: each add_ of a large partial opens a parallel region, and on shared
+      // cores every one of them waited a scheduler slice (s1_28's grad_weight path ran 5x slower).
       for (size_t r = 0; r < regions.size(); ++r) {
         at::Tensor sum;
-        for (int64_t s = 0; s < slots; ++s)
-          if (gw_parts[s][r].defined()) sum = sum.defined() ? sum.add_(gw_parts[s][r]) : gw_parts[s][r];
+        for (int64_t s = 0; s < slots; ++s) {
+          const at::Tensor& ps = gw_parts[s][r];
+          if (!ps.defined()) continue;
+          if (!sum.defined()) {
+            sum = ps.contiguous();
+            continue;
+          }
+          const at::Tensor pc = ps.contiguous();
+          acc_t* d = sum.mutable_data_ptr<acc_t>();
+          const acc_t* q = pc.const_data_ptr<acc_t>();
+          for (int64_t i = 0, n = sum.numel(); i < n; ++i) d[i] += q[i];
+        }
         if (!sum.defined()) continue;
-        const at::Tensor part = sum.contiguous();
-        const acc_t* pp = part.const_data_ptr<acc_t>();
+        const acc_t* pp = sum.const_data_ptr<acc_t>();
         const Region& reg = regions[r];
         const int64_t T = reg.taps.n;
         for (int64_t oc = 0; oc < g.OC; ++oc)
           for (int64_t t = 0; t < T; ++t) {
-            const int64_t tap = reg.taps.kh[t] * g.KW + reg.taps.kw[t];
             const acc_t* src = pp + (oc * T + t) * g.Cg;
-            acc_t* dst = wp + oc * g.Cg * KK + tap;
-            for (int64_t cg = 0; cg < g.Cg; ++cg) dst[cg * KK] += src[cg];
+            acc_t* dst = wp + oc * ws[0] + reg.taps.kh[t] * ws[2] + reg.taps.kw[t] * ws[3];
+            for (int64_t cg = 0; cg < g.Cg; ++cg) dst[cg * ws[1]] += src[cg];
           }
       }
     }
