@@ -154,6 +154,30 @@ def test_gradients_bit_identical_run_to_run(backend, algo, monkeypatch):
             assert torch.equal(bits(a), bits(b))
 
 
+@pytest.mark.parametrize("algo", ["frame", "gemm"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last, monkeypatch):
+    """Enough GEMM rows for several CPU tasks and grad_weight runs (7x7 outputs: several images per task).
+    Bits across thread counts only for design (a): oneDNN's own weight gradient in (b) depends on them."""
+    cfg = (37, 6, 7, 7, 5, 3, 1, 1, 1, 1, True)
+    m, x = _conv(cfg, channels_last=channels_last)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run("cpp", algo, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))))
+    finally:
+        torch.set_num_threads(threads)
+    ref = _fwd_bwd(m, x, _theirs(m))
+    for run in runs:
+        for a, b in zip((run[0],) + run[1], (ref[0],) + ref[1]):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for again in runs[1:] if algo == "gemm" else []:
+        for a, b in zip((runs[0][0],) + runs[0][1], (again[0],) + again[1]):
+            assert torch.equal(bits(a), bits(b))
+
+
 def test_unbatched_and_strided_inputs():
     m, x = _conv(CONFIGS[0])
     torch.testing.assert_close(fastfuse.reflect_conv2d(x[0], m.weight, m.bias, 1, 1), m(x[0]))

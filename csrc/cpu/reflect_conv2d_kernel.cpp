@@ -1,11 +1,12 @@
 // Reflection-padded conv2d on CPU, both designs of reflect_conv2d.h: (b) oneDNN's zero-padded convolution
 // plus the frame correction, (a) a reflected im2col GEMM for small outputs.
 //
-// The correction work is cut into fixed tasks of at most kTaskRows GEMM rows of one region, run in ONE
-// parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
+// The work is cut into fixed tasks (about kTaskRows GEMM rows of one region; whole images for (a)), run in
+// ONE parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
 // there). Many short parallel regions cost a scheduler slice each when the cores are shared, which made
 // the correction cost more than the convolution. The task split never depends on the thread count, and
-// per-task grad_weight partials are added in task order, so the bits are the same on every run.
+// grad_weight partials are summed in fixed runs of tasks in a fixed order, so the bits are the same on
+// every run.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,13 +26,34 @@ struct Task {
   int64_t region, p0, p1;  // GEMM rows [p0, p1) of regions[region]; row p = (n * R + r) * Cc + c
 };
 
-std::vector<Task> make_tasks(const Geom& g, const std::vector<Region>& regions) {
+// Forward tasks. Design (b): at most kTaskRows rows of one region. Design (a): whole images, about
+// kTaskRows rows each and evenly split (no short last task to unbalance the threads).
+std::vector<Task> make_tasks(const Geom& g, const std::vector<Region>& regions, bool gemm) {
   std::vector<Task> tasks;
   for (int64_t i = 0; i < (int64_t)regions.size(); ++i) {
-    const int64_t np = g.N * regions[i].rows() * regions[i].cols();
-    for (int64_t p = 0; p < np; p += kTaskRows) tasks.push_back({i, p, std::min(np, p + kTaskRows)});
+    const int64_t img = regions[i].rows() * regions[i].cols(), np = g.N * img;
+    const int64_t ntask = std::max<int64_t>(1, (np + kTaskRows - 1) / kTaskRows);
+    const int64_t step = gemm ? (g.N + ntask - 1) / ntask * img : kTaskRows;
+    for (int64_t p = 0; p < np; p += step) tasks.push_back({i, p, std::min(np, p + step)});
   }
   return tasks;
+}
+
+// Channel runs: stride 1 (channels_last) gets its own loop so the compiler vectorises it.
+template <typename scalar_t, typename acc_t>
+inline void load_run(acc_t* dst, const scalar_t* src, int64_t n, int64_t st) {
+  if (st == 1)
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i * st]);
+}
+template <typename scalar_t, typename acc_t>
+inline void add_run(scalar_t* dst, int64_t st, const acc_t* src, int64_t n) {
+  if (st == 1)
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(static_cast<acc_t>(dst[i]) + src[i]);
+  else
+    for (int64_t i = 0; i < n; ++i)
+      dst[i * st] = static_cast<scalar_t>(static_cast<acc_t>(dst[i * st]) + src[i]);
 }
 
 // Decodes GEMM row p of a region into (n, r, c) of the output.
@@ -54,11 +76,8 @@ void gather_x(const scalar_t* xp, at::IntArrayRef st, acc_t* A, const Geom& g, c
       const int64_t ih = reflect(rc.r * g.sh - g.ph + reg.taps.kh[t] * g.dh, g.H);
       const int64_t iw = reflect(rc.c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
       const scalar_t* src = xp + rc.n * st[0] + ih * st[2] + iw * st[3];
-      for (int64_t gi = 0; gi < g.G; ++gi) {
-        acc_t* dst = A + (gi * rows + p - p0) * K + t * g.Cg;
-        const scalar_t* s = src + gi * g.Cg * st[1];
-        for (int64_t cg = 0; cg < g.Cg; ++cg) dst[cg] = static_cast<acc_t>(s[cg * st[1]]);
-      }
+      for (int64_t gi = 0; gi < g.G; ++gi)
+        load_run(A + (gi * rows + p - p0) * K + t * g.Cg, src + gi * g.Cg * st[1], g.Cg, st[1]);
     }
   }
 }
@@ -72,8 +91,7 @@ void gather_grad(const scalar_t* gp, at::IntArrayRef st, acc_t* Gr, const Geom& 
     const RowCoord rc = coord(reg, p);
     const scalar_t* src = gp + rc.n * st[0] + rc.r * st[2] + rc.c * st[3];
     for (int64_t gi = 0; gi < g.G; ++gi)
-      for (int64_t oc = 0; oc < g.OCg; ++oc)
-        Gr[(gi * rows + p - p0) * g.OCg + oc] = static_cast<acc_t>(src[(gi * g.OCg + oc) * st[1]]);
+      load_run(Gr + (gi * rows + p - p0) * g.OCg, src + gi * g.OCg * st[1], g.OCg, st[1]);
   }
 }
 
@@ -85,13 +103,8 @@ void add_out(scalar_t* op, at::IntArrayRef st, const acc_t* corr, const Geom& g,
   for (int64_t p = p0; p < p1; ++p) {
     const RowCoord rc = coord(reg, p);
     scalar_t* dst = op + rc.n * st[0] + rc.r * st[2] + rc.c * st[3];
-    for (int64_t gi = 0; gi < g.G; ++gi) {
-      const acc_t* src = corr + (gi * rows + p - p0) * g.OCg;
-      for (int64_t oc = 0; oc < g.OCg; ++oc) {
-        scalar_t& o = dst[(gi * g.OCg + oc) * st[1]];
-        o = static_cast<scalar_t>(static_cast<acc_t>(o) + src[oc]);
-      }
-    }
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      add_run(dst + gi * g.OCg * st[1], st[1], corr + (gi * rows + p - p0) * g.OCg, g.OCg);
   }
 }
 
@@ -107,14 +120,8 @@ void fold_image(scalar_t* gp, at::IntArrayRef st, const acc_t* B, const Geom& g,
       const int64_t ih = reflect(rc.r * g.sh - g.ph + reg.taps.kh[t] * g.dh, g.H);
       const int64_t iw = reflect(rc.c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
       scalar_t* dst = gp + n * st[0] + ih * st[2] + iw * st[3];
-      for (int64_t gi = 0; gi < g.G; ++gi) {
-        const acc_t* src = B + (gi * rows + p - p0) * K + t * g.Cg;
-        scalar_t* d = dst + gi * g.Cg * st[1];
-        for (int64_t cg = 0; cg < g.Cg; ++cg) {
-          scalar_t& o = d[cg * st[1]];
-          o = static_cast<scalar_t>(static_cast<acc_t>(o) + src[cg]);
-        }
-      }
+      for (int64_t gi = 0; gi < g.G; ++gi)
+        add_run(dst + gi * g.Cg * st[1], st[1], B + (gi * rows + p - p0) * K + t * g.Cg, g.Cg);
     }
   }
 }
@@ -133,38 +140,88 @@ std::vector<Region> regions_for(const Geom& g, bool gemm) {
   return gemm ? std::vector<Region>{rconv::whole(g)} : rconv::plan(g);
 }
 
+// With one group and a channels_last output of the compute dtype, the GEMM rows of design (a) are the
+// output's NHWC pixels: row-major [N*OH*OW, OC] views let the GEMMs read grad_output and write the output
+// in place instead of going through gathered copies.
+bool direct_rows(const Geom& g, bool gemm, const at::Tensor& t, at::ScalarType acc) {
+  return gemm && g.G == 1 && t.scalar_type() == acc && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Largest gathered matrix of any task, in elements: each thread allocates its scratch once and reuses it
+// (a fresh multi-MB buffer per task is a fresh mmap, whose page faults showed up in profiles).
+int64_t max_gather(const Geom& g, const std::vector<Region>& regions, const std::vector<Task>& tasks) {
+  int64_t m = 0;
+  for (const Task& t : tasks) m = std::max(m, g.G * (t.p1 - t.p0) * regions[t.region].taps.n * g.Cg);
+  return m;
+}
+
+int64_t max_rows(const std::vector<Task>& tasks) {
+  int64_t m = 0;
+  for (const Task& t : tasks) m = std::max(m, t.p1 - t.p0);
+  return m;
+}
+
+// A [d0, d1, d2] view of the start of a scratch buffer.
+at::Tensor scratch(const at::Tensor& buf, int64_t d0, int64_t d1, int64_t d2) {
+  return buf.narrow(0, 0, d0 * d1 * d2).view({d0, d1, d2});
+}
+
+at::Tensor pixel_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
   const bool gemm = rconv::pick_gemm(g, algo, true);
+  const auto acc = rconv::acc_type(x.scalar_type());
+  const bool has_bias = bias.has_value() && bias->defined();
   at::Tensor out;
   if (gemm) {
     out = at::empty({g.N, g.OC, g.OH, g.OW}, x.options().memory_format(rconv::conv_format(x, w)));
-    if (bias.has_value() && bias->defined())
-      out.copy_(bias->view({1, g.OC, 1, 1}).expand_as(out));
-    else
-      out.zero_();
   } else {
     out = at::convolution(x, w, bias, stride, padding, dilation, false, {0, 0}, groups);
   }
+  const bool direct = direct_rows(g, gemm, out, acc);
+  if (gemm && !direct) {
+    if (has_bias)
+      out.copy_(bias->view({1, g.OC, 1, 1}).expand_as(out));
+    else
+      out.zero_();
+  }
   if (out.numel() == 0) return out;
   const auto regions = regions_for(g, gemm);
-  const auto tasks = make_tasks(g, regions);
+  const auto tasks = make_tasks(g, regions, gemm);
   const auto cols = region_columns(w, g, regions);
-  const auto acc = rconv::acc_type(x.scalar_type());
+  const at::Tensor out_rows = direct ? pixel_rows(out) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "reflect_conv2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t b, int64_t e) {
+      // worker threads do not inherit the caller's below-autograd dispatch state; the in-place GEMMs on
+      // output views would otherwise go through autograd's view checks
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::Tensor bufA = at::empty({max_gather(g, regions, tasks)}, x.options().dtype(acc));
+      const at::Tensor bufC = direct ? at::Tensor() : at::empty({g.OC * max_rows(tasks)}, x.options().dtype(acc));
       for (int64_t i = b; i < e; ++i) {
         const Task& tk = tasks[i];
         const Region& reg = regions[tk.region];
         const int64_t rows = tk.p1 - tk.p0;
-        at::Tensor A = at::empty({g.G, rows, reg.taps.n * g.Cg}, x.options().dtype(acc));
+        at::Tensor A = scratch(bufA, g.G, rows, reg.taps.n * g.Cg);
         gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
-        const at::Tensor corr = at::bmm(A, cols[tk.region].transpose(1, 2)).contiguous();
+        if (direct) {
+          at::Tensor o = out_rows.narrow(0, tk.p0, rows);
+          const at::Tensor wt = cols[tk.region].select(0, 0).t();
+          if (has_bias) {
+            o.copy_(bias->view({1, g.OC}).expand_as(o));
+            o.addmm_(A.select(0, 0), wt);
+          } else {
+            at::mm_out(o, A.select(0, 0), wt);
+          }
+          continue;
+        }
+        at::Tensor corr = scratch(bufC, g.G, rows, g.OCg);
+        at::bmm_out(corr, A, cols[tk.region].transpose(1, 2));
         add_out<scalar_t, acc_t>(op, out.strides(), corr.const_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
       }
     });
@@ -172,74 +229,129 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go_in, const at::Tensor& x,
+// Backward works on chunks of whole images, each covering every region: a chunk's grad_input fold then only
+// touches its own images, so it runs inside the chunk and the whole backward is ONE parallel region (a
+// second region for the fold cost a scheduler slice on shared cores). About kTaskRows frame rows a chunk.
+// grad_weight partials: the chunks are split into kSlots fixed runs, each summed in chunk order by one
+// thread (per region), then the runs are added in order: the bits do not depend on the thread count.
+constexpr int64_t kSlots = 8;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go, const at::Tensor& x,
                                                             const at::Tensor& w, at::IntArrayRef stride,
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                                             int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
   const bool gemm = rconv::pick_gemm(g, algo, true);
   const auto acc = rconv::acc_type(x.scalar_type());
-  const at::Tensor& go = go_in;
   at::Tensor gi, gw, gb;
   if (gemm) {
     if (mask[2]) gb = go.sum({0, 2, 3}, false, acc).to(go.scalar_type());
     if (mask[0]) gi = at::zeros_like(x, x.options().memory_format(rconv::conv_format(x, w)));
-    if (mask[1]) gw = at::zeros_like(w, w.options().memory_format(at::MemoryFormat::Contiguous));
+    if (mask[1]) gw = at::zeros({g.OC, g.Cg, g.KH, g.KW}, w.options().dtype(acc));
   } else {
     std::vector<int64_t> bias_sizes{g.OC};
     std::tie(gi, gw, gb) = at::convolution_backward(go, x, w, bias_sizes, stride, padding, dilation, false, {0, 0},
                                                     groups, mask);
+    if (mask[1] && gw.scalar_type() != acc) gw = gw.to(acc);  // else corrected in place, in its own layout
   }
-  if ((!mask[0] && !mask[1]) || go.numel() == 0 || x.numel() == 0) return {gi, gw, gb};
+  if ((!mask[0] && !mask[1]) || go.numel() == 0 || x.numel() == 0) {
+    if (mask[1]) gw = gw.to(w.scalar_type());
+    return {gi, gw, gb};
+  }
   const auto regions = regions_for(g, gemm);
-  const auto tasks = make_tasks(g, regions);
   const auto cols = region_columns(w, g, regions);
-  std::vector<at::Tensor> gw_parts(tasks.size()), folds(tasks.size());
+  int64_t frame = 0, max_img = 0, max_k = 0;  // per image: frame rows, largest region, widest region
+  for (const Region& r : regions) {
+    frame += r.rows() * r.cols();
+    max_img = std::max(max_img, r.rows() * r.cols());
+    max_k = std::max<int64_t>(max_k, r.taps.n * g.Cg);
+  }
+  // an even chunk count, evenly cut: two threads get equal shares (the cut must not follow the thread count)
+  int64_t chunks = std::max<int64_t>(1, (g.N * frame + kTaskRows - 1) / kTaskRows);
+  chunks = std::min(g.N, chunks + chunks % 2);
+  const int64_t per = (g.N + chunks - 1) / chunks;  // most images in one chunk
+  const int64_t slots = std::min(kSlots, chunks);
+  std::vector<std::vector<at::Tensor>> gw_parts(slots, std::vector<at::Tensor>(regions.size()));
+  const bool direct = direct_rows(g, gemm, go, acc);
+  const at::Tensor go_rows = direct ? pixel_rows(go) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "reflect_conv2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
-    // phase 1: per task, grad_weight partial and the gradient of the gathered pad reads
-    at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const Task& tk = tasks[i];
-        const Region& reg = regions[tk.region];
-        const int64_t rows = tk.p1 - tk.p0;
-        at::Tensor Gr = at::empty({g.G, rows, g.OCg}, x.options().dtype(acc));
-        gather_grad<scalar_t, acc_t>(gp, go.strides(), Gr.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
-        if (mask[1]) {
-          at::Tensor A = at::empty({g.G, rows, reg.taps.n * g.Cg}, x.options().dtype(acc));
-          gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
-          gw_parts[i] = at::bmm(Gr.transpose(1, 2), A);  // [G, OCg, T*Cg]
+    scalar_t* gip = mask[0] ? gi.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, slots, 1, [&](int64_t sb, int64_t se) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const auto opt = x.options().dtype(acc);
+      const at::Tensor bufA = mask[1] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor();
+      const at::Tensor bufB = mask[0] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor();
+      const at::Tensor bufG = direct ? at::Tensor() : at::empty({per * max_img * g.OC}, opt);
+      for (int64_t s = sb; s < se; ++s)
+        for (int64_t c = s * chunks / slots; c < (s + 1) * chunks / slots; ++c) {
+          const int64_t n0 = c * g.N / chunks, n1 = (c + 1) * g.N / chunks;
+          for (size_t r = 0; r < regions.size(); ++r) {
+            const Region& reg = regions[r];
+            const int64_t img = reg.rows() * reg.cols(), p0 = n0 * img, p1 = n1 * img, rows = p1 - p0;
+            const int64_t K = reg.taps.n * g.Cg;
+            if (rows == 0) continue;
+            at::Tensor Gr;
+            if (direct) {
+              Gr = go_rows.narrow(0, p0, rows).unsqueeze(0);
+            } else {
+              Gr = scratch(bufG, g.G, rows, g.OCg);
+              gather_grad<scalar_t, acc_t>(gp, go.strides(), Gr.mutable_data_ptr<acc_t>(), g, reg, p0, p1);
+            }
+            if (mask[1]) {
+              at::Tensor A = scratch(bufA, g.G, rows, K);
+              gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, p0, p1);
+              at::Tensor& part = gw_parts[s][r];  // [G, OCg, T*Cg]
+              if (part.defined())
+                part.baddbmm_(Gr.transpose(1, 2), A);
+              else
+                part = at::bmm(Gr.transpose(1, 2), A);
+            }
+            if (mask[0]) {
+              at::Tensor B = scratch(bufB, g.G, rows, K);  // gradient of the gathered reads
+              at::bmm_out(B, Gr, cols[r]);
+              for (int64_t n = n0; n < n1; ++n)
+                fold_image<scalar_t, acc_t>(gip, gi.strides(), B.const_data_ptr<acc_t>(), g, reg, p0, p1, n);
+            }
+          }
         }
-        if (mask[0]) folds[i] = at::bmm(Gr, cols[tk.region]).contiguous();  // [G, rows, T*Cg]
-      }
     });
-    // phase 2: fold onto the reflected sources, one thread per image, tasks in order
-    if (mask[0]) {
-      scalar_t* gip = gi.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, g.N, 1, [&](int64_t nb, int64_t ne) {
-        for (int64_t n = nb; n < ne; ++n)
-          for (size_t i = 0; i < tasks.size(); ++i)
-            fold_image<scalar_t, acc_t>(gip, gi.strides(), folds[i].const_data_ptr<acc_t>(), g,
-                                        regions[tasks[i].region], tasks[i].p0, tasks[i].p1, n);
-      });
+    if (mask[1]) {
+      // add each region's runs in order onto its taps of gw ([OC, Cg, KH, KW] in acc_t, any strides)
+      acc_t* wp = gw.mutable_data_ptr<acc_t>();
+      const auto ws = gw.strides();
+      // Plain loops, not at:: add_: each add_ of a large partial opens a parallel region, and on shared
+      // cores every one of them waited a scheduler slice (s1_28's grad_weight path ran 5x slower).
+      for (size_t r = 0; r < regions.size(); ++r) {
+        at::Tensor sum;
+        for (int64_t s = 0; s < slots; ++s) {
+          const at::Tensor& ps = gw_parts[s][r];
+          if (!ps.defined()) continue;
+          if (!sum.defined()) {
+            sum = ps.contiguous();
+            continue;
+          }
+          const at::Tensor pc = ps.contiguous();
+          acc_t* d = sum.mutable_data_ptr<acc_t>();
+          const acc_t* q = pc.const_data_ptr<acc_t>();
+          for (int64_t i = 0, n = sum.numel(); i < n; ++i) d[i] += q[i];
+        }
+        if (!sum.defined()) continue;
+        const acc_t* pp = sum.const_data_ptr<acc_t>();
+        const Region& reg = regions[r];
+        const int64_t T = reg.taps.n;
+        for (int64_t oc = 0; oc < g.OC; ++oc)
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t* src = pp + (oc * T + t) * g.Cg;
+            acc_t* dst = wp + oc * ws[0] + reg.taps.kh[t] * ws[2] + reg.taps.kw[t] * ws[3];
+            for (int64_t cg = 0; cg < g.Cg; ++cg) dst[cg * ws[1]] += src[cg];
+          }
+      }
     }
   });
-  if (mask[1]) {
-    // partials summed per region in task order, then scattered onto the region's taps
-    at::Tensor gw_tap = gw.to(acc).contiguous().view({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2);
-    for (size_t r = 0; r < regions.size(); ++r) {
-      at::Tensor sum;
-      for (size_t i = 0; i < tasks.size(); ++i)
-        if (tasks[i].region == (int64_t)r) sum = sum.defined() ? sum.add_(gw_parts[i]) : gw_parts[i];
-      if (!sum.defined()) continue;
-      const at::Tensor part = sum.view({g.OC, regions[r].taps.n, g.Cg});
-      for (int t = 0; t < regions[r].taps.n; ++t)
-        gw_tap.select(1, regions[r].taps.kh[t] * g.KW + regions[r].taps.kw[t]).add_(part.select(1, t));
-    }
-    gw = gw_tap.transpose(1, 2).reshape(w.sizes()).to(w.scalar_type());
-  }
+  if (mask[1]) gw = gw.to(w.scalar_type());
   return {gi, gw, gb};
 }
 
