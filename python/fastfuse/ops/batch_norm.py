@@ -31,7 +31,11 @@ def _acc_vec(t, acc, C, fill, like):
 
 
 def _forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu, post_relu, p, seed):
-    k = _kernels(_backends.select(x))
+    backend = _backends.select(x)
+    if backend == "cpp":  # all of the below in one C++ call (csrc/cpu/batch_norm_composite.cpp)
+        return torch.ops.fastfuse_C.bn_forward(x, weight, bias, running_mean, running_var, residual, training, eps,
+                                               pre_relu, post_relu, p, *_rng.seed_ints(seed))
+    k = _kernels(backend)
     x = _layout.channel_dense(x)
     acc, C = _rng.acc_dtype(x.dtype), x.shape[1]
     if training:
@@ -59,7 +63,11 @@ def _grad_dtype(weight, x):
 
 
 def _backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, mask):
-    k = _kernels(_backends.select(x))
+    backend = _backends.select(x)
+    if backend == "cpp":  # all of the below in one C++ call
+        return torch.ops.fastfuse_C.bn_backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu,
+                                                post_relu, p, *_rng.seed_ints(seed), *mask)
+    k = _kernels(backend)
     x = _layout.channel_dense(x)
     grad_out = _layout.to_strides(grad_out, x.stride())
     out = _layout.to_strides(out, x.stride()) if out is not None else None
@@ -78,7 +86,7 @@ def _backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post
     gi = gr = empty
     if need_gi or need_gr:
         k1 = invstd * _acc_vec(weight, acc, C, 1.0, x)
-        if training:  # d/dx of the batch statistics: grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
+        if training and need_gi:  # d/dx of the batch statistics: grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
             n = x.numel() // C
             k2, k3 = -k1 * invstd * invstd * sum_gxmu / n, -k1 * sum_g / n
         else:
