@@ -145,6 +145,7 @@ class _EagerBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):  # old-style (ctx first): new-style apply() inspects the signature on every call
+        ctx.set_materialize_grads(False)  # mean/var get no gradient: no zero tensors made for them
         output = _forward(*args)
         _setup_context(ctx, args, output)
         return output
@@ -160,6 +161,7 @@ def _batch_norm_op(*args):
     return _EagerBatchNorm.apply(*args)
 
 _ACTS = (None, "relu")
+_NO_SEED = torch.zeros(2, dtype=torch.int64)  # p == 0: no random stream is used (never written)
 
 
 def _check(input, running_mean, running_var, weight, bias, residual, training, momentum, eps, pre_act, post_act,
@@ -215,7 +217,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     _check(input, running_mean, running_var, weight, bias, residual, training, momentum, eps, pre_act, post_act,
            num_batches_tracked)
     p = p if training else 0.0
-    seed = _rng.new_seed() if p > 0 else torch.zeros(2, dtype=torch.int64)
+    seed = _rng.new_seed() if p > 0 else _NO_SEED
     out, mean, var = _batch_norm_op(input, weight, bias, running_mean, running_var, residual,
                                                    bool(training), float(eps), pre_act == "relu",
                                                    post_act == "relu", p, seed)
