@@ -8,9 +8,12 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "dropout.h"
 
 namespace fastfuse {
 namespace {
+
+constexpr int64_t kDropOnceBytes = int64_t(512) << 10;  // see bn_backward_cpu
 
 at::ScalarType acc_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -72,10 +75,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     auto z = [&](bool need, const at::Tensor& t) { return need ? at::zeros_like(t) : empty; };
     return {z(need_gi, x), z(need_gw, mean).to(wdt), z(need_gb, mean).to(wdt), z(need_gr, x)};
   }
+  // Dropout without a post-ReLU: both passes below would regenerate the mask's Philox words (the costly part at
+  // cache-sized shapes); drop out grad_out once instead and run them mask-free. The same bits where grad_out
+  // holds the accumulation type (dropped-out values are not rounded in between). Cache-sized only: a bigger
+  // temporary is fresh memory whose page faults cost more than the words (3.8 ms vs 0.4 ms at (512, 1000)).
+  at::Tensor g = grad_out;
+  double pk = p;
+  if (p > 0 && !post_relu && x.scalar_type() == acc && x.nbytes() <= kDropOnceBytes) {
+    g = dropout_cpu(grad_out, p, seed, offset);
+    pk = 0;
+  }
   const at::Tensor invstd = at::rsqrt(var + eps);
   at::Tensor sum_g, sum_gxmu;
   if (need_gw || need_gb || (training && need_gi))
-    std::tie(sum_g, sum_gxmu) = bn_grad_reduce_cpu(grad_out, x, out, mean, pre_relu, post_relu, p, seed, offset);
+    std::tie(sum_g, sum_gxmu) = bn_grad_reduce_cpu(g, x, out, mean, pre_relu, post_relu, pk, seed, offset);
   at::Tensor gi = empty, gr = empty;
   if (need_gi || need_gr) {
     const at::Tensor k1 = has_w ? invstd * weight->to(acc) : invstd;  // Python multiplies by ones
@@ -88,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
       k2 = at::zeros_like(k1);
       k3 = at::zeros_like(k1);
     }
-    std::tie(gi, gr) = bn_grad_apply_cpu(grad_out, x, out, mean, k1, k2, k3, pre_relu, post_relu, p, seed, offset,
+    std::tie(gi, gr) = bn_grad_apply_cpu(g, x, out, mean, k1, k2, k3, pre_relu, post_relu, pk, seed, offset,
                                          need_gi, need_gr);
   }
   at::Tensor gw = need_gw ? (sum_gxmu * invstd).to(wdt) : empty.to(wdt);
