@@ -136,6 +136,21 @@ def test_fused_combination_matches_eager(combo, cl):
     torch.testing.assert_close(rv, 0.9 + 0.1 * xs.var((0, 2, 3)))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_only_residual_needs_grad(backend, training):
+    # no weight and an input without grad: the residual's gradient alone (the batch-stat terms are skipped)
+    x, res = torch.randn(8, 5), torch.randn(8, 5, requires_grad=True)
+    rm, rv = torch.randn(5), torch.rand(5) + 0.5
+    g = torch.randn(8, 5)
+    with fastfuse.use_backend(backend):
+        y = fastfuse.batch_norm(x, rm.clone(), rv.clone(), None, None, training, residual=res, post_act="relu")
+        gr = torch.autograd.grad(y, res, g)[0]
+    z = (F.batch_norm(x, rm.clone(), rv.clone(), None, None, training) + res).relu()
+    torch.testing.assert_close(y, z)
+    torch.testing.assert_close(gr, torch.autograd.grad(z, res, g)[0])
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("combo", [dict(), dict(pre_act=True, p=0.3), dict(post_act=True, res=True, p=0.4)])
 def test_gradcheck_float64(training, combo):

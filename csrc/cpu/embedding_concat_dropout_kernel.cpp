@@ -57,15 +57,13 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
             std::fill(dst, dst + d, scalar_t(0));  // unchecked: a zero row, the bad code is never read
             continue;
           }
-          const scalar_t* src = tables[t] + idx * d;
-          if (!drop) {
-            std::memcpy(dst, src, d * sizeof(scalar_t));
-            continue;
-          }
-          const uint32_t* w = words.data() + (b * D + L.offs[t] - base);
-          for (int64_t k = 0; k < d; ++k) {
-            const acc_t v = static_cast<acc_t>(src[k]) * scale;
-            dst[k] = w[k] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
+          std::memcpy(dst, tables[t] + idx * d, d * sizeof(scalar_t));
+        }
+        if (drop) {  // one pass over the whole row: vectorises, where the tables' short rows (d ~ 2..10) do not
+          const uint32_t* w = words.data() + (b * D - base);
+          for (int64_t j = 0; j < D; ++j) {
+            const acc_t v = static_cast<acc_t>(orow[j]) * scale;
+            orow[j] = w[j] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
           }
         }
         if (C) std::memcpy(orow + D, cont + b * C, C * sizeof(scalar_t));
@@ -163,7 +161,10 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
               "embedding_concat_dropout_backward: grad_output must be a contiguous (B, D + C) tensor");
   const auto acc_type = at::toOpMathType(weights[0].scalar_type());
   std::vector<at::Tensor> accs;
-  for (const auto& w : weights) accs.push_back(at::zeros(w.sizes(), w.options().dtype(acc_type)));
+  for (const auto& w : weights) {  // empty + memset: at::zeros costs a dispatch (and a parallel fill) per table
+    accs.push_back(at::empty(w.sizes(), w.options().dtype(acc_type)));
+    std::memset(accs.back().data_ptr(), 0, accs.back().nbytes());
+  }
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "ecd_backward_cpu", [&] {
       backward_impl<scalar_t>(grad.const_data_ptr<scalar_t>(), x_cat.const_data_ptr<int64_t>(), L, B,

@@ -40,7 +40,11 @@ def _acc_vec(t, acc, C, fill, like):
 
 
 def _forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu, post_relu, p, seed):
-    k = _kernels(_backends.select(x))
+    backend = _backends.select(x)
+    if backend == "cpp":  # all of the below in one C++ call (csrc/cpu/batch_norm_composite.cpp)
+        return torch.ops.fastfuse_C.bn_forward(x, weight, bias, running_mean, running_var, residual, training, eps,
+                                               pre_relu, post_relu, p, *_rng.seed_ints(seed))
+    k = _kernels(backend)
     x = _layout.channel_dense(x)
     acc, C = _rng.acc_dtype(x.dtype), x.shape[1]
     if training and x.numel() and p < 1 and _one_read(k, x):
@@ -73,7 +77,11 @@ def _grad_dtype(weight, x):
 
 
 def _backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, mask):
-    k = _kernels(_backends.select(x))
+    backend = _backends.select(x)
+    if backend == "cpp":  # all of the below in one C++ call
+        return torch.ops.fastfuse_C.bn_backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu,
+                                                post_relu, p, *_rng.seed_ints(seed), *mask)
+    k = _kernels(backend)
     x = _layout.channel_dense(x)
     grad_out = _layout.to_strides(grad_out, x.stride())
     out = _layout.to_strides(out, x.stride()) if out is not None else None
@@ -156,6 +164,7 @@ class _EagerBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):  # old-style (ctx first): new-style apply() inspects the signature on every call
+        ctx.set_materialize_grads(False)  # mean/var get no gradient: no zero tensors made for them
         output = _forward(*args)
         _setup_context(ctx, args, output)
         return output
@@ -171,6 +180,7 @@ def _batch_norm_op(*args):
     return _EagerBatchNorm.apply(*args)
 
 _ACTS = (None, "relu")
+_NO_SEED = torch.zeros(2, dtype=torch.int64)  # p == 0: no random stream is used (never written)
 
 
 def _check(input, running_mean, running_var, weight, bias, residual, training, momentum, eps, pre_act, post_act,
@@ -226,7 +236,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     _check(input, running_mean, running_var, weight, bias, residual, training, momentum, eps, pre_act, post_act,
            num_batches_tracked)
     p = p if training else 0.0
-    seed = _rng.new_seed() if p > 0 else torch.zeros(2, dtype=torch.int64)
+    seed = _rng.new_seed() if p > 0 else _NO_SEED
     out, mean, var = _batch_norm_op(input, weight, bias, running_mean, running_var, residual,
                                                    bool(training), float(eps), pre_act == "relu",
                                                    post_act == "relu", p, seed)
