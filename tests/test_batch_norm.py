@@ -346,7 +346,7 @@ def test_one_read_planes_path_matches_two_pass(monkeypatch, dtype, combo):
     results, taken = {}, []
     one_read = bn_ops._one_read
     for allowed in (True, False):
-        monkeypatch.setattr(bn_ops, "_one_read", lambda k, t, allowed=allowed: taken.append(one_read(k, t)) or
+        monkeypatch.setattr(bn_ops, "_one_read", lambda t, allowed=allowed: taken.append(one_read(t)) or
                             (allowed and taken[-1]))
         ins = [t.detach().clone().requires_grad_() for t in (x, w, b) + ((res,) if res is not None else ())]
         rm, rv = torch.zeros(6), torch.ones(6)

@@ -2,10 +2,11 @@
 
 Every backend implements four primitives with the signatures of fastfuse.reference.bn_* (per-channel stats;
 the fused elementwise forward; the per-channel gradient sums; the fused elementwise backward). This file
-does the O(C) per-channel arithmetic between them in torch, once for every backend. One exception: for
-contiguous (N, C, *) CPU tensors in training, the cpp backend runs bn_train_planes(_backward), which reduce and
-apply one channel at a time while it is in cache (one read of memory instead of two) and so repeat that
-arithmetic in C++ (csrc/cpu/batch_norm_impl.h)."""
+does the O(C) per-channel arithmetic between them in torch, for the triton, cuda and reference backends.
+The cpp backend repeats it in C++, for speed: csrc/cpu/batch_norm_composite.cpp runs the same ATen ops in one
+call (from Python they cost more than the kernels at small shapes), and for contiguous (N, C, *) tensors in
+training bn_train_planes(_backward) reduce and apply one channel at a time while it is in cache (memory is read
+once instead of twice; csrc/cpu/batch_norm_impl.h). Tests hold all of them to torch and to each other."""
 import types
 
 import torch
@@ -29,10 +30,31 @@ def _kernels(backend):
     return reference
 
 
-def _one_read(k, x):
-    """The cpp backend's one-read training kernels (bn_train_planes*) take contiguous (N, C, *) CPU tensors with
-    planes of more than one element: they reduce and apply a channel while it is still in cache."""
-    return k is _CPP and x.device.type == "cpu" and x.dim() > 2 and x.is_contiguous() and x[0, 0].numel() > 1
+def _one_read(x):
+    """The cpp backend's one-read training kernels (bn_train_planes*) take non-empty contiguous (N, C, *) tensors
+    with planes of more than one element: they reduce and apply a channel while it is still in cache."""
+    return x.dim() > 2 and x.is_contiguous() and x.numel() > 0 and x[0, 0].numel() > 1
+
+
+def _train_planes(x, weight, bias, residual, eps, pre_relu, post_relu, p, seed):
+    acc, C = _rng.acc_dtype(x.dtype), x.shape[1]
+    if residual is not None:
+        residual = _layout.to_strides(residual, x.stride())
+    return torch.ops.fastfuse_C.bn_train_planes(x, _acc_vec(weight, acc, C, 1.0, x), _acc_vec(bias, acc, C, 0.0, x),
+                                                residual, eps, pre_relu, post_relu, p, *_rng.seed_ints(seed))
+
+
+def _train_planes_backward(grad_out, x, weight, mean, var, out, eps, pre_relu, post_relu, p, seed, mask):
+    acc, C = _rng.acc_dtype(x.dtype), x.shape[1]
+    _, need_gw, need_gb, need_gr = mask
+    out = _layout.to_strides(out, x.stride()) if out is not None else None
+    gi, gr, sum_g, sum_gxmu = torch.ops.fastfuse_C.bn_train_planes_backward(
+        _layout.to_strides(grad_out, x.stride()), x, out, _acc_vec(weight, acc, C, 1.0, x), mean, var, eps,
+        pre_relu, post_relu, p, *_rng.seed_ints(seed), need_gr)
+    wdt = _grad_dtype(weight, x)
+    gw = (sum_gxmu * torch.rsqrt(var + eps)).to(wdt) if need_gw else x.new_empty(0, dtype=wdt)
+    gb = sum_g.to(wdt) if need_gb else x.new_empty(0, dtype=wdt)
+    return gi, gw, gb, gr
 
 
 def _acc_vec(t, acc, C, fill, like):
@@ -41,17 +63,15 @@ def _acc_vec(t, acc, C, fill, like):
 
 def _forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu, post_relu, p, seed):
     backend = _backends.select(x)
-    if backend == "cpp":  # all of the below in one C++ call (csrc/cpu/batch_norm_composite.cpp)
+    if backend == "cpp":
+        if training and p < 1 and _one_read(x):
+            return _train_planes(x, weight, bias, residual, eps, pre_relu, post_relu, p, seed)
+        # all of the below in one C++ call (csrc/cpu/batch_norm_composite.cpp)
         return torch.ops.fastfuse_C.bn_forward(x, weight, bias, running_mean, running_var, residual, training, eps,
                                                pre_relu, post_relu, p, *_rng.seed_ints(seed))
     k = _kernels(backend)
     x = _layout.channel_dense(x)
     acc, C = _rng.acc_dtype(x.dtype), x.shape[1]
-    if training and x.numel() and p < 1 and _one_read(k, x):
-        if residual is not None:
-            residual = _layout.to_strides(residual, x.stride())
-        return torch.ops.fastfuse_C.bn_train_planes(x, _acc_vec(weight, acc, C, 1.0, x), _acc_vec(bias, acc, C, 0.0, x),
-                                                    residual, eps, pre_relu, post_relu, p, *_rng.seed_ints(seed))
     if training:
         mean, var = k.bn_stats(x, pre_relu)
     else:  # copies: an op's outputs must not alias its inputs
@@ -78,7 +98,11 @@ def _grad_dtype(weight, x):
 
 def _backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, mask):
     backend = _backends.select(x)
-    if backend == "cpp":  # all of the below in one C++ call
+    if backend == "cpp":
+        if training and mask[0] and p < 1 and _one_read(x):
+            return _train_planes_backward(grad_out, x, weight, mean, var, out, eps, pre_relu, post_relu, p, seed,
+                                          mask)
+        # all of the below in one C++ call (csrc/cpu/batch_norm_composite.cpp)
         return torch.ops.fastfuse_C.bn_backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu,
                                                 post_relu, p, *_rng.seed_ints(seed), *mask)
     k = _kernels(backend)
@@ -96,14 +120,9 @@ def _backward(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post
     invstd = torch.rsqrt(var + eps)
     sum_g = sum_gxmu = None
     gi = gr = empty
-    one_read = training and need_gi and _one_read(k, x)
-    if one_read:  # the gradient sums and grad_input (and grad_residual) in one kernel
-        gi, gr, sum_g, sum_gxmu = torch.ops.fastfuse_C.bn_train_planes_backward(
-            grad_out, x, out, _acc_vec(weight, acc, C, 1.0, x), mean, var, eps, pre_relu, post_relu, p, key, offset,
-            need_gr)
-    elif need_gw or need_gb or (training and need_gi):
+    if need_gw or need_gb or (training and need_gi):
         sum_g, sum_gxmu = k.bn_grad_reduce(grad_out, x, out, mean, pre_relu, post_relu, p, key, offset)
-    if (need_gi or need_gr) and not one_read:
+    if need_gi or need_gr:
         k1 = invstd * _acc_vec(weight, acc, C, 1.0, x)
         if training and need_gi:  # d/dx of the batch statistics: grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
             n = x.numel() // C
