@@ -21,6 +21,13 @@ namespace fastfuse {
 namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
+constexpr size_t kSmallStep = size_t(64) << 10;  // size classes below kHuge: multiples of 64 KB
+
+// Blocks of 2 MB and more are 2 MB aligned and sized (huge pages); smaller ones round up to 64 KB.
+size_t rounded(size_t nbytes) {
+  const size_t step = nbytes >= kHuge ? kHuge : kSmallStep;
+  return (nbytes + step - 1) / step * step;
+}
 
 size_t cache_cap_bytes() {
   const char* env = std::getenv("FASTFUSE_CPU_CACHE_MB");
@@ -32,17 +39,17 @@ class OutputAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
     if (nbytes == 0) return {nullptr, nullptr, &release, c10::Device(c10::DeviceType::CPU)};
-    const size_t size = (nbytes + kHuge - 1) / kHuge * kHuge;
+    const size_t size = rounded(nbytes), align = size >= kHuge ? kHuge : 64;
     void* p = take(size);
     if (!p) {
-      p = std::aligned_alloc(kHuge, size);
+      p = std::aligned_alloc(align, size);
       if (!p) {  // out of memory: give the idle blocks back and try once more
         empty();
-        p = std::aligned_alloc(kHuge, size);
+        p = std::aligned_alloc(align, size);
       }
       TORCH_CHECK(p, "fastfuse: out of CPU memory allocating ", nbytes, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-      madvise(p, size, MADV_HUGEPAGE);  // advice only: ignored where THP is off
+      if (size >= kHuge) madvise(p, size, MADV_HUGEPAGE);  // advice only: ignored where THP is off
 #endif
       std::lock_guard<std::mutex> lock(mu_);
       live_[p] = size;

@@ -14,8 +14,9 @@
 
 namespace fastfuse {
 
-// Blocks of at least this size go through the cache; smaller ones are left to malloc, which reuses them well.
-constexpr int64_t kCachedOutputBytes = int64_t(4) << 20;
+// Blocks of at least this size go through the cache; smaller ones are left to malloc. (glibc maps blocks from
+// 128 KB up fresh, or trims them off its heap, often enough that a 2 MB output page-faults on most calls here.)
+constexpr int64_t kCachedOutputBytes = int64_t(256) << 10;
 
 // The allocator behind empty_like_output (a process-wide singleton).
 c10::Allocator* output_allocator();

@@ -13,7 +13,7 @@
 namespace fastfuse {
 namespace {
 
-constexpr int64_t kDropOnceBytes = int64_t(512) << 10;  // see bn_backward_cpu
+constexpr int64_t kDropOnceBytes = int64_t(2) << 20;  // see bn_backward_cpu
 
 at::ScalarType acc_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -77,8 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
   }
   // Dropout without a post-ReLU: both passes below would regenerate the mask's Philox words (the costly part at
   // cache-sized shapes); drop out grad_out once instead and run them mask-free. The same bits where grad_out
-  // holds the accumulation type (dropped-out values are not rounded in between). Cache-sized only: a bigger
-  // temporary is fresh memory whose page faults cost more than the words (3.8 ms vs 0.4 ms at (512, 1000)).
+  // holds the accumulation type (dropped-out values are not rounded in between). Cache-sized only (up to 2 MB): a
+  // bigger temporary streams through memory once more, which costs more than the words. (The temporary comes from
+  // the output cache, cpu/alloc.h; fresh from malloc its page faults cost 3.8 ms against 0.4 ms at (512, 1000).)
   at::Tensor g = grad_out;
   double pk = p;
   if (p > 0 && !post_relu && x.scalar_type() == acc && x.nbytes() <= kDropOnceBytes) {
