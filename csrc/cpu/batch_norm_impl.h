@@ -267,6 +267,47 @@ void set_drop(T& f, double p, int64_t seed, int64_t offset) {
 
 }  // namespace
 
+// The shift of channel c's sums: its first element (after the pre-ReLU), for stability with a large mean.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t channel_shift(const scalar_t* x, const BnGeom& g, int64_t c, bool pre_relu) {
+  const acc_t v = static_cast<acc_t>(x[g.rows ? c : c * g.S]);
+  return pre_relu ? relu(v) : v;
+}
+
+// Mean and biased variance of a channel of n values from its shifted sums d1 = sum(v - shift), d2 = sum((v - shift)^2).
+template <typename acc_t>
+void channel_moments(acc_t shift, double d1, double d2, int64_t n, acc_t& mean, acc_t& var) {
+  const double m = d1 / n;
+  mean = static_cast<acc_t>(shift + m);
+  var = static_cast<acc_t>(std::max(0.0, d2 / n - m * m));
+}
+
+// Builds the ApplyOp for this call (with or without residual and dropout) and calls fn(op).
+template <typename scalar_t, typename Fn>
+void with_apply_op(const scalar_t* x, const scalar_t* res, scalar_t* y, const at::opmath_type<scalar_t>* mean,
+                   const at::opmath_type<scalar_t>* scale, const at::opmath_type<scalar_t>* bias, bool pre_relu,
+                   bool post_relu, double p, int64_t seed, int64_t offset, Fn fn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto run = [&](auto res_c, auto drop_c) {
+    ApplyOp<scalar_t, decltype(res_c)::value, decltype(drop_c)::value> f;
+    set_drop(f, p, seed, offset);
+    f.x = x;
+    f.res = res;
+    f.y = y;
+    f.mean = mean;
+    f.scale = scale;
+    f.bias = bias;
+    f.ds = static_cast<acc_t>(p > 0 ? dropout_scale(p) : 1.0);
+    f.pre = pre_relu;
+    f.post = post_relu;
+    fn(f);
+  };
+  if (res)
+    p > 0 ? run(std::true_type(), std::true_type()) : run(std::true_type(), std::false_type());
+  else
+    p > 0 ? run(std::false_type(), std::true_type()) : run(std::false_type(), std::false_type());
+}
+
 Tensor2 bn_stats_cpu(const at::Tensor& x, bool pre_relu) {
   check_input(x);
   const BnGeom g = bn_geometry(x);
@@ -278,19 +319,12 @@ Tensor2 bn_stats_cpu(const at::Tensor& x, bool pre_relu) {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     std::vector<acc_t> shift(g.C);
-    for (int64_t c = 0; c < g.C; ++c) {  // the channel's first element
-      const acc_t v = static_cast<acc_t>(xp[g.rows ? c : c * g.S]);
-      shift[c] = pre_relu ? relu(v) : v;
-    }
+    for (int64_t c = 0; c < g.C; ++c) shift[c] = channel_shift(xp, g, c, pre_relu);
     std::vector<double> s1(g.C), s2(g.C);
     channel_sums<acc_t>(g, StatsOp<scalar_t>{xp, shift.data(), pre_relu}, s1.data(), s2.data());
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* vp = var.mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < g.C; ++c) {
-      const double m = s1[c] / n;
-      mp[c] = static_cast<acc_t>(shift[c] + m);
-      vp[c] = static_cast<acc_t>(std::max(0.0, s2[c] / n - m * m));
-    }
+    for (int64_t c = 0; c < g.C; ++c) channel_moments(shift[c], s1[c], s2[c], n, mp[c], vp[c]);
   });
   return {mean, var};
 }
@@ -309,24 +343,10 @@ at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::T
   if (g.numel == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto res_c, auto drop_c) {
-      ApplyOp<scalar_t, decltype(res_c)::value, decltype(drop_c)::value> f;
-      set_drop(f, p, seed, offset);
-      f.x = x.const_data_ptr<scalar_t>();
-      f.res = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
-      f.y = y.mutable_data_ptr<scalar_t>();
-      f.mean = mean.const_data_ptr<acc_t>();
-      f.scale = scale.const_data_ptr<acc_t>();
-      f.bias = bias.const_data_ptr<acc_t>();
-      f.ds = static_cast<acc_t>(p > 0 ? dropout_scale(p) : 1.0);
-      f.pre = pre_relu;
-      f.post = post_relu;
-      for_each_element(g, f);
-    };
-    if (has_res)
-      p > 0 ? run(std::true_type(), std::true_type()) : run(std::true_type(), std::false_type());
-    else
-      p > 0 ? run(std::false_type(), std::true_type()) : run(std::false_type(), std::false_type());
+    with_apply_op(x.const_data_ptr<scalar_t>(), has_res ? residual->const_data_ptr<scalar_t>() : nullptr,
+                  y.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
+                  bias.const_data_ptr<acc_t>(), pre_relu, post_relu, p, seed, offset,
+                  [&](auto& f) { for_each_element(g, f); });
   });
   return y;
 }
@@ -446,39 +466,23 @@ Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const
     acc_t* vp = var.mutable_data_ptr<acc_t>();
     const acc_t* wp = weight.const_data_ptr<acc_t>();
     std::vector<acc_t> shift(g.C), scale(g.C);
-    auto run = [&](auto res_c, auto drop_c) {
-      ApplyOp<scalar_t, decltype(res_c)::value, decltype(drop_c)::value> fa;
-      set_drop(fa, p, seed, offset);
-      fa.x = xp;
-      fa.res = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
-      fa.y = y.mutable_data_ptr<scalar_t>();
-      fa.mean = mp;
-      fa.scale = scale.data();
-      fa.bias = bias.const_data_ptr<acc_t>();
-      fa.ds = static_cast<acc_t>(p > 0 ? dropout_scale(p) : 1.0);
-      fa.pre = pre_relu;
-      fa.post = post_relu;
+    with_apply_op(xp, has_res ? residual->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), mp,
+                  scale.data(), bias.const_data_ptr<acc_t>(), pre_relu, post_relu, p, seed, offset,
+                  [&](const auto& fa) {
       at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
         std::vector<uint32_t> buf(kChunk + 8);
         StatsOp<scalar_t> fs{xp, shift.data(), pre_relu};
         auto f = fa;
         for (int64_t c = c0; c < c1; ++c) {
-          const acc_t v0 = static_cast<acc_t>(xp[c * g.S]);  // shift by the channel's first element, as bn_stats
-          shift[c] = pre_relu ? relu(v0) : v0;
+          shift[c] = channel_shift(xp, g, c, pre_relu);
           double d1, d2;
           plane_sums<acc_t>(g, fs, buf.data(), c, d1, d2);
-          const double m = d1 / n;
-          mp[c] = static_cast<acc_t>(shift[c] + m);
-          vp[c] = static_cast<acc_t>(std::max(0.0, d2 / n - m * m));
+          channel_moments(shift[c], d1, d2, n, mp[c], vp[c]);
           scale[c] = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps)) * wp[c];
           plane_apply(g, f, buf.data(), c);
         }
       });
-    };
-    if (has_res)
-      p > 0 ? run(std::true_type(), std::true_type()) : run(std::true_type(), std::false_type());
-    else
-      p > 0 ? run(std::false_type(), std::true_type()) : run(std::false_type(), std::false_type());
+    });
   });
   return {y, mean, var};
 }
