@@ -8,5 +8,5 @@ from .ops import batch_norm, dropout, embedding_concat_dropout, reflect_conv2d
 from .swap import fuse
 
 __version__ = "0.1.0"
-__all__ = ["backends", "batch_norm", "dropout", "embedding_concat_dropout", "empty_cpu_cache", "fuse", "models", "nn", "reference",
-           "reflect_conv2d", "use_backend"]
+__all__ = ["backends", "batch_norm", "dropout", "embedding_concat_dropout", "empty_cpu_cache", "fuse", "models", "nn",
+           "reference", "reflect_conv2d", "use_backend"]

@@ -14,16 +14,17 @@ import torch
 from .. import _backends, _layout, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
 
 
-def _cpp(name):
+def _cuda(name):
     return lambda *args: getattr(torch.ops.fastfuse_C, name)(*args)
 
 
-_CPP = types.SimpleNamespace(**{n: _cpp(n) for n in ("bn_stats", "bn_apply", "bn_grad_reduce", "bn_grad_apply")})
+# the CUDA kernels of fastfuse_C (cpp never comes here: _forward/_backward send it to its C++ entry points)
+_CUDA = types.SimpleNamespace(**{n: _cuda(n) for n in ("bn_stats", "bn_apply", "bn_grad_reduce", "bn_grad_apply")})
 
 
 def _kernels(backend):
-    if backend in ("cpp", "cuda"):
-        return _CPP
+    if backend == "cuda":
+        return _CUDA
     if backend == "triton":
         from ..triton_kernels import batch_norm as tk  # lazily: triton is optional and slow to import
         return tk
