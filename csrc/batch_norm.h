@@ -5,6 +5,7 @@
 
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace fastfuse {
 
@@ -15,6 +16,19 @@ struct BnGeom {
   bool rows;
 };
 
+// True for a dense (N, C, *) tensor whose channel dim is innermost in memory (channels_last and its N-D kin).
+inline bool bn_channels_inner(const at::Tensor& x) {
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  return x.permute(perm).is_contiguous();
+}
+
+// The dtype of the statistics and per-channel vectors: double for double input, float otherwise.
+inline at::ScalarType bn_acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline BnGeom bn_geometry(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, "fastfuse batch_norm: expected an (N, C, *) tensor, got ", x.dim(), "D");
   const int64_t C = x.size(1), numel = x.numel();
@@ -22,10 +36,7 @@ inline BnGeom bn_geometry(const at::Tensor& x) {
     const int64_t S = numel == 0 ? 1 : numel / (x.size(0) * C);
     return {numel, C, S, S == 1};
   }
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  TORCH_CHECK(x.permute(perm).is_contiguous(),
+  TORCH_CHECK(bn_channels_inner(x),
               "fastfuse batch_norm kernel: expected a contiguous or channels-last tensor (the router makes it so)");
   return {numel, C, 1, true};
 }

@@ -15,8 +15,6 @@ namespace {
 
 constexpr int64_t kDropOnceBytes = int64_t(2) << 20;  // see bn_backward_cpu
 
-at::ScalarType acc_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 // _layout.to_strides: t with x's strides, a copy only when they differ
 at::Tensor like_strides(const at::Tensor& t, const at::Tensor& x) {
   if (t.strides() == x.strides() || t.numel() <= 1) return t;
@@ -26,10 +24,7 @@ at::Tensor like_strides(const at::Tensor& t, const at::Tensor& x) {
 // _layout.channel_dense: contiguous or channels-inner, else a contiguous copy
 at::Tensor channel_dense(const at::Tensor& x) {
   if (x.is_contiguous() || x.dim() < 3) return x.contiguous();
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  return x.permute(perm).is_contiguous() ? x : x.contiguous();
+  return bn_channels_inner(x) ? x : x.contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_cpu(
@@ -38,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_cpu(
     const c10::optional<at::Tensor>& residual, bool training, double eps, bool pre_relu, bool post_relu, double p,
     int64_t seed, int64_t offset) {
   const at::Tensor x = channel_dense(x_in);
-  const auto acc = acc_of(x);
+  const auto acc = bn_acc_type(x);
   const int64_t C = x.size(1);
   at::Tensor mean, var;
   if (training) {
@@ -66,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
   const at::Tensor grad_out = like_strides(grad_out_in, x);
   c10::optional<at::Tensor> out;
   if (out_in.has_value() && out_in->defined()) out = like_strides(*out_in, x);
-  const auto acc = acc_of(x);
+  const auto acc = bn_acc_type(x);
   const int64_t C = x.size(1);
   const bool has_w = weight.has_value() && weight->defined();
   const auto wdt = has_w ? weight->scalar_type() : acc;

@@ -242,13 +242,9 @@ struct GradApplyOp : GradOf<scalar_t, kMask>, ElemLoops<GradApplyOp<scalar_t, kM
 };
 
 // ---- helpers ----
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_vec(const at::Tensor& v, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.numel() == x.size(1) && v.is_contiguous() && v.scalar_type() == acc_type(x),
-              "fastfuse batch_norm kernel: ", name, " must be a contiguous (C,) ", acc_type(x), " tensor");
+  TORCH_CHECK(v.dim() == 1 && v.numel() == x.size(1) && v.is_contiguous() && v.scalar_type() == bn_acc_type(x),
+              "fastfuse batch_norm kernel: ", name, " must be a contiguous (C,) ", bn_acc_type(x), " tensor");
 }
 
 void check_input(const at::Tensor& x) {
@@ -313,7 +309,7 @@ Tensor2 bn_stats_cpu(const at::Tensor& x, bool pre_relu) {
   const BnGeom g = bn_geometry(x);
   TORCH_CHECK(g.numel > 0, "fastfuse bn_stats: empty input");
   const int64_t n = g.numel / g.C;
-  at::Tensor mean = at::empty({g.C}, x.options().dtype(acc_type(x)));
+  at::Tensor mean = at::empty({g.C}, x.options().dtype(bn_acc_type(x)));
   at::Tensor var = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -377,7 +373,7 @@ Tensor2 bn_grad_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& x, cons
   check_grad_inputs(grad_out, x, out, post_relu);
   check_vec(mean, x, "mean");
   const BnGeom g = bn_geometry(x);
-  at::Tensor sum_g = at::zeros({g.C}, x.options().dtype(acc_type(x)));
+  at::Tensor sum_g = at::zeros({g.C}, x.options().dtype(bn_acc_type(x)));
   at::Tensor sum_gx = at::zeros_like(sum_g);
   if (g.numel == 0) return {sum_g, sum_gx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_grad_reduce", [&] {
@@ -456,7 +452,7 @@ Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) bn_check_like(*residual, x, "residual");
   const int64_t n = g.numel / g.C;
-  at::Tensor mean = at::empty({g.C}, x.options().dtype(acc_type(x)));
+  at::Tensor mean = at::empty({g.C}, x.options().dtype(bn_acc_type(x)));
   at::Tensor var = at::empty_like(mean);
   at::Tensor y = empty_like_output(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_train_planes", [&] {
@@ -498,7 +494,7 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   check_vec(mean, x, "mean");
   check_vec(var, x, "var");
   const int64_t n = g.numel / g.C;
-  at::Tensor sum_g = at::empty({g.C}, x.options().dtype(acc_type(x)));
+  at::Tensor sum_g = at::empty({g.C}, x.options().dtype(bn_acc_type(x)));
   at::Tensor sum_gx = at::empty_like(sum_g);
   at::Tensor gi = empty_like_output(x);
   at::Tensor gout = need_g ? empty_like_output(x) : x.new_empty({0});
