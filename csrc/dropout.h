@@ -8,11 +8,11 @@
 
 namespace fastfuse {
 
-// keep <=> word >= threshold: with a 32-bit word that is P(keep) = 1 - floor(p * 2^32) / 2^32.
+// keep <=> 16-bit key >= threshold (csrc/philox.h): P(keep) = 1 - floor(p * 2^16) / 2^16.
 // p == 1 cannot be expressed this way; the Python router returns zeros for it without a kernel.
 inline uint32_t dropout_threshold(double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "fastfuse dropout kernel: p must be in [0, 1), got ", p);
-  return static_cast<uint32_t>(std::floor(p * 4294967296.0));
+  return static_cast<uint32_t>(std::floor(p * 65536.0));
 }
 
 inline double dropout_scale(double p) { return 1.0 / (1.0 - p); }

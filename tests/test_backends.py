@@ -22,6 +22,28 @@ def test_philox_known_answers():
         assert tuple(int(w) for w in got) == out
 
 
+def test_dropout_keys_are_16_bit_halves_of_philox_words():
+    # element i: group i // 8 (counter lo/hi = group, offset lo/hi), word (i % 8) // 2, low half first
+    seed, offset = 0x0123456789ABCDEF, 0x1122334455667788
+    keys = reference.dropout_keys(8 * 3, seed, offset)
+    m = 0xFFFFFFFF
+    for g in range(3):
+        T = lambda v: torch.tensor([v], dtype=torch.int64)  # noqa: E731
+        words = reference.philox4x32_10(T(g), T(0), T(offset & m), T(offset >> 32), seed & m, seed >> 32)
+        want = [(int(words[l // 2]) >> (16 * (l % 2))) & 0xFFFF for l in range(8)]
+        assert keys[8 * g:8 * g + 8].tolist() == want
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_threshold_steps_of_2_pow_minus_16(backend):
+    # p = k / 2^16 drops exactly the keys below k: the mask matches the reference keys on every backend
+    x = torch.ones(4096)
+    keys = reference.dropout_keys(x.numel(), *SEED.tolist())
+    for k in (1, 300, 32768, 65535):
+        y = _run(backend, x, p=k / 65536)
+        assert torch.equal(y != 0, keys >= k)
+
+
 def _run(backend, x, p=0.37, seed=SEED):
     with fastfuse.use_backend(backend):
         return torch.ops.fastfuse.dropout(x, p, seed)

@@ -9,10 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import element_words, word_tile
+from .philox import element_keys, key_tile
 from .rounding import fp32_to
 
-BLOCK_GROUPS = 256  # elementwise: 1024 elements per program
+BLOCK_GROUPS = 128  # elementwise: 1024 elements per program
 BLOCK = 1024  # planes reduction: elements per step
 BLOCK_R, BLOCK_C = 32, 32  # rows reduction tile
 MASK_NONE, MASK_POST, MASK_DROP = 0, 1, 2  # how the gradient is masked (see reference._bn_grad)
@@ -49,8 +49,8 @@ def _grad(go_ptr, out_ptr, offs, mask, ds, threshold, k0, k1, o0, o1, MASK_KIND:
         out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.where(out > 0, g, 0.0)
     elif MASK_KIND == 2:
-        w = element_words(offs, k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32))
-        g = tl.where(w >= threshold.to(tl.uint32), g, 0.0)
+        key = element_keys(offs, k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32))
+        g = tl.where(key >= threshold.to(tl.uint32), g, 0.0)
     return g
 
 
@@ -112,11 +112,16 @@ def _reduce_rows_kernel(x_ptr, go_ptr, out_ptr, ref_ptr, part_ptr, C, R, r_per_p
     tl.store(part_ptr + (part * C + c) * 2 + 1, tl.sum(s2, 0), mask=cmask)
 
 
+def _drop(p, mask):
+    """(threshold, grad/output scale): the keys are compared only where `mask`; the scale applies for any p > 0."""
+    from fastfuse import _rng
+    return (_rng.dropout_threshold(p) if mask else 0), (_rng.dropout_scale(p) if p > 0 else 1.0)
+
+
 def _channel_sums(x, ref, grad_out=None, out=None, pre_relu=False, mask_kind=MASK_NONE, p=0.0, seed=0, offset=0):
     """Per-channel float64 sums of the two summands of _pair."""
     C, S, rows = _geometry(x)
-    ds = 1.0 / (1.0 - p) if p > 0 else 1.0
-    threshold = int(p * 4294967296.0) if mask_kind == MASK_DROP else 0
+    threshold, ds = _drop(p, mask_kind == MASK_DROP)
     grad = grad_out is not None
     go = grad_out if grad else x
     outp = out if out is not None else x
@@ -168,7 +173,7 @@ def _apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, n, C, S,
                   ROWS: tl.constexpr, PRE: tl.constexpr, POST: tl.constexpr, HAS_RES: tl.constexpr,
                   DROP: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
-    offs = g[:, None] * 4 + tl.arange(0, 4)[None, :]
+    offs = g[:, None] * 8 + tl.arange(0, 8)[None, :]
     mask = offs < n
     c = offs % C if ROWS else (offs // S) % C
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -180,8 +185,8 @@ def _apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, n, C, S,
     if POST:
         z = _relu(z)
     if DROP:
-        w = word_tile(g, k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32))
-        z = tl.where(w >= threshold.to(tl.uint32), z * ds, 0.0)
+        key = key_tile(g, k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32))
+        z = tl.where(key >= threshold.to(tl.uint32), z * ds, 0.0)
     tl.store(y_ptr + offs, fp32_to(z, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -193,10 +198,10 @@ def bn_apply(x, mean, scale, bias, residual, pre_relu, post_relu, p, seed, offse
         return y
     C, S, rows = _geometry(x)
     drop = p > 0
-    _apply_kernel[(triton.cdiv(n, 4 * BLOCK_GROUPS),)](
+    _apply_kernel[(triton.cdiv(n, 8 * BLOCK_GROUPS),)](
         x, residual if residual is not None else x, y, mean.float().contiguous(), scale.float().contiguous(),
-        bias.float().contiguous(), n, C, S, int(p * 4294967296.0) if drop else 0, 1.0 / (1.0 - p) if drop else 1.0,
-        *_key(seed, offset), ROWS=rows, PRE=pre_relu, POST=post_relu, HAS_RES=residual is not None, DROP=drop,
+        bias.float().contiguous(), n, C, S, *_drop(p, drop), *_key(seed, offset), ROWS=rows, PRE=pre_relu,
+        POST=post_relu, HAS_RES=residual is not None, DROP=drop,
         BLOCK_GROUPS=BLOCK_GROUPS)
     return y
 
@@ -233,6 +238,6 @@ def bn_grad_apply(grad_out, x, out, mean, k1, k2, k3, pre_relu, post_relu, p, se
     f = lambda t: t.float().contiguous()  # noqa: E731
     _grad_apply_kernel[(triton.cdiv(n, BLOCK),)](
         grad_out, x, out if out is not None else x, gi if need_gi else x, g if need_g else x, f(mean), f(k1), f(k2),
-        f(k3), n, C, S, int(p * 4294967296.0) if kind == MASK_DROP else 0, 1.0 / (1.0 - p) if p > 0 else 1.0,
-        *_key(seed, offset), ROWS=rows, PRE=pre_relu, MASK_KIND=kind, NEED_GI=need_gi, NEED_G=need_g, BLOCK=BLOCK)
+        f(k3), n, C, S, *_drop(p, kind == MASK_DROP), *_key(seed, offset), ROWS=rows, PRE=pre_relu,
+        MASK_KIND=kind, NEED_GI=need_gi, NEED_G=need_g, BLOCK=BLOCK)
     return gi, g

@@ -1,13 +1,13 @@
-"""Fused dropout in Triton: each program draws Philox words for BLOCK_GROUPS groups of 4 elements and
-applies keep ? x * scale : 0 to the matching (BLOCK_GROUPS, 4) tile of the dense input."""
+"""Fused dropout in Triton: each program draws dropout keys for BLOCK_GROUPS groups of 8 elements and
+applies keep ? x * scale : 0 to the matching (BLOCK_GROUPS, 8) tile of the dense input."""
 import torch
 import triton
 import triton.language as tl
 
-from .philox import word_tile
+from .philox import key_tile
 from .rounding import fp32_to
 
-BLOCK_GROUPS = 256
+BLOCK_GROUPS = 128
 
 
 @triton.jit
@@ -15,11 +15,11 @@ def dropout_kernel(x_ptr, y_ptr, n_elements, threshold, scale, key0, key1, off0,
                    BLOCK_GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     g = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
-    word = word_tile(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32), off1.to(tl.uint32))
-    offs = g[:, None] * 4 + tl.arange(0, 4)[None, :]
+    key = key_tile(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32), off1.to(tl.uint32))
+    offs = g[:, None] * 8 + tl.arange(0, 8)[None, :]
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask)
-    y = tl.where(word >= threshold.to(tl.uint32), x.to(tl.float32) * scale, 0.0)
+    y = tl.where(key >= threshold.to(tl.uint32), x.to(tl.float32) * scale, 0.0)
     tl.store(y_ptr + offs, fp32_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -32,7 +32,7 @@ def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int, offset: in
     if n == 0:
         return y
     m = 0xFFFFFFFF
-    grid = (triton.cdiv(n, 4 * BLOCK_GROUPS),)
+    grid = (triton.cdiv(n, 8 * BLOCK_GROUPS),)
     dropout_kernel[grid](x, y, n, threshold, scale, seed & m, (seed >> 32) & m, offset & m, (offset >> 32) & m,
                          BLOCK_GROUPS=BLOCK_GROUPS, num_warps=4)
     return y

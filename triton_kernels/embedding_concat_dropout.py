@@ -1,4 +1,4 @@
-"""embedding_concat_dropout in Triton. Forward: each program takes BLOCK_GROUPS Philox groups (4 elements
+"""embedding_concat_dropout in Triton. Forward: each program takes BLOCK_GROUPS Philox groups (8 elements
 each) of the (B, D) embedding block, gathers their table rows and applies the mask, writing straight into
 the (B, D + C) output. Backward: the same tiling regenerates the mask on the gradient; the per-table sums
 then use fastfuse.reference.embedding_table_grads (a stable sort and segment sums: deterministic, no atomics).
@@ -9,19 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import dropout_group_words
+from .philox import key_tile
 from .rounding import fp32_to
 
-BLOCK_GROUPS = 128
+BLOCK_GROUPS = 64
 
 
 @triton.jit
-def _words(g, key0, key1, off0, off1):
-    r0, r1, r2, r3 = dropout_group_words(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32),
-                                         off1.to(tl.uint32))
-    lane = tl.arange(0, 4)[None, :]
-    return tl.where(lane == 0, r0[:, None],
-                    tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+def _keys(g, key0, key1, off0, off1):
+    return key_tile(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32), off1.to(tl.uint32))
 
 
 @triton.jit
@@ -30,8 +26,8 @@ def ecd_forward_kernel(x_ptr, flat_ptr, col_t_ptr, col_k_ptr, base_ptr, dim_ptr,
                        BLOCK_GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     g = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
-    word = _words(g, key0, key1, off0, off1)
-    e = g[:, None] * 4 + tl.arange(0, 4)[None, :]  # element b*D + j of the embedding block
+    key = _keys(g, key0, key1, off0, off1)
+    e = g[:, None] * 8 + tl.arange(0, 8)[None, :]  # element b*D + j of the embedding block
     live = e < n_elements
     b = e // D
     j = e - b * D
@@ -43,7 +39,7 @@ def ecd_forward_kernel(x_ptr, flat_ptr, col_t_ptr, col_k_ptr, base_ptr, dim_ptr,
     d = tl.load(dim_ptr + t, mask=live, other=0)
     base = tl.load(base_ptr + t, mask=live, other=0)
     v = tl.load(flat_ptr + base + idx * d + k, mask=ok, other=0.0)
-    y = tl.where(word >= threshold.to(tl.uint32), v.to(tl.float32) * scale, 0.0)
+    y = tl.where(key >= threshold.to(tl.uint32), v.to(tl.float32) * scale, 0.0)
     tl.store(out_ptr + b * W + j, fp32_to(y, out_ptr.dtype.element_ty), mask=live)
 
 
@@ -52,13 +48,13 @@ def ecd_grad_mask_kernel(g_ptr, out_ptr, n_elements, D, W, threshold, scale, key
                          BLOCK_GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     g = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
-    word = _words(g, key0, key1, off0, off1)
-    e = g[:, None] * 4 + tl.arange(0, 4)[None, :]
+    key = _keys(g, key0, key1, off0, off1)
+    e = g[:, None] * 8 + tl.arange(0, 8)[None, :]
     live = e < n_elements
     b = e // D
     j = e - b * D
     v = tl.load(g_ptr + b * W + j, mask=live, other=0.0)
-    y = tl.where(word >= threshold.to(tl.uint32), v.to(tl.float32) * scale, 0.0)
+    y = tl.where(key >= threshold.to(tl.uint32), v.to(tl.float32) * scale, 0.0)
     tl.store(out_ptr + e, fp32_to(y, out_ptr.dtype.element_ty), mask=live)
 
 
@@ -71,7 +67,7 @@ def _check_dtype(dtype):
 def _mask_args(p, key, offset):
     from fastfuse import _rng
     m = 0xFFFFFFFF
-    threshold = _rng.dropout_threshold(p) if p > 0 else 0  # threshold 0 keeps every word
+    threshold = _rng.dropout_threshold(p) if p > 0 else 0  # threshold 0 keeps every element
     scale = _rng.dropout_scale(p) if p > 0 else 1.0
     return threshold, scale, key & m, (key >> 32) & m, offset & m, (offset >> 32) & m
 
@@ -99,7 +95,7 @@ def forward(x_cat, weights, p, key, offset, cont):
     n = B * D
     if n:
         flat = torch.cat([w.reshape(-1) for w in weights])
-        grid = (triton.cdiv(n, 4 * BLOCK_GROUPS),)
+        grid = (triton.cdiv(n, 8 * BLOCK_GROUPS),)
         ecd_forward_kernel[grid](x_cat, flat, col_t, col_k, base, dims, rows, out, n, D, T, D + C,
                                  *_mask_args(p, key, offset), BLOCK_GROUPS=BLOCK_GROUPS, num_warps=4)
     return out
@@ -113,7 +109,7 @@ def backward(grad, x_cat, weights, p, key, offset):
     masked = torch.empty((B, D), dtype=grad.dtype, device=grad.device)
     n = B * D
     if n:
-        grid = (triton.cdiv(n, 4 * BLOCK_GROUPS),)
+        grid = (triton.cdiv(n, 8 * BLOCK_GROUPS),)
         ecd_grad_mask_kernel[grid](grad, masked, n, D, grad.shape[1], *_mask_args(p, key, offset),
                                    BLOCK_GROUPS=BLOCK_GROUPS, num_warps=4)
     return reference.embedding_table_grads(masked, x_cat, weights)

@@ -37,17 +37,22 @@ def dropout_group_words(g, key0, key1, off0, off1):
 
 
 @triton.jit
-def word_tile(g, key0, key1, off0, off1):
-    """(len(g), 4) tile of words: row j holds the words of elements 4 g[j] .. 4 g[j] + 3."""
-    r0, r1, r2, r3 = dropout_group_words(g, key0, key1, off0, off1)
-    lane = tl.arange(0, 4)[None, :]
-    return tl.where(lane == 0, r0[:, None], tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+def _key_of(r0, r1, r2, r3, lane):
+    """16-bit key `lane` (0..7) of a group from its four words: half lane % 2 (low first) of word lane // 2."""
+    w = tl.where(lane < 2, r0, tl.where(lane < 4, r1, tl.where(lane < 6, r2, r3)))
+    return (w >> ((lane & 1) * 16).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit
-def element_words(offs, key0, key1, off0, off1):
-    """The word of each element index in offs (any shape, int64): lane offs % 4 of group offs // 4.
-    Costs a Philox call per element; word_tile shares one call between 4 aligned elements."""
-    r0, r1, r2, r3 = dropout_group_words(offs >> 2, key0, key1, off0, off1)
-    lane = offs & 3
-    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+def key_tile(g, key0, key1, off0, off1):
+    """(len(g), 8) tile of dropout keys (uint32 < 2^16): row j holds the keys of elements 8 g[j] .. 8 g[j] + 7."""
+    r0, r1, r2, r3 = dropout_group_words(g, key0, key1, off0, off1)
+    return _key_of(r0[:, None], r1[:, None], r2[:, None], r3[:, None], tl.arange(0, 8)[None, :])
+
+
+@triton.jit
+def element_keys(offs, key0, key1, off0, off1):
+    """The dropout key of each element index in offs (any shape, int64): lane offs % 8 of group offs // 8.
+    Costs a Philox call per element; key_tile shares one call between 8 aligned elements."""
+    r0, r1, r2, r3 = dropout_group_words(offs >> 3, key0, key1, off0, off1)
+    return _key_of(r0, r1, r2, r3, (offs & 7).to(tl.int32))

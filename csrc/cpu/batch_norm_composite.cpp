@@ -70,10 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     auto z = [&](bool need, const at::Tensor& t) { return need ? at::zeros_like(t) : empty; };
     return {z(need_gi, x), z(need_gw, mean).to(wdt), z(need_gb, mean).to(wdt), z(need_gr, x)};
   }
-  // Dropout without a post-ReLU: both passes below would regenerate the mask's Philox words (the costly part at
+  // Dropout without a post-ReLU: both passes below would regenerate the mask's Philox keys (the costly part at
   // cache-sized shapes); drop out grad_out once instead and run them mask-free. The same bits where grad_out
   // holds the accumulation type (dropped-out values are not rounded in between). Cache-sized only (up to 2 MB): a
-  // bigger temporary streams through memory once more, which costs more than the words. (The temporary comes from
+  // bigger temporary streams through memory once more, which costs more than the keys. (The temporary comes from
   // the output cache, cpu/alloc.h; fresh from malloc its page faults cost 3.8 ms against 0.4 ms at (512, 1000).)
   at::Tensor g = grad_out;
   double pk = p;

@@ -9,20 +9,20 @@ namespace fastfuse {
 namespace FF_BN_NS {
 namespace {
 
-constexpr int64_t kChunk = 4096;  // elements per elementwise task / per Philox buffer (16 KB of words)
+constexpr int64_t kChunk = 4096;  // elements per elementwise task / per Philox buffer (8 KB of keys)
 constexpr int kLanes = 16;        // independent accumulators: lets the compiler vectorise the sums
 
 template <typename acc_t>
 inline acc_t relu(acc_t v) { return v < acc_t(0) ? acc_t(0) : v; }  // NaN stays NaN, as in torch.relu
 
 // ---- drivers: walk the geometry, call an element functor F ----
-// F::begin(buf, i0, n) prepares storage elements [i0, i0 + n) (e.g. their Philox words, in buf);
+// F::begin(buf, i0, n) prepares storage elements [i0, i0 + n) (e.g. their dropout keys, in buf);
 // reduction functors add two quantities of element i (k = i - i0) of channel c: F::pair(k, i, c, a, b);
 // elementwise functors run over a piece of a plane (one channel) or of a row: F::plane / F::row (ElemLoops).
 
 // Sums (d1, d2) of channel c of a planes tensor (N runs of S contiguous elements), in a fixed order.
 template <typename acc_t, typename F>
-void plane_sums(const BnGeom& g, F& f, uint32_t* buf, int64_t c, double& d1, double& d2) {
+void plane_sums(const BnGeom& g, F& f, uint16_t* buf, int64_t c, double& d1, double& d2) {
   const int64_t N = g.numel / (g.C * g.S);
   d1 = d2 = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -41,7 +41,7 @@ void plane_sums(const BnGeom& g, F& f, uint32_t* buf, int64_t c, double& d1, dou
 
 // Runs the elementwise functor f over channel c of a planes tensor.
 template <typename F>
-void plane_apply(const BnGeom& g, F& f, uint32_t* buf, int64_t c) {
+void plane_apply(const BnGeom& g, F& f, uint16_t* buf, int64_t c) {
   const int64_t N = g.numel / (g.C * g.S);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t j = 0; j < g.S; j += kChunk) {
@@ -57,7 +57,7 @@ template <typename acc_t, typename F>
 void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
   if (!g.rows) {  // planes: one task per channel range
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<uint32_t> buf(kChunk + 8);
+      std::vector<uint16_t> buf(kChunk + kKeyPad);
       F f = proto;
       for (int64_t c = c0; c < c1; ++c) plane_sums<acc_t>(g, f, buf.data(), c, s1[c], s2[c]);
     });
@@ -67,7 +67,7 @@ void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
   const int64_t R = g.numel / g.C, rpb = std::max<int64_t>(1, 4 * kChunk / g.C), nb = (R + rpb - 1) / rpb;
   std::vector<double> p1(nb * g.C), p2(nb * g.C);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> buf(rpb * g.C + 8);
+    std::vector<uint16_t> buf(rpb * g.C + kKeyPad);
     std::vector<acc_t> l1(g.C), l2(g.C);
     F f = proto;
     for (int64_t b = b0; b < b1; ++b) {
@@ -99,7 +99,7 @@ template <typename F>
 void for_each_element(const BnGeom& g, const F& proto) {
   const int64_t nchunks = (g.numel + kChunk - 1) / kChunk;
   at::parallel_for(0, nchunks, 1, [&](int64_t a, int64_t b) {
-    alignas(64) uint32_t buf[kChunk + 8];
+    alignas(64) uint16_t buf[kChunk + kKeyPad];
     F f = proto;
     for (int64_t ch = a; ch < b; ++ch) {
       const int64_t i0 = ch * kChunk, end = std::min(g.numel, i0 + kChunk);
@@ -140,8 +140,8 @@ struct ElemLoops {
 struct Drop {
   uint32_t threshold;
   uint64_t seed, offset;
-  const uint32_t* w = nullptr;
-  void begin(uint32_t* buf, int64_t i0, int64_t n) { w = element_words(buf, i0, n, seed, offset); }
+  const uint16_t* w = nullptr;  // the dropout key of each element of the current run
+  void begin(uint16_t* buf, int64_t i0, int64_t n) { w = element_keys(buf, i0, n, seed, offset); }
 };
 
 template <typename scalar_t>
@@ -150,7 +150,7 @@ struct StatsOp {  // (x' - K_c, (x' - K_c)^2): sums shifted by a value of the ch
   const scalar_t* x;
   const acc_t* shift;
   bool pre;
-  void begin(uint32_t*, int64_t, int64_t) {}
+  void begin(uint16_t*, int64_t, int64_t) {}
   void pair(int64_t, int64_t i, int64_t c, acc_t& a, acc_t& b) const {
     acc_t v = static_cast<acc_t>(x[i]);
     const acc_t d = (pre ? relu(v) : v) - shift[c];
@@ -167,7 +167,7 @@ struct GradOf : Drop {
   const scalar_t* go;
   const scalar_t* out;
   acc_t ds;
-  void begin(uint32_t* buf, int64_t i0, int64_t n) {
+  void begin(uint16_t* buf, int64_t i0, int64_t n) {
     if (kMask == kMaskDrop) Drop::begin(buf, i0, n);
   }
   acc_t g(int64_t k, int64_t i) const {
@@ -203,7 +203,7 @@ struct ApplyOp : Drop, ElemLoops<ApplyOp<scalar_t, kRes, kDrop>> {  // y = drop(
   const acc_t *mean, *scale, *bias;
   acc_t ds;
   bool pre, post;
-  void begin(uint32_t* buf, int64_t i0, int64_t n) {
+  void begin(uint16_t* buf, int64_t i0, int64_t n) {
     if (kDrop) Drop::begin(buf, i0, n);
   }
   Consts consts(int64_t c) const { return {mean[c], scale[c], bias[c]}; }
@@ -466,7 +466,7 @@ Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const
                   scale.data(), bias.const_data_ptr<acc_t>(), pre_relu, post_relu, p, seed, offset,
                   [&](const auto& fa) {
       at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<uint32_t> buf(kChunk + 8);
+        std::vector<uint16_t> buf(kChunk + kKeyPad);
         StatsOp<scalar_t> fs{xp, shift.data(), pre_relu};
         auto f = fa;
         for (int64_t c = c0; c < c1; ++c) {
@@ -524,7 +524,7 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
       fa.gout = need_g ? gout.mutable_data_ptr<scalar_t>() : nullptr;
       fa.pre = pre_relu;
       at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<uint32_t> buf(kChunk + 8);
+        std::vector<uint16_t> buf(kChunk + kKeyPad);
         auto r = fr;
         auto a = fa;
         for (int64_t c = c0; c < c1; ++c) {

@@ -1,4 +1,4 @@
-// Fused dropout on CPU: Philox words for a cache-sized chunk of groups, then one pass of compare-select-scale.
+// Fused dropout on CPU: dropout keys for a cache-sized chunk of groups, then one pass of compare-select-scale.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,24 +11,24 @@
 namespace fastfuse {
 namespace {
 
-constexpr int64_t kChunkGroups = 256;  // 1024 words = 4 KB: stays in L1 between generation and use
+constexpr int64_t kChunkGroups = 256;  // 2048 16-bit keys = 4 KB: stays in L1 between generation and use
 
 template <typename scalar_t>
 void dropout_range(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n, int64_t g_begin,
                    int64_t g_end, uint32_t threshold, double scale_d, uint64_t seed, uint64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  alignas(64) uint32_t words[4 * kChunkGroups];
+  alignas(64) uint16_t keys[kKeysPerGroup * kChunkGroups];
   for (int64_t g = g_begin; g < g_end; g += kChunkGroups) {
     const int64_t ng = std::min(kChunkGroups, g_end - g);
-    philox_words(words, static_cast<uint64_t>(g), ng, seed, offset);
-    const int64_t i0 = 4 * g;
-    const int64_t m = std::min(4 * ng, n - i0);
+    philox_keys(keys, static_cast<uint64_t>(g), ng, seed, offset);
+    const int64_t i0 = kKeysPerGroup * g;
+    const int64_t m = std::min(kKeysPerGroup * ng, n - i0);
     const scalar_t* xs = x + i0;
     scalar_t* ys = y + i0;
     for (int64_t k = 0; k < m; ++k) {
       const acc_t v = static_cast<acc_t>(xs[k]) * scale;
-      ys[k] = words[k] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
+      ys[k] = keys[k] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
     }
   }
 }
@@ -42,11 +42,11 @@ at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offs
   at::Tensor y = empty_like_output(x);
   const int64_t n = x.numel();
   if (n == 0) return y;
-  const int64_t ngroups = (n + 3) / 4;
+  const int64_t ngroups = (n + kKeysPerGroup - 1) / kKeysPerGroup;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_dropout_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, ngroups, 4 * kChunkGroups, [&](int64_t g0, int64_t g1) {
+    at::parallel_for(0, ngroups, 2 * kChunkGroups, [&](int64_t g0, int64_t g1) {
       dropout_range<scalar_t>(xp, yp, n, g0, g1, threshold, dropout_scale(p), static_cast<uint64_t>(seed),
                               static_cast<uint64_t>(offset));
     });

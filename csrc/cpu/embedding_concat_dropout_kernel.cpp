@@ -1,5 +1,5 @@
 // embedding_concat_dropout on CPU.
-// Forward: parallel over rows; per block of rows, Philox words for its span of the (B, D) embedding block
+// Forward: parallel over rows; per block of rows, dropout keys for its span of the (B, D) embedding block
 // (SIMD, stays in L1), then one gather + compare-select-scale pass straight into the output row.
 // Backward: (1) the dropped-out gradient of the embedding block (mask regenerated, not stored), then
 // (2) per-table sums parallel over (table, column slice) work items, each summing rows in ascending b:
@@ -20,15 +20,15 @@
 namespace fastfuse {
 namespace {
 
-constexpr int64_t kBlockElems = 2048;  // embedding elements per Philox refill (8 KB of words)
+constexpr int64_t kBlockElems = 2048;  // embedding elements per Philox refill (4 KB of keys)
 constexpr int64_t kSliceCols = 16;     // columns per backward work item
 
-// Words covering stream elements [e0, e1): words[e - base] for e in range, base = 4 * floor(e0 / 4).
-int64_t fill_words(std::vector<uint32_t>& words, int64_t e0, int64_t e1, uint64_t seed, uint64_t offset) {
-  const int64_t g0 = e0 / 4, g1 = (e1 + 3) / 4;
-  words.resize(4 * (g1 - g0));
-  philox_words(words.data(), static_cast<uint64_t>(g0), g1 - g0, seed, offset);
-  return 4 * g0;
+// Keys covering stream elements [e0, e1): keys[e - base] for e in range, base = 8 * floor(e0 / 8).
+int64_t fill_keys(std::vector<uint16_t>& keys, int64_t e0, int64_t e1, uint64_t seed, uint64_t offset) {
+  const int64_t g0 = e0 / kKeysPerGroup, g1 = (e1 + kKeysPerGroup - 1) / kKeysPerGroup;
+  keys.resize(kKeysPerGroup * (g1 - g0));
+  philox_keys(keys.data(), static_cast<uint64_t>(g0), g1 - g0, seed, offset);
+  return kKeysPerGroup * g0;
 }
 
 template <typename scalar_t>
@@ -42,10 +42,10 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
   const acc_t scale = static_cast<acc_t>(drop ? dropout_scale(p) : 1.0);
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(D, 1));
   at::parallel_for(0, B, rows_per_block, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> words;
+    std::vector<uint16_t> keys;
     for (int64_t rb = b0; rb < b1; rb += rows_per_block) {
       const int64_t re = std::min(b1, rb + rows_per_block);
-      const int64_t base = drop ? fill_words(words, rb * D, re * D, seed, offset) : 0;
+      const int64_t base = drop ? fill_keys(keys, rb * D, re * D, seed, offset) : 0;
       for (int64_t b = rb; b < re; ++b) {
         scalar_t* orow = out + b * W;
         for (int64_t t = 0; t < T; ++t) {
@@ -60,7 +60,7 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
           std::memcpy(dst, tables[t] + idx * d, d * sizeof(scalar_t));
         }
         if (drop) {  // one pass over the whole row: vectorises, where the tables' short rows (d ~ 2..10) do not
-          const uint32_t* w = words.data() + (b * D - base);
+          const uint16_t* w = keys.data() + (b * D - base);
           for (int64_t j = 0; j < D; ++j) {
             const acc_t v = static_cast<acc_t>(orow[j]) * scale;
             orow[j] = w[j] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
@@ -88,12 +88,12 @@ void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L,
     const acc_t scale = static_cast<acc_t>(dropout_scale(p));
     const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(D, 1));
     at::parallel_for(0, B, rows_per_block, [&](int64_t b0, int64_t b1) {
-      std::vector<uint32_t> words;
+      std::vector<uint16_t> keys;
       for (int64_t rb = b0; rb < b1; rb += rows_per_block) {
         const int64_t re = std::min(b1, rb + rows_per_block);
-        const int64_t base = fill_words(words, rb * D, re * D, seed, offset);
+        const int64_t base = fill_keys(keys, rb * D, re * D, seed, offset);
         for (int64_t b = rb; b < re; ++b) {
-          const uint32_t* w = words.data() + (b * D - base);
+          const uint16_t* w = keys.data() + (b * D - base);
           const scalar_t* gr = grad + b * W;
           scalar_t* mr = m + b * D;
           for (int64_t j = 0; j < D; ++j) {

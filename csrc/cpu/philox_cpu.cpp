@@ -1,4 +1,4 @@
-// Philox words on the CPU: AVX-512 / AVX2 when the CPU has them (chosen once at run time), scalar otherwise.
+// Dropout keys on the CPU: AVX-512 / AVX2 when the CPU has them (chosen once at run time), scalar otherwise.
 #include "cpu/philox_cpu.h"
 
 #include "philox.h"
@@ -19,13 +19,15 @@ Isa detect_isa() {
 
 }  // namespace
 
-// Philox is the compute-bound half of dropout; the SIMD paths give the same words (tests check it).
-void philox_words(uint32_t* words, uint64_t g0, int64_t ngroups, uint64_t seed, uint64_t offset) {
+// Philox is the compute-bound half of dropout; the SIMD paths give the same keys (tests check it). They
+// store the four words of a group in order, which on x86 (little-endian) puts 16-bit key l at keys[8j + l].
+void philox_keys(uint16_t* keys, uint64_t g0, int64_t ngroups, uint64_t seed, uint64_t offset) {
   static const Isa isa = detect_isa();
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const uint32_t o0 = static_cast<uint32_t>(offset), o1 = static_cast<uint32_t>(offset >> 32);
   int64_t j = 0;
 #ifdef FASTFUSE_X86_SIMD
+  uint32_t* words = reinterpret_cast<uint32_t*>(keys);  // written only by SIMD stores, which may alias
   const int64_t width = isa == Isa::kAvx512 ? simd::kAvx512Groups : isa == Isa::kAvx2 ? simd::kAvx2Groups : 0;
   for (; width && j + width <= ngroups; j += width) {
     const uint64_t g = g0 + static_cast<uint64_t>(j);
@@ -37,8 +39,8 @@ void philox_words(uint32_t* words, uint64_t g0, int64_t ngroups, uint64_t seed, 
   }
 #endif
   for (; j < ngroups; ++j) {
-    const Philox4 r = dropout_group_words(seed, offset, g0 + static_cast<uint64_t>(j));
-    for (int l = 0; l < 4; ++l) words[4 * j + l] = r.w[l];
+    const DropKeys r = dropout_group_keys(seed, offset, g0 + static_cast<uint64_t>(j));
+    for (int l = 0; l < kKeysPerGroup; ++l) keys[kKeysPerGroup * j + l] = static_cast<uint16_t>(r[l]);
   }
 }
 

@@ -1,7 +1,7 @@
 // Batch norm on CUDA: the same four primitives as csrc/cpu/batch_norm_kernel.cpp.
 //   reductions: per-(partition, channel) partial sums reduced inside a block in a fixed tree order, then added
 //               over partitions by at::sum in float64: no atomics, the same bits on every run;
-//   elementwise: one thread per Philox group of 4 elements (one Philox call serves 4 elements), grid-stride.
+//   elementwise: one thread per Philox group of 8 elements (one Philox call serves 8 elements), grid-stride.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -26,8 +26,8 @@ struct DropArgs {
 
 __device__ __forceinline__ float relu_f(float v) { return v < 0.f ? 0.f : v; }
 
-__device__ __forceinline__ uint32_t element_word(const DropArgs& d, int64_t i) {
-  return dropout_group_words(d.seed, d.offset, static_cast<uint64_t>(i >> 2)).w[i & 3];
+__device__ __forceinline__ uint32_t element_key(const DropArgs& d, int64_t i) {
+  return dropout_element_key(d.seed, d.offset, static_cast<uint64_t>(i));
 }
 
 __device__ __forceinline__ int64_t channel_of(int64_t i, int64_t C, int64_t S, bool rows) {
@@ -37,10 +37,10 @@ __device__ __forceinline__ int64_t channel_of(int64_t i, int64_t C, int64_t S, b
 // g = dL/d(bn + residual) at element i (see fastfuse/reference.py: _bn_grad).
 template <typename scalar_t, int kMask>
 __device__ __forceinline__ float grad_at(const scalar_t* go, const scalar_t* out, int64_t i, const DropArgs& d,
-                                         uint32_t word) {
+                                         uint32_t key) {
   const float v = static_cast<float>(go[i]) * d.ds;
   if (kMask == kMaskPost) return static_cast<float>(out[i]) > 0.f ? v : 0.f;
-  if (kMask == kMaskDrop) return word >= d.threshold ? v : 0.f;
+  if (kMask == kMaskDrop) return key >= d.threshold ? v : 0.f;
   return v;
 }
 
@@ -51,7 +51,7 @@ __device__ __forceinline__ void summands(const scalar_t* x, const scalar_t* go, 
   float v = static_cast<float>(x[i]);
   const float dx = (pre ? relu_f(v) : v) - ref;
   if (kGrad) {
-    const float g = grad_at<scalar_t, kMask>(go, out, i, d, kMask == kMaskDrop ? element_word(d, i) : 0u);
+    const float g = grad_at<scalar_t, kMask>(go, out, i, d, kMask == kMaskDrop ? element_key(d, i) : 0u);
     a += g;
     b += g * dx;
   } else {
@@ -154,19 +154,20 @@ __global__ void apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __r
                              const float* __restrict__ scale, const float* __restrict__ bias, int64_t n, int64_t C,
                              int64_t S, bool rows, bool pre, bool post, DropArgs d) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; 4 * g < n; g += stride) {
-    Philox4 words{};
-    if (kDrop) words = dropout_group_words(d.seed, d.offset, static_cast<uint64_t>(g));
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; kKeysPerGroup * g < n;
+       g += stride) {
+    DropKeys keys{};
+    if (kDrop) keys = dropout_group_keys(d.seed, d.offset, static_cast<uint64_t>(g));
 #pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const int64_t i = 4 * g + l;
+    for (int l = 0; l < kKeysPerGroup; ++l) {
+      const int64_t i = kKeysPerGroup * g + l;
       if (i >= n) break;
       const int64_t c = channel_of(i, C, S, rows);
       const float v = static_cast<float>(x[i]);
       float z = ((pre ? relu_f(v) : v) - mean[c]) * scale[c] + bias[c];
       if (kRes) z += static_cast<float>(res[i]);
       if (post) z = relu_f(z);
-      if (kDrop) z = words.w[l] >= d.threshold ? z * d.ds : 0.f;
+      if (kDrop) z = keys[l] >= d.threshold ? z * d.ds : 0.f;
       y[i] = static_cast<scalar_t>(z);
     }
   }
@@ -180,14 +181,15 @@ __global__ void grad_apply_kernel(const scalar_t* __restrict__ go, const scalar_
                                   const float* __restrict__ k3, int64_t n, int64_t C, int64_t S, bool rows, bool pre,
                                   DropArgs d) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; 4 * g < n; g += stride) {
-    Philox4 words{};
-    if (kMask == kMaskDrop) words = dropout_group_words(d.seed, d.offset, static_cast<uint64_t>(g));
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; kKeysPerGroup * g < n;
+       g += stride) {
+    DropKeys keys{};
+    if (kMask == kMaskDrop) keys = dropout_group_keys(d.seed, d.offset, static_cast<uint64_t>(g));
 #pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const int64_t i = 4 * g + l;
+    for (int l = 0; l < kKeysPerGroup; ++l) {
+      const int64_t i = kKeysPerGroup * g + l;
       if (i >= n) break;
-      const float gv = grad_at<scalar_t, kMask>(go, out, i, d, words.w[l]);
+      const float gv = grad_at<scalar_t, kMask>(go, out, i, d, keys[l]);
       if (gout) gout[i] = static_cast<scalar_t>(gv);
       if (gi) {
         const int64_t c = channel_of(i, C, S, rows);
@@ -207,8 +209,8 @@ void check_cuda_input(const at::Tensor& x) {
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-DropArgs drop_args(double p, int64_t seed, int64_t offset, bool use_words) {
-  return DropArgs{use_words && p > 0 ? dropout_threshold(p) : 0u,
+DropArgs drop_args(double p, int64_t seed, int64_t offset, bool use_keys) {
+  return DropArgs{use_keys && p > 0 ? dropout_threshold(p) : 0u,
                   static_cast<float>(p > 0 ? dropout_scale(p) : 1.0), static_cast<uint64_t>(seed),
                   static_cast<uint64_t>(offset)};
 }
@@ -250,7 +252,7 @@ at::Tensor bn_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::
   const at::Tensor m = f32(mean), s = f32(scale), b = f32(bias);
   const DropArgs d = drop_args(p, seed, offset, true);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = blocks_for((g.numel + 3) / 4);
+  const int blocks = blocks_for((g.numel + kKeysPerGroup - 1) / kKeysPerGroup);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_apply_cuda", [&] {
     auto launch = [&](auto res_c, auto drop_c) {
       apply_kernel<scalar_t, decltype(res_c)::value, decltype(drop_c)::value><<<blocks, kThreads, 0, stream>>>(
@@ -301,7 +303,7 @@ Tensor2 bn_grad_apply_cuda(const at::Tensor& grad_out, const at::Tensor& x, cons
   const at::Tensor m = f32(mean), a = f32(k1), b = f32(k2), c = f32(k3);
   const DropArgs d = drop_args(p, seed, offset, true);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = blocks_for((g.numel + 3) / 4);
+  const int blocks = blocks_for((g.numel + kKeysPerGroup - 1) / kKeysPerGroup);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_grad_apply_cuda", [&] {
     with_mask_kind(post_relu, p, [&](auto mask_c) {
       grad_apply_kernel<scalar_t, decltype(mask_c)::value><<<blocks, kThreads, 0, stream>>>(

@@ -1,4 +1,4 @@
-// Fused dropout on CUDA: one thread per Philox group of 4 elements, vector loads/stores when aligned,
+// Fused dropout on CUDA: one thread per Philox group of 8 elements, vector loads/stores when aligned,
 // 64-bit indexing, grid-stride loop on the current stream.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,29 +17,31 @@ struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
 
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t drop_one(scalar_t v, uint32_t key, uint32_t threshold, acc_t scale) {
+  return key >= threshold ? static_cast<scalar_t>(static_cast<acc_t>(v) * scale) : static_cast<scalar_t>(0);
+}
+
 template <typename scalar_t, bool kAligned>
 __global__ void dropout_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n,
                                int64_t ngroups, uint32_t threshold, at::opmath_type<scalar_t> scale,
                                uint64_t seed, uint64_t offset) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < ngroups; g += stride) {
-    const Philox4 r = dropout_group_words(seed, offset, static_cast<uint64_t>(g));
-    const int64_t i0 = 4 * g;
-    if (kAligned && i0 + 4 <= n) {
-      Vec4<scalar_t> in = reinterpret_cast<const Vec4<scalar_t>*>(x)[g], out;
+    const DropKeys keys = dropout_group_keys(seed, offset, static_cast<uint64_t>(g));
+    const int64_t i0 = kKeysPerGroup * g;
+    if (kAligned && i0 + kKeysPerGroup <= n) {  // the group's 8 elements as two aligned 4-vectors
 #pragma unroll
-      for (int l = 0; l < 4; ++l)
-        out.v[l] = r.w[l] >= threshold ? static_cast<scalar_t>(static_cast<acc_t>(in.v[l]) * scale)
-                                       : static_cast<scalar_t>(0);
-      reinterpret_cast<Vec4<scalar_t>*>(y)[g] = out;
+      for (int h = 0; h < 2; ++h) {
+        Vec4<scalar_t> in = reinterpret_cast<const Vec4<scalar_t>*>(x)[2 * g + h], out;
+#pragma unroll
+        for (int l = 0; l < 4; ++l) out.v[l] = drop_one(in.v[l], keys[4 * h + l], threshold, scale);
+        reinterpret_cast<Vec4<scalar_t>*>(y)[2 * g + h] = out;
+      }
     } else {
 #pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        if (i0 + l < n)
-          y[i0 + l] = r.w[l] >= threshold ? static_cast<scalar_t>(static_cast<acc_t>(x[i0 + l]) * scale)
-                                          : static_cast<scalar_t>(0);
-      }
+      for (int l = 0; l < kKeysPerGroup; ++l)
+        if (i0 + l < n) y[i0 + l] = drop_one(x[i0 + l], keys[l], threshold, scale);
     }
   }
 }
@@ -54,7 +56,7 @@ at::Tensor dropout_cuda(const at::Tensor& x, double p, int64_t seed, int64_t off
   at::Tensor y = at::empty_like(x);
   const int64_t n = x.numel();
   if (n == 0) return y;
-  const int64_t ngroups = (n + 3) / 4;
+  const int64_t ngroups = (n + kKeysPerGroup - 1) / kKeysPerGroup;
   constexpr int kThreads = 256;
   const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
   const int blocks = static_cast<int>(std::min((ngroups + kThreads - 1) / kThreads, max_blocks));

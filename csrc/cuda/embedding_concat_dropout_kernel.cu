@@ -66,21 +66,21 @@ __global__ void ecd_forward_kernel(const int64_t* __restrict__ x, const Meta* __
                                    const int32_t* __restrict__ col_t, scalar_t* __restrict__ out, int64_t B,
                                    int64_t T, int64_t D, int64_t W, bool drop, uint32_t threshold,
                                    at::opmath_type<scalar_t> scale, uint64_t seed, uint64_t offset) {
-  const int64_t n = B * D, ngroups = (n + 3) / 4;
+  const int64_t n = B * D, ngroups = (n + kKeysPerGroup - 1) / kKeysPerGroup;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < ngroups; g += stride) {
-    Philox4 r{{0u, 0u, 0u, 0u}};
-    if (drop) r = dropout_group_words(seed, offset, static_cast<uint64_t>(g));
+    DropKeys keys{{0u, 0u, 0u, 0u}};
+    if (drop) keys = dropout_group_keys(seed, offset, static_cast<uint64_t>(g));
 #pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const int64_t e = 4 * g + l;
+    for (int l = 0; l < kKeysPerGroup; ++l) {
+      const int64_t e = kKeysPerGroup * g + l;
       if (e >= n) break;
       const int64_t b = e / D, j = e - b * D;
       const Meta m = meta[col_t[j]];
       const int64_t idx = x[b * T + col_t[j]];
       scalar_t v = static_cast<scalar_t>(0);
       if (idx >= 0 && idx < m.rows) v = reinterpret_cast<const scalar_t*>(m.ptr)[idx * m.dim + (j - m.off)];
-      out[b * W + j] = drop_elem(v, !drop || r.w[l] >= threshold, scale);
+      out[b * W + j] = drop_elem(v, !drop || keys[l] >= threshold, scale);
     }
   }
 }
@@ -103,8 +103,7 @@ __global__ void ecd_chunk_sums_kernel(const scalar_t* __restrict__ grad, const i
         const int64_t b = order[i] / T, j = m.off + k;
         bool keep = true;
         if (drop) {
-          const uint64_t e = static_cast<uint64_t>(b * D + j);
-          keep = dropout_group_words(seed, offset, e / 4).w[e % 4] >= threshold;
+          keep = dropout_element_key(seed, offset, static_cast<uint64_t>(b * D + j)) >= threshold;
         }
         acc += static_cast<acc_t>(drop_elem(grad[b * W + j], keep, scale));
       }
@@ -162,7 +161,7 @@ at::Tensor embedding_concat_dropout_cuda(const at::Tensor& x_cat, at::TensorList
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "ecd_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ecd_forward_kernel<scalar_t><<<grid_for((B * D + 3) / 4), kThreads, 0, stream>>>(
+    ecd_forward_kernel<scalar_t><<<grid_for((B * D + kKeysPerGroup - 1) / kKeysPerGroup), kThreads, 0, stream>>>(
         x_cat.const_data_ptr<int64_t>(), reinterpret_cast<const Meta*>(meta.const_data_ptr<int64_t>()),
         cols.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), B, T, D, D + C, drop, threshold,
         static_cast<acc_t>(drop ? dropout_scale(p) : 1.0), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));

@@ -29,8 +29,9 @@ def check_p(p) -> float:
 
 
 def dropout_threshold(p: float) -> int:
-    """keep <=> 32-bit Philox word >= threshold (p < 1; p == 1 is handled without a kernel)."""
-    return int(math.floor(p * 4294967296.0))
+    """keep <=> 16-bit dropout key >= threshold (p < 1; p == 1 is handled without a kernel).
+    The keys are 16-bit halves of Philox words (csrc/philox.h), so p acts in steps of 2^-16."""
+    return int(math.floor(p * 65536.0))
 
 
 def dropout_scale(p: float) -> float:

@@ -28,19 +28,21 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def dropout_words(numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
-    """The uint32 word (as int64) of each of `numel` elements: element i is lane i % 4 of group i // 4."""
-    g = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+def dropout_keys(numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
+    """The 16-bit dropout key (as int64) of each of `numel` elements: element i is lane i % 8 of group
+    i // 8, the (i % 2)-th 16-bit half (low first) of Philox word (i % 8) // 2 (see csrc/philox.h)."""
+    g = torch.arange((numel + 7) // 8, dtype=torch.int64, device=device)
     c = philox4x32_10(g & _MASK32, g >> 32, torch.full_like(g, offset & _MASK32),
                       torch.full_like(g, (offset >> 32) & _MASK32), seed & _MASK32, (seed >> 32) & _MASK32)
-    return torch.stack(c, dim=1).reshape(-1)[:numel]
+    words = torch.stack(c, dim=1)  # (groups, 4)
+    return torch.stack([words & 0xFFFF, words >> 16], dim=2).reshape(-1)[:numel]
 
 
 def dropout_keep_mask(numel: int, p: float, seed: int, offset: int = 0, device=None) -> torch.Tensor:
     """Bool keep-mask of the first `numel` elements of stream (seed, offset), in storage order."""
     if p >= 1:
         return torch.zeros(numel, dtype=torch.bool, device=device)
-    return dropout_words(numel, seed, offset, device) >= _rng.dropout_threshold(p)
+    return dropout_keys(numel, seed, offset, device) >= _rng.dropout_threshold(p)
 
 
 def dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
@@ -145,7 +147,7 @@ def _like(x, value):
 
 
 def _keep_like(x, p, seed, offset):
-    """Bool keep-mask with x's shape and strides: element i of x's storage gets word i of the stream."""
+    """Bool keep-mask with x's shape and strides: element i of x's storage gets key i of the stream."""
     keep = torch.empty_like(x, dtype=torch.bool)
     _layout.flat_view(keep).copy_(dropout_keep_mask(x.numel(), p, seed, offset, x.device))
     return keep
