@@ -16,12 +16,13 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4,
        torch.bfloat16: dict(rtol=3e-2, atol=3e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
 # (module class pair, shape, channels_last)
 LAYOUTS = [("1d", (16, 6), False), ("1d", (5, 4, 7), False), ("1d", (5, 4, 7), True), ("2d", (3, 5, 6, 7), False),
-           ("2d", (3, 5, 6, 7), True)]
+           ("2d", (3, 5, 6, 7), True), ("3d", (2, 3, 4, 5, 6), False), ("3d", (2, 3, 4, 5, 6), True)]
+KINDS = {"1d": "BatchNorm1d", "2d": "BatchNorm2d", "3d": "BatchNorm3d"}
 
 
 def _modules(kind, C, dtype, **kw):
-    tm = (torch.nn.BatchNorm1d if kind == "1d" else torch.nn.BatchNorm2d)(C, **kw)
-    fm = (fastfuse.nn.BatchNorm1d if kind == "1d" else fastfuse.nn.BatchNorm2d)(C, **kw)
+    tm = getattr(torch.nn, KINDS[kind])(C, **kw)
+    fm = getattr(fastfuse.nn, KINDS[kind])(C, **kw)
     if tm.affine:
         with torch.no_grad():
             tm.weight.uniform_(0.5, 1.5)
@@ -38,7 +39,7 @@ def _input(shape, channels_last, dtype):
         return x
     if x.dim() == 3:  # (N, C, L) with channels innermost, as a transposed (N, L, C) tensor is
         return x.transpose(1, 2).contiguous().transpose(1, 2)
-    return x.to(memory_format=torch.channels_last)
+    return x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -279,12 +280,14 @@ def test_backend_parity(backend, cl):
 
 def test_fuse_swaps_batch_norm_and_shares_state():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None), torch.nn.ReLU(),
-                                torch.nn.Flatten(), torch.nn.BatchNorm1d(16))
+                                torch.nn.Flatten(), torch.nn.BatchNorm1d(16), torch.nn.Unflatten(1, (2, 2, 2, 2)),
+                                torch.nn.BatchNorm3d(2))
     model(torch.randn(5, 3, 4, 4))
     eager = __import__("copy").deepcopy(model)
     weight = model[1].weight
     fastfuse.fuse(model)
     assert type(model[1]) is fastfuse.nn.BatchNorm2d and type(model[4]) is fastfuse.nn.BatchNorm1d
+    assert type(model[6]) is fastfuse.nn.BatchNorm3d
     assert model[1].weight is weight and repr(model) == repr(eager)
     x = torch.randn(5, 3, 4, 4)
     torch.testing.assert_close(model(x), eager(x))

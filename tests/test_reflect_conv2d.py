@@ -265,6 +265,21 @@ def test_conv_layer_matches_fastai_layout(padding_mode):
     assert len(no_bn) == 2 and no_bn[0].bias is not None and no_bn[0].padding == (2, 2)
 
 
+@pytest.mark.parametrize("ndim", [1, 3])
+def test_conv_layer_other_ndim_uses_fused_batch_norm(ndim):
+    # fastai's ConvLayer(ndim=1|3): torch's reflect conv, then fastfuse's BatchNorm{1,3}d fused with the ReLU
+    layer = fastfuse.nn.ConvLayer(3, 4, ks=3, ndim=ndim)
+    conv = getattr(nn, f"Conv{ndim}d")
+    twin = nn.Sequential(conv(3, 4, 3, 1, 1, bias=False, padding_mode="reflect"), getattr(nn, f"BatchNorm{ndim}d")(4),
+                         nn.ReLU())
+    assert type(layer[1]) is getattr(fastfuse.nn, f"BatchNorm{ndim}d")
+    assert list(layer.state_dict()) == list(twin.state_dict())
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn((2, 3) + (5,) * ndim)
+    torch.testing.assert_close(layer(x), twin(x))
+    torch.testing.assert_close(layer[1].running_var, twin[1].running_var)
+
+
 def test_fuse_swaps_reflect_conv_and_keeps_weights():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
                           nn.Conv2d(4, 4, 3, padding=1))

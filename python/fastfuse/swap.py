@@ -35,6 +35,7 @@ def _fused_batch_norm(cls):
 _SWAPS = {torch.nn.Dropout: _fused_dropout,
           torch.nn.BatchNorm1d: _fused_batch_norm(ffnn.BatchNorm1d),
           torch.nn.BatchNorm2d: _fused_batch_norm(ffnn.BatchNorm2d),
+          torch.nn.BatchNorm3d: _fused_batch_norm(ffnn.BatchNorm3d),
           torch.nn.Conv2d: _fused_reflect_conv2d}
 
 

@@ -1,5 +1,5 @@
 """Drop-in nn.Modules backed by fastfuse ops."""
-from .batch_norm import BatchNorm1d, BatchNorm2d
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .dropout import Dropout
 from .fused_sequential import FusedSequential
 from .lin_bn_drop import LinBnDrop
@@ -7,5 +7,5 @@ from .lin_bn_drop import LinBnDrop
 from .reflect_conv2d import ConvLayer, NormType, ReflectConv2d
 from .tabular import Embedding, TabularEmbedding
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "ConvLayer", "Dropout", "Embedding", "FusedSequential", "LinBnDrop",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ConvLayer", "Dropout", "Embedding", "FusedSequential", "LinBnDrop",
            "NormType", "ReflectConv2d", "TabularEmbedding"]

@@ -1,4 +1,4 @@
-"""Drop-in BatchNorm1d/2d: torch's classes (same arguments, repr, state_dict keys, checkpoints load both ways)
+"""Drop-in BatchNorm1d/2d/3d: torch's classes (same arguments, repr, state_dict keys, checkpoints load both ways)
 with a forward that runs fastfuse.batch_norm, and optional fused neighbours for FusedSequential."""
 import torch
 
@@ -19,6 +19,10 @@ class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
 
 class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
     """Drop-in for torch.nn.BatchNorm2d ((N, C, H, W) input, contiguous or channels_last)."""
+
+
+class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
+    """Drop-in for torch.nn.BatchNorm3d ((N, C, D, H, W) input, contiguous or channels_last_3d)."""
 
 
 def is_fused_bn(m) -> bool:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.reflect_conv2d import reflect_conv2d
-from .batch_norm import BatchNorm1d, BatchNorm2d, is_fused_bn
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_fused_bn
 
 
 class ReflectConv2d(nn.Conv2d):
@@ -54,8 +54,8 @@ def _norm(nf, norm_type, ndim):
     starts as identity), else 1."""
     batch = norm_type in (NormType.Batch, NormType.BatchZero)
     cls = getattr(nn, f"{'BatchNorm' if batch else 'InstanceNorm'}{ndim}d")
-    if batch and ndim in (1, 2):  # fastfuse's drop-ins: same keys, and bn_act can fuse them with the ReLU
-        cls = BatchNorm1d if ndim == 1 else BatchNorm2d
+    if batch:  # fastfuse's drop-ins: same keys, and bn_act can fuse them with the ReLU
+        cls = (BatchNorm1d, BatchNorm2d, BatchNorm3d)[ndim - 1]
     norm = cls(nf) if batch else cls(nf, affine=True)
     with torch.no_grad():
         norm.bias.fill_(1e-3)
@@ -130,7 +130,7 @@ class ConvLayer(nn.Sequential):
         x = mods[0](x)
         i = 1
         while i < len(mods):
-            if (i + 1 < len(mods) and isinstance(mods[i], nn.BatchNorm2d) and isinstance(mods[i + 1], nn.ReLU)):
+            if i + 1 < len(mods) and is_fused_bn(mods[i]) and isinstance(mods[i + 1], nn.ReLU):
                 x = bn_act(mods[i], mods[i + 1], x)
                 i += 2
             else:
