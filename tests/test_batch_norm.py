@@ -278,6 +278,26 @@ def test_backend_parity(backend, cl):
     assert torch.equal(outs[backend][0] == 0, outs["cpp"][0] == 0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_nan_and_signed_zeros_as_torch(backend):
+    # as torch's BatchNorm -> Dropout: a NaN poisons its channel, dropped NaNs included; a dropped negative
+    # output is -0; a NaN gradient reaches the input even through dropped elements
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 0, 2, 2] = float("nan")
+    x.requires_grad_()
+    w, b = torch.ones(3), torch.zeros(3)
+    with fastfuse.use_backend(backend):
+        y0 = fastfuse.batch_norm(x, None, None, w, b, True)
+        y = fastfuse.batch_norm(x, None, None, w, b, True, dropout_p=0.5)
+        g = torch.ones_like(y)
+        g[0, 1, 0, 0] = float("nan")
+        (gx,) = torch.autograd.grad(y, x, g)
+    assert y[:, 0].isnan().all() and not y[:, 1:].isnan().any()
+    zero = y[:, 1:] == 0
+    assert zero.any() and torch.equal(y[:, 1:][zero].signbit(), y0[:, 1:][zero] < 0)
+    assert gx[:, 1].isnan().all() and not gx[:, 2].isnan().any()
+
+
 def test_fuse_swaps_batch_norm_and_shares_state():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None), torch.nn.ReLU(),
                                 torch.nn.Flatten(), torch.nn.BatchNorm1d(16), torch.nn.Unflatten(1, (2, 2, 2, 2)),

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import fastfuse
 from fastfuse import reference
 
-from conftest import CPP, bits
+from conftest import CPP, CPU_BACKENDS, bits
 
 pytestmark = pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
 
@@ -88,6 +88,24 @@ def test_special_cases():
     assert torch.equal(x.grad, torch.zeros_like(x))
     e = torch.randn(0, 3)
     assert fastfuse.dropout(e, 0.5).shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_nan_inf_and_signed_zeros_as_torch(backend, p):
+    # torch multiplies by its mask: a dropped NaN or inf gives NaN, a dropped negative value -0 (p = 1 too)
+    x = torch.tensor([float("nan"), float("inf"), -1.0, 2.0] * 256, requires_grad=True)
+    with fastfuse.use_backend(backend):
+        y = fastfuse.dropout(x, p)
+        (gx,) = torch.autograd.grad(y, x, torch.full_like(y, float("nan")))
+    y = y.detach()
+    assert y[0::4].isnan().all() and gx.isnan().all()  # NaN in, NaN out; a NaN gradient stays NaN
+    assert (y[1::4].isnan() | (y[1::4] == float("inf"))).all() and y[1::4].isnan().any()
+    assert torch.equal(y[2::4] == 0, y[2::4].signbit() & (y[2::4] == 0)) and (y[2::4] == 0).any()
+    assert (y[3::4] == 0).any() and (y[3::4] == 0).logical_not().any() == (p < 1)
+    if p == 1:  # no randomness left: exactly torch's result
+        t = F.dropout(x.detach(), p)
+        assert torch.equal(y.isnan(), t.isnan()) and torch.equal(y.signbit(), t.signbit())
 
 
 def test_inplace():

@@ -50,7 +50,7 @@ def _grad(go_ptr, out_ptr, offs, mask, ds, threshold, k0, k1, o0, o1, MASK_KIND:
         g = tl.where(out > 0, g, 0.0)
     elif MASK_KIND == 2:
         key = element_keys(offs, k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32))
-        g = tl.where(key >= threshold.to(tl.uint32), g, 0.0)
+        g = g * tl.where(key >= threshold.to(tl.uint32), 1.0, 0.0)  # NaN * 0 = NaN, as torch
     return g
 
 
@@ -186,7 +186,7 @@ def _apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, n, C, S,
         z = _relu(z)
     if DROP:
         key = key_tile(g, k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32))
-        z = tl.where(key >= threshold.to(tl.uint32), z * ds, 0.0)
+        z = z * tl.where(key >= threshold.to(tl.uint32), ds, 0.0)
     tl.store(y_ptr + offs, fp32_to(z, y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -19,7 +19,7 @@ def dropout_kernel(x_ptr, y_ptr, n_elements, threshold, scale, key0, key1, off0,
     offs = g[:, None] * 8 + tl.arange(0, 8)[None, :]
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask)
-    y = tl.where(key >= threshold.to(tl.uint32), x.to(tl.float32) * scale, 0.0)
+    y = x.to(tl.float32) * tl.where(key >= threshold.to(tl.uint32), scale, 0.0)  # NaN * 0 = NaN, as torch
     tl.store(y_ptr + offs, fp32_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -173,7 +173,7 @@ struct GradOf : Drop {
   acc_t g(int64_t k, int64_t i) const {
     const acc_t v = static_cast<acc_t>(go[i]) * ds;
     if (kMask == kMaskPost) return static_cast<acc_t>(out[i]) > acc_t(0) ? v : acc_t(0);
-    if (kMask == kMaskDrop) return w[k] >= threshold ? v : acc_t(0);
+    if (kMask == kMaskDrop) return v * (w[k] >= threshold ? acc_t(1) : acc_t(0));  // NaN * 0 = NaN, as torch
     return v;
   }
 };
@@ -212,7 +212,7 @@ struct ApplyOp : Drop, ElemLoops<ApplyOp<scalar_t, kRes, kDrop>> {  // y = drop(
     acc_t z = ((pre ? relu(v) : v) - cc.m) * cc.s + cc.b;
     if (kRes) z += static_cast<acc_t>(res[i]);
     if (post) z = relu(z);
-    if (kDrop) z = w[k] >= threshold ? z * ds : acc_t(0);
+    if (kDrop) z *= w[k] >= threshold ? ds : acc_t(0);  // NaN * 0 = NaN, as torch
     y[i] = static_cast<scalar_t>(z);
   }
 };

@@ -27,8 +27,8 @@ void dropout_range(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int
     const scalar_t* xs = x + i0;
     scalar_t* ys = y + i0;
     for (int64_t k = 0; k < m; ++k) {
-      const acc_t v = static_cast<acc_t>(xs[k]) * scale;
-      ys[k] = keys[k] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
+      // x * (scale or 0), as torch multiplies by its mask: a dropped NaN stays NaN, a dropped -1 gives -0
+      ys[k] = static_cast<scalar_t>(static_cast<acc_t>(xs[k]) * (keys[k] >= threshold ? scale : acc_t(0)));
     }
   }
 }

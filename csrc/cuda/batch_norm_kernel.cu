@@ -40,7 +40,7 @@ __device__ __forceinline__ float grad_at(const scalar_t* go, const scalar_t* out
                                          uint32_t key) {
   const float v = static_cast<float>(go[i]) * d.ds;
   if (kMask == kMaskPost) return static_cast<float>(out[i]) > 0.f ? v : 0.f;
-  if (kMask == kMaskDrop) return key >= d.threshold ? v : 0.f;
+  if (kMask == kMaskDrop) return v * (key >= d.threshold ? 1.f : 0.f);  // NaN * 0 = NaN, as torch
   return v;
 }
 
@@ -167,7 +167,7 @@ __global__ void apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __r
       float z = ((pre ? relu_f(v) : v) - mean[c]) * scale[c] + bias[c];
       if (kRes) z += static_cast<float>(res[i]);
       if (post) z = relu_f(z);
-      if (kDrop) z = keys[l] >= d.threshold ? z * d.ds : 0.f;
+      if (kDrop) z *= keys[l] >= d.threshold ? d.ds : 0.f;
       y[i] = static_cast<scalar_t>(z);
     }
   }

@@ -19,7 +19,7 @@ struct alignas(4 * sizeof(T)) Vec4 {
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t drop_one(scalar_t v, uint32_t key, uint32_t threshold, acc_t scale) {
-  return key >= threshold ? static_cast<scalar_t>(static_cast<acc_t>(v) * scale) : static_cast<scalar_t>(0);
+  return static_cast<scalar_t>(static_cast<acc_t>(v) * (key >= threshold ? scale : acc_t(0)));  // NaN * 0 = NaN
 }
 
 template <typename scalar_t, bool kAligned>

@@ -45,8 +45,15 @@ def dropout_keep_mask(numel: int, p: float, seed: int, offset: int = 0, device=N
     return dropout_keys(numel, seed, offset, device) >= _rng.dropout_threshold(p)
 
 
+def _mask_factor(keep, scale, dtype):
+    """keep ? scale : 0 as `dtype`: values are multiplied by it, as torch multiplies by its dropout mask, so
+    a dropped NaN or inf gives NaN and a dropped negative value -0."""
+    return torch.where(keep, torch.tensor(scale, dtype=dtype, device=keep.device),
+                       torch.zeros((), dtype=dtype, device=keep.device))
+
+
 def dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
-    """y = keep ? x * 1/(1-p) : 0 over x's dense storage order, computed in x's accumulation dtype;
+    """y = x * (keep ? 1/(1-p) : 0) over x's dense storage order, computed in x's accumulation dtype;
     exactly what every fastfuse backend computes."""
     x = _layout.dense(x)
     y = torch.empty_like(x)
@@ -57,8 +64,7 @@ def dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tens
     acc = _rng.acc_dtype(x.dtype)
     xf = _layout.flat_view(x)
     keep = dropout_keep_mask(x.numel(), p, seed, offset, x.device)
-    scaled = (xf.to(acc) * torch.tensor(_rng.dropout_scale(p), dtype=acc, device=x.device)).to(x.dtype)
-    _layout.flat_view(y).copy_(torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device)))
+    _layout.flat_view(y).copy_((xf.to(acc) * _mask_factor(keep, _rng.dropout_scale(p), acc)).to(x.dtype))
     return y
 
 
@@ -174,7 +180,7 @@ def bn_apply(x, mean, scale, bias, residual, pre_relu, post_relu, p, seed, offse
     if post_relu:
         z = z.clamp_min(0)
     if p > 0:
-        z = torch.where(_keep_like(x, p, seed, offset), z * _rng.dropout_scale(p), torch.zeros((), dtype=z.dtype))
+        z = z * _mask_factor(_keep_like(x, p, seed, offset), _rng.dropout_scale(p), z.dtype)
     return _like(x, z)
 
 
@@ -186,7 +192,7 @@ def _bn_grad(grad_out, x, out, post_relu, p, seed, offset):
     if post_relu:
         return torch.where(out > 0, g, torch.zeros((), dtype=g.dtype))  # out > 0 also means "kept"
     if p > 0:
-        return torch.where(_keep_like(x, p, seed, offset), g, torch.zeros((), dtype=g.dtype))
+        return g * _mask_factor(_keep_like(x, p, seed, offset), 1.0, g.dtype)
     return g
 
 

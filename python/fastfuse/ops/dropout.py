@@ -22,8 +22,8 @@ _KERNELS = {"cpp": _run_cpp, "cuda": _run_cpp, "triton": _run_triton, "reference
 def _route(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     backend = _backends.select(x)
     x = _layout.dense(x)
-    if p >= 1:
-        return torch.zeros_like(x)
+    if p >= 1:  # x * 0, as torch: NaN and inf stay NaN, negatives give -0
+        return torch.mul(x, 0)
     key, offset = _rng.seed_ints(seed)
     return _KERNELS[backend](x, p, key, offset)
 
