@@ -18,6 +18,7 @@
 #include "embedding_concat_dropout.h"
 #include "cpu/alloc.h"
 #include "cpu/bn_module.h"
+#include "cpu/cached_empty.h"
 #include "cpu/philox_cpu.h"
 
 namespace fastfuse {
@@ -26,17 +27,6 @@ namespace {
 constexpr int64_t kBlockElems = 2048;  // embedding elements per Philox refill (8 KB of words)
 constexpr int64_t kSliceCols = 16;     // columns per backward work item
 constexpr int64_t kRowBlock = 32;      // rows of the gradient each backward item sums at a time
-
-// A fresh dense CPU tensor; big ones (a (B, D) temporary, the biggest table's gradient) from the output cache
-// of blocks already touched (cpu/alloc.h), since a training loop asks for the same sizes every step.
-at::Tensor empty_dense(at::IntArrayRef sizes, at::ScalarType dtype) {
-  int64_t n = 1;
-  for (int64_t s : sizes) n *= s;
-  if (n * static_cast<int64_t>(c10::elementSize(dtype)) < kCachedOutputBytes)
-    return at::empty(sizes, at::TensorOptions().dtype(dtype));
-  return at::detail::empty_generic(sizes, output_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
-                                   c10::nullopt);
-}
 
 // dst[0, n) = src[0, n) for the tables' short rows (n ~ 2..81 elements): a libc memcpy call per (row, table)
 // cost as much as the rest of the forward; fixed-size (possibly overlapping) copies inline to a few moves.
@@ -181,7 +171,7 @@ void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L,
   int64_t gstride = W;
   at::Tensor masked;
   if (p > 0) {
-    masked = empty_dense({B, D}, c10::CppTypeToScalarType<scalar_t>::value);
+    masked = empty_cached({B, D}, c10::CppTypeToScalarType<scalar_t>::value);
     scalar_t* m = masked.mutable_data_ptr<scalar_t>();
     const uint32_t threshold = dropout_threshold(p);
     const acc_t scale = static_cast<acc_t>(dropout_scale(p));
@@ -247,7 +237,7 @@ at::Tensor embedding_concat_dropout_cpu(const at::Tensor& x_cat, at::TensorList 
   TORCH_CHECK(p >= 0 && p < 1, "embedding_concat_dropout kernel: p must be in [0, 1), got ", p);
   const TableLayout L = table_layout(weights);
   const int64_t B = x_cat.size(0), C = cont.has_value() ? cont->size(1) : 0;
-  at::Tensor out = at::empty({B, L.width + C}, weights[0].options());
+  at::Tensor out = empty_cached({B, L.width + C}, weights[0].scalar_type());
   if (B == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "ecd_forward_cpu", [&] {
     std::vector<const scalar_t*> tables;
@@ -271,7 +261,7 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
               "embedding_concat_dropout_backward: grad_output must be a contiguous (B, D + C) tensor");
   const auto acc_type = at::toOpMathType(weights[0].scalar_type());
   std::vector<at::Tensor> accs;
-  for (const auto& w : weights) accs.push_back(empty_dense(w.sizes(), acc_type));  // zeroed by backward_impl
+  for (const auto& w : weights) accs.push_back(empty_cached(w.sizes(), acc_type));  // zeroed by backward_impl
   if (B == 0) {
     for (auto& a : accs) a.zero_();
   } else {

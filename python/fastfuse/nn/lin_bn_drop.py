@@ -71,7 +71,8 @@ class _LinBnDropFunction(torch.autograd.Function):
 def _fused_cpu(mods, x):
     """The block through _LinBnDropFunction where it applies (eager, the cpp backend, a 2-D float32/64 input and
     [Linear(bias=False), ReLU?, BatchNorm1d, Dropout?] with fused_forward's rules for the modes); None otherwise."""
-    if (type(x) is not torch.Tensor or x.dim() != 2 or x.device.type != "cpu" or torch.compiler.is_compiling()
+    if (type(x) is not torch.Tensor or x.dim() != 2 or x.device.type != "cpu" or not x.is_contiguous()
+            or torch.compiler.is_compiling()
             or x.dtype not in (torch.float32, torch.float64) or not 2 <= len(mods) <= 4):
         return None
     lin, i = mods[0], 1
