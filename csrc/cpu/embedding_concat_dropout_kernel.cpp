@@ -201,7 +201,8 @@ void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L,
   std::vector<Item> items;
   std::vector<int64_t> first_item{0}, cost{0};  // per table: its first item; prefix sums of the work
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t k0 = 0; k0 < L.dims[t]; k0 += kSliceCols) items.push_back({t, k0, std::min(L.dims[t] - k0, kSliceCols)});
+    for (int64_t k0 = 0; k0 < L.dims[t]; k0 += kSliceCols)
+      items.push_back({t, k0, std::min(L.dims[t] - k0, kSliceCols)});
     first_item.push_back(static_cast<int64_t>(items.size()));
     cost.push_back(cost.back() + (L.dims[t] + 4 * (first_item[t + 1] - first_item[t])));
   }

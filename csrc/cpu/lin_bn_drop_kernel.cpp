@@ -25,7 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& num_batches_tracked,
     bool batch_stats, bool update, c10::optional<double> momentum, double eps, bool pre_relu, double p, int64_t seed,
     int64_t offset) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.scalar_type() == weight.scalar_type(),
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
+                  x.scalar_type() == weight.scalar_type(),
               "lin_bn_drop: expected x (B, in) and weight (out, in) of one dtype, got ", x.sizes(), " and ",
               weight.sizes());
   at::Tensor y = empty_cached({x.size(0), weight.size(0)}, x.scalar_type());

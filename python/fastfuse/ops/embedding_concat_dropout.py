@@ -5,6 +5,7 @@ Path of a call: embedding_concat_dropout() validates, batch-norms x_cont (_batch
 torch.ops.fastfuse.embedding_concat_dropout -> _route() -> the backend's gather+Philox kernel writing straight
 into the (B, sum d_t + C) output. Backward: torch.ops.fastfuse.embedding_concat_dropout_backward regenerates
 the mask and gives every table's gradient in one deterministic pass; x_cont's gradient is a slice of grad.
+Eager CPU calls with bn_cont take _with_bn_fast instead: the batch norm inside the same C++ call each way.
 
 Dropout indexing: element (b, j) of the (B, D) embedding block is element b*D + j of the Philox stream
 (see reference.embedding_concat_keep_mask), identical on every backend."""
