@@ -1,5 +1,7 @@
 """TabularEmbedding and TabularModel: fastai's structure and state_dict keys, outputs and gradients equal to
 the eager twin (fastai's forward on plain torch layers) with the same weights."""
+import copy
+
 import pytest
 import torch
 
@@ -133,3 +135,48 @@ def test_compile_tabular_embedding_fullgraph():
     a = compiled(x, c)
     torch.manual_seed(4)
     assert torch.equal(a, compiled(x, c))
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["train", "eval", "bn_eval_drop_train", "drop_eval"])
+def test_lin_bn_drop_one_node_path_equals_fused_sequential(monkeypatch, mode, dtype):
+    """On CPU, LinBnDrop runs as one C++ call each way (_LinBnDropFunction); the FusedSequential path it replaces
+    must give the same outputs, gradients (the weight's in another matmul order: to rounding) and running
+    statistics, and the same dropout masks (bit for bit)."""
+    import importlib
+    lbd = importlib.import_module("fastfuse.nn.lin_bn_drop")
+    base = fastfuse.nn.LinBnDrop(12, 90, p=0.3, act=torch.nn.ReLU(inplace=True), lin_first=True).to(dtype)
+    base[2].running_mean.uniform_(-1, 1), base[2].running_var.uniform_(0.5, 2)  # eval mode: non-trivial stats
+    x = torch.randn(33, 12, dtype=dtype) + 2
+    g = torch.randn(33, 90, dtype=dtype)
+    results, taken = [], []
+    fused_cpu = lbd._fused_cpu
+    for fast in (True, False):
+        m = copy.deepcopy(base)
+        if mode == "eval":
+            m.eval()
+        elif mode == "bn_eval_drop_train":
+            m[2].eval()
+        elif mode == "drop_eval":
+            m[3].eval()
+        def fused_or_not(mods, x, fast=fast):
+            out = fused_cpu(mods, x) if fast else None
+            taken.append(out is not None)
+            return out
+        monkeypatch.setattr(lbd, "_fused_cpu", fused_or_not)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        y = m(xi)
+        grads = torch.autograd.grad(y, [xi] + list(m.parameters()), g)
+        results.append((y, grads, m[2].running_mean.clone(), m[2].running_var.clone(), m[2].num_batches_tracked))
+    (y1, g1, *s1), (y2, g2, *s2) = results
+    assert taken == [mode != "bn_eval_drop_train", False]  # that mix runs the Dropout on its own, unfused
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y1, y2, **tol)
+    assert torch.equal(y1 == 0, y2 == 0)  # the same dropout mask
+    for a, b in zip(g1, g2):  # float32: both within a few ulps of float64 relative to the largest entry
+        scale = float(b.abs().max()) if dtype == torch.float32 else 1.0
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    for a, b in zip(s1, s2):  # running mean, var, num_batches_tracked: the same kernels
+        assert torch.equal(a, b)

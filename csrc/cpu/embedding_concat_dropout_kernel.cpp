@@ -12,9 +12,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "dropout.h"
 #include "embedding_concat_dropout.h"
+#include "cpu/alloc.h"
+#include "cpu/bn_module.h"
+#include "cpu/cached_empty.h"
 #include "cpu/philox_cpu.h"
 
 namespace fastfuse {
@@ -22,6 +26,31 @@ namespace {
 
 constexpr int64_t kBlockElems = 2048;  // embedding elements per Philox refill (4 KB of keys)
 constexpr int64_t kSliceCols = 16;     // columns per backward work item
+constexpr int64_t kRowBlock = 32;      // rows of the gradient each backward item sums at a time
+
+// dst[0, n) = src[0, n) for the tables' short rows (n ~ 2..81 elements): a libc memcpy call per (row, table)
+// cost as much as the rest of the forward; fixed-size (possibly overlapping) copies inline to a few moves.
+inline void copy_row(void* dst, const void* src, size_t nbytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  if (nbytes >= 64) {
+    std::memcpy(d, s, nbytes);
+  } else if (nbytes >= 32) {
+    std::memcpy(d, s, 32);
+    std::memcpy(d + nbytes - 32, s + nbytes - 32, 32);
+  } else if (nbytes >= 16) {
+    std::memcpy(d, s, 16);
+    std::memcpy(d + nbytes - 16, s + nbytes - 16, 16);
+  } else if (nbytes >= 8) {
+    std::memcpy(d, s, 8);
+    std::memcpy(d + nbytes - 8, s + nbytes - 8, 8);
+  } else if (nbytes >= 4) {
+    std::memcpy(d, s, 4);
+    std::memcpy(d + nbytes - 4, s + nbytes - 4, 4);
+  } else {
+    for (size_t i = 0; i < nbytes; ++i) d[i] = s[i];
+  }
+}
 
 // Keys covering stream elements [e0, e1): keys[e - base] for e in range, base = 8 * floor(e0 / 8).
 int64_t fill_keys(std::vector<uint16_t>& keys, int64_t e0, int64_t e1, uint64_t seed, uint64_t offset) {
@@ -41,6 +70,9 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
   const uint32_t threshold = drop ? dropout_threshold(p) : 0;
   const acc_t scale = static_cast<acc_t>(drop ? dropout_scale(p) : 1.0);
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(D, 1));
+  // locals: the row copies write through char pointers, after which vector members would be reloaded
+  const int64_t *rows = L.rows.data(), *dims = L.dims.data(), *offs = L.offs.data();
+  const scalar_t* const* tabs = tables.data();
   at::parallel_for(0, B, rows_per_block, [&](int64_t b0, int64_t b1) {
     std::vector<uint16_t> keys;
     for (int64_t rb = b0; rb < b1; rb += rows_per_block) {
@@ -48,16 +80,17 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
       const int64_t base = drop ? fill_keys(keys, rb * D, re * D, seed, offset) : 0;
       for (int64_t b = rb; b < re; ++b) {
         scalar_t* orow = out + b * W;
+        const int64_t* xb = x + b * T;
         for (int64_t t = 0; t < T; ++t) {
-          const int64_t idx = x[b * T + t], n = L.rows[t], d = L.dims[t];
-          scalar_t* dst = orow + L.offs[t];
+          const int64_t idx = xb[t], n = rows[t], d = dims[t];
+          scalar_t* dst = orow + offs[t];
           if (idx < 0 || idx >= n) {
             TORCH_CHECK_INDEX(!check_index, "embedding_concat_dropout: x_cat column ", t, " has code ", idx,
                               " (row ", b, "), outside [0, ", n, ") of its embedding table");
             std::fill(dst, dst + d, scalar_t(0));  // unchecked: a zero row, the bad code is never read
             continue;
           }
-          std::memcpy(dst, tables[t] + idx * d, d * sizeof(scalar_t));
+          copy_row(dst, tabs[t] + idx * d, d * sizeof(scalar_t));
         }
         if (drop) {  // one pass over the whole row: vectorises, where the tables' short rows (d ~ 2..10) do not
           const uint16_t* w = keys.data() + (b * D - base);
@@ -66,11 +99,67 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
             orow[j] = w[j] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
           }
         }
-        if (C) std::memcpy(orow + D, cont + b * C, C * sizeof(scalar_t));
+        if (C) copy_row(orow + D, cont + b * C, C * sizeof(scalar_t));
       }
     }
   });
 }
+
+// Backward work item: columns [k0, k0 + w) of table t. Each item owns a disjoint part of one table's gradient
+// and sums its rows in ascending b: the bits do not depend on how tables are shared out among threads.
+struct Item {
+  int64_t t, k0, w;
+};
+
+// Rows [b0, b1) of one item: acc[x_b * d + k] += g[b * gstride + k] for k < w, in ascending b. W > 0 makes the
+// width a compile-time constant (the tables' columns are 2..16 wide, where a runtime-length loop costs more
+// than its adds); __restrict lets the compiler keep the item's constants in registers and vectorise the adds.
+template <int W, typename scalar_t, typename acc_t>
+inline void add_row(acc_t* a, const scalar_t* s, int64_t w) {
+  const int64_t width = W > 0 ? W : w;
+  int64_t k = 0;
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    // four lanes at a time (GCC does not vectorise these short rows by itself); the same float adds
+    typedef float v4 __attribute__((vector_size(16)));
+    for (; k + 4 <= width; k += 4) {
+      v4 va, vs;
+      std::memcpy(&va, a + k, sizeof(v4));
+      std::memcpy(&vs, s + k, sizeof(v4));
+      va += vs;
+      std::memcpy(a + k, &va, sizeof(v4));
+    }
+  }
+#endif
+  for (; k < width; ++k) a[k] += static_cast<acc_t>(s[k]);
+}
+
+template <int W, typename scalar_t, typename acc_t>
+void sum_rows(acc_t* __restrict acc, int64_t d, const scalar_t* __restrict g, int64_t gstride,
+              const int64_t* __restrict x, int64_t T, int64_t n, int64_t b0, int64_t b1, int64_t w) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t idx = x[b * T];
+    if (idx < 0 || idx >= n) continue;  // only reachable with check_index=False: no gradient
+    add_row<W>(acc + idx * d, g + b * gstride, w);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void sum_rows_any(acc_t* acc, int64_t d, const scalar_t* g, int64_t gstride, const int64_t* x, int64_t T, int64_t n,
+                  int64_t b0, int64_t b1, int64_t w) {
+  switch (w) {
+#define FF_ECD_CASE(W) \
+  case W:              \
+    return sum_rows<W>(acc, d, g, gstride, x, T, n, b0, b1, w);
+    FF_ECD_CASE(1) FF_ECD_CASE(2) FF_ECD_CASE(3) FF_ECD_CASE(4) FF_ECD_CASE(5) FF_ECD_CASE(6) FF_ECD_CASE(7)
+    FF_ECD_CASE(8) FF_ECD_CASE(9) FF_ECD_CASE(10) FF_ECD_CASE(11) FF_ECD_CASE(12) FF_ECD_CASE(13) FF_ECD_CASE(14)
+    FF_ECD_CASE(15) FF_ECD_CASE(16)
+#undef FF_ECD_CASE
+    default:
+      return sum_rows<0>(acc, d, g, gstride, x, T, n, b0, b1, w);
+  }
+}
+static_assert(kSliceCols == 16, "sum_rows_any has a case for every width up to kSliceCols");
 
 template <typename scalar_t>
 void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L, int64_t B, int64_t W,
@@ -82,7 +171,7 @@ void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L,
   int64_t gstride = W;
   at::Tensor masked;
   if (p > 0) {
-    masked = at::empty({B, D}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+    masked = empty_cached({B, D}, c10::CppTypeToScalarType<scalar_t>::value);
     scalar_t* m = masked.mutable_data_ptr<scalar_t>();
     const uint32_t threshold = dropout_threshold(p);
     const acc_t scale = static_cast<acc_t>(dropout_scale(p));
@@ -106,23 +195,35 @@ void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L,
     g = m;
     gstride = D;
   }
-  // (2) work items: (table, first column, last column), each owning a disjoint slice of one table's grad
-  struct Item { int64_t t, k0, k1; };
+  // (2) work items: (table, column slice). Whole tables go to each thread, in contiguous ranges of about equal
+  // work (a row of an item costs its width plus a fixed part). A thread zeroes its tables' gradients, then sums
+  // blocks of kRowBlock rows item by item: the block stays in L1 while every item of the range reads it.
   std::vector<Item> items;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k0 = 0; k0 < L.dims[t]; k0 += kSliceCols) items.push_back({t, k0, std::min(L.dims[t], k0 + kSliceCols)});
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const Item it = items[i];
-      const int64_t n = L.rows[it.t], d = L.dims[it.t], w = it.k1 - it.k0;
-      acc_t* acc = accs[it.t].template mutable_data_ptr<acc_t>() + it.k0;
-      const scalar_t* gcol = g + L.offs[it.t] + it.k0;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t idx = x[b * T + it.t];
-        if (idx < 0 || idx >= n) continue;  // only reachable with check_index=False: no gradient
-        acc_t* a = acc + idx * d;
-        const scalar_t* s = gcol + b * gstride;
-        for (int64_t k = 0; k < w; ++k) a[k] += static_cast<acc_t>(s[k]);
+  std::vector<int64_t> first_item{0}, cost{0};  // per table: its first item; prefix sums of the work
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k0 = 0; k0 < L.dims[t]; k0 += kSliceCols)
+      items.push_back({t, k0, std::min(L.dims[t] - k0, kSliceCols)});
+    first_item.push_back(static_cast<int64_t>(items.size()));
+    cost.push_back(cost.back() + (L.dims[t] + 4 * (first_item[t + 1] - first_item[t])));
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), T, B * D / 4096 + 1}));
+  std::vector<int64_t> cut(parts + 1, T);  // tables [cut[q], cut[q + 1]) go to part q
+  cut[0] = 0;
+  for (int64_t q = 1; q < parts; ++q)
+    cut[q] = std::lower_bound(cost.begin(), cost.end(), cost.back() * q / parts) - cost.begin();
+  std::vector<acc_t*> acc_ptrs(T);
+  for (int64_t t = 0; t < T; ++t) acc_ptrs[t] = accs[t].template mutable_data_ptr<acc_t>();
+  at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t t0 = cut[q], t1 = std::max(cut[q], cut[q + 1]);
+      for (int64_t t = t0; t < t1; ++t) std::memset(acc_ptrs[t], 0, L.rows[t] * L.dims[t] * sizeof(acc_t));
+      for (int64_t b0 = 0; b0 < B; b0 += kRowBlock) {
+        const int64_t b1 = std::min(B, b0 + kRowBlock);
+        for (int64_t i = first_item[t0]; i < first_item[t1]; ++i) {
+          const Item it = items[i];
+          sum_rows_any(acc_ptrs[it.t] + it.k0, L.dims[it.t], g + L.offs[it.t] + it.k0, gstride, x + it.t, T,
+                       L.rows[it.t], b0, b1, it.w);
+        }
       }
     }
   });
@@ -137,7 +238,7 @@ at::Tensor embedding_concat_dropout_cpu(const at::Tensor& x_cat, at::TensorList 
   TORCH_CHECK(p >= 0 && p < 1, "embedding_concat_dropout kernel: p must be in [0, 1), got ", p);
   const TableLayout L = table_layout(weights);
   const int64_t B = x_cat.size(0), C = cont.has_value() ? cont->size(1) : 0;
-  at::Tensor out = at::empty({B, L.width + C}, weights[0].options());
+  at::Tensor out = empty_cached({B, L.width + C}, weights[0].scalar_type());
   if (B == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "ecd_forward_cpu", [&] {
     std::vector<const scalar_t*> tables;
@@ -161,11 +262,10 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
               "embedding_concat_dropout_backward: grad_output must be a contiguous (B, D + C) tensor");
   const auto acc_type = at::toOpMathType(weights[0].scalar_type());
   std::vector<at::Tensor> accs;
-  for (const auto& w : weights) {  // empty + memset: at::zeros costs a dispatch (and a parallel fill) per table
-    accs.push_back(at::empty(w.sizes(), w.options().dtype(acc_type)));
-    std::memset(accs.back().data_ptr(), 0, accs.back().nbytes());
-  }
-  if (B > 0) {
+  for (const auto& w : weights) accs.push_back(empty_cached(w.sizes(), acc_type));  // zeroed by backward_impl
+  if (B == 0) {
+    for (auto& a : accs) a.zero_();
+  } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[0].scalar_type(), "ecd_backward_cpu", [&] {
       backward_impl<scalar_t>(grad.const_data_ptr<scalar_t>(), x_cat.const_data_ptr<int64_t>(), L, B,
                               grad.size(1), p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), accs);
@@ -176,9 +276,70 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
   return accs;
 }
 
+// ---- with the continuous columns' BatchNorm1d in the same call ------------------------------------------------
+// The eager CPU path of fastfuse.embedding_concat_dropout(..., x_cont, bn_cont) (python/fastfuse/ops/
+// embedding_concat_dropout.py, _EagerWithBn): one C++ call forward and one backward instead of a batch norm op,
+// its autograd node and its Python around the embedding op (at Rossmann sizes those cost more than the kernels).
+// The batch norm and the running statistics go through cpu/bn_module.h: the same bits as the unfused path
+// (tests/test_embedding_concat_dropout.py compares them).
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
+    const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed, int64_t offset, const at::Tensor& cont,
+    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, bool batch_stats, bool update, c10::optional<double> momentum, double eps,
+    bool check_index) {
+  TORCH_CHECK(cont.dim() == 2 && cont.size(0) == x_cat.size(0),
+              "embedding_concat_dropout_bn: cont must be (B, C) with x_cat's batch size");
+  auto [ybn, mean, var] =
+      call_bn_forward(cont, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, false, 0.0, 0, 0);
+  at::Tensor out = embedding_concat_dropout_cpu(x_cat, weights, p, seed, offset, ybn.contiguous(), check_index);
+  if (update && running_mean.has_value() && running_mean->defined())  // after the codes were checked
+    update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var, cont.size(0));
+  return {out, mean, var};
+}
+
+// [every table's gradient (only when need_tables)..., grad_cont, grad_bn_weight, grad_bn_bias] (the last three empty
+// where not asked for)
+std::vector<at::Tensor> embedding_concat_dropout_bn_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed,
+    int64_t offset, const at::Tensor& cont, const OptTensor& bn_weight, const at::Tensor& mean, const at::Tensor& var,
+    bool batch_stats, double eps, bool need_tables, bool need_gi, bool need_gw, bool need_gb) {
+  const at::Tensor grad = grad_in.contiguous();
+  std::vector<at::Tensor> res;
+  if (need_tables) res = embedding_concat_dropout_backward_cpu(grad, x_cat, weights, p, seed, offset);
+  const at::Tensor empty = grad.new_empty({0});
+  if (need_gi || need_gw || need_gb) {
+    const int64_t C = cont.size(1);
+    const at::Tensor gc = grad.narrow(1, grad.size(1) - C, C);
+    auto [gi, gw, gb, gr] =
+        call_bn_backward(gc, cont, bn_weight, mean, var, batch_stats, eps, false, 0.0, 0, 0, need_gi, need_gw, need_gb);
+    res.push_back(need_gi ? gi : empty);
+    res.push_back(need_gw ? gw : empty);
+    res.push_back(need_gb ? gb : empty);
+  } else {
+    res.insert(res.end(), {empty, empty, empty});
+  }
+  return res;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastfuse_C, m) {
+  m.def("embedding_concat_dropout_bn(Tensor x_cat, Tensor[] weights, float p, int seed, int offset, Tensor cont, "
+        "Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor(c!)? num_batches_tracked, bool batch_stats, bool update, float? momentum, float eps, "
+        "bool check_index) -> (Tensor, Tensor, Tensor)");
+  m.def("embedding_concat_dropout_bn_backward(Tensor grad_output, Tensor x_cat, Tensor[] weights, float p, int seed, "
+        "int offset, Tensor cont, Tensor? bn_weight, Tensor mean, Tensor var, bool batch_stats, float eps, "
+        "bool need_tables, bool need_gi, bool need_gw, bool need_gb) -> Tensor[]");
+}
+
 TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
   m.impl("embedding_concat_dropout", &embedding_concat_dropout_cpu);
   m.impl("embedding_concat_dropout_backward", &embedding_concat_dropout_backward_cpu);
+  m.impl("embedding_concat_dropout_bn", &embedding_concat_dropout_bn_cpu);
+  m.impl("embedding_concat_dropout_bn_backward", &embedding_concat_dropout_bn_backward_cpu);
 }
 
 }  // namespace fastfuse

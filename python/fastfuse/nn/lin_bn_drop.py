@@ -1,14 +1,20 @@
 import torch
 
-from .batch_norm import BatchNorm1d
+from .. import _backends
+from ..ops._bn_module import cpp_bn_args
+from .._rng import new_seed, seed_ints
+from .batch_norm import BatchNorm1d, is_fused_bn
 from .dropout import Dropout
 from .fused_sequential import FusedSequential
+
+_DROPOUTS = (torch.nn.Dropout, Dropout)
 
 
 class LinBnDrop(FusedSequential):
     """fastai's LinBnDrop (same signature, child order and state_dict keys): lin_first=True is
     [Linear(bias=not bn), act, BatchNorm1d, Dropout], else [BatchNorm1d, Dropout, Linear, act]. The BatchNorm,
-    a ReLU act before it and the Dropout after it run as one fused fastfuse.batch_norm."""
+    a ReLU act before it and the Dropout after it run as one fused fastfuse.batch_norm; on CPU in eager mode,
+    [Linear(bias=False), ReLU?, BatchNorm1d, Dropout?] runs as one autograd node (_LinBnDropFunction)."""
 
     def __init__(self, n_in, n_out, bn=True, p=0., act=None, lin_first=False):
         layers = [BatchNorm1d(n_out if lin_first else n_in)] if bn else []
@@ -20,3 +26,84 @@ class LinBnDrop(FusedSequential):
         if act is not None:
             lin.append(act)
         super().__init__(*(lin + layers if lin_first else layers + lin))
+
+    def forward(self, input):
+        out = _fused_cpu(list(self), input)
+        return super().forward(input) if out is None else out
+
+
+def _hooked(m):
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks():
+    from torch.nn.modules import module as mm
+    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or mm._global_backward_pre_hooks)
+
+
+# ---- eager CPU: the whole block in one C++ call each way ----------------------------------------------------
+class _LinBnDropFunction(torch.autograd.Function):
+    """fastfuse_C::lin_bn_drop / lin_bn_drop_backward (csrc/cpu/lin_bn_drop_kernel.cpp): y = x W^T, then the
+    fused ReLU -> BN -> dropout of fastfuse.batch_norm (same kernels, masks and running statistics), in one
+    autograd node instead of the Linear's two and the batch norm's, with their Python."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, args):
+        pre_relu, p, key, offset, rm, rv, nbt, batch_stats, update, momentum, eps = args
+        out, y, mean, var = torch.ops.fastfuse_C.lin_bn_drop(x, weight, bn_weight, bn_bias, rm, rv, nbt, batch_stats,
+                                                             update, momentum, eps, pre_relu, p, key, offset)
+        ctx.args = (batch_stats, eps, pre_relu, p, key, offset)
+        ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
+        ctx.save_for_backward(x, weight, y, bn_weight, mean, var)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, y, bn_weight, mean, var = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, gw, gbw, gbb = torch.ops.fastfuse_C.lin_bn_drop_backward(grad, x, weight, y, bn_weight, mean, var,
+                                                                     *ctx.args, need[0], need[1], need[2], need[3])
+        return (gx if need[0] else None, gw if need[1] else None, gbw if need[2] else None,
+                gbb.to(ctx.bias_dtype) if need[3] else None, None)
+
+
+def _fused_cpu(mods, x):
+    """The block through _LinBnDropFunction where it applies (eager, the cpp backend, a 2-D float32/64 input and
+    [Linear(bias=False), ReLU?, BatchNorm1d, Dropout?] with fused_forward's rules for the modes); None otherwise."""
+    if (type(x) is not torch.Tensor or x.dim() != 2 or x.device.type != "cpu" or not x.is_contiguous()
+            or torch.compiler.is_compiling()
+            or x.dtype not in (torch.float32, torch.float64) or not 2 <= len(mods) <= 4):
+        return None
+    lin, i = mods[0], 1
+    pre = i < len(mods) and type(mods[i]) is torch.nn.ReLU
+    i += pre
+    if (type(lin) is not torch.nn.Linear or lin.bias is not None or lin.weight.dtype != x.dtype
+            or i >= len(mods) or not is_fused_bn(mods[i]) or not isinstance(mods[i], torch.nn.BatchNorm1d)):
+        return None
+    bn, i = mods[i], i + 1
+    p = 0.0
+    if i < len(mods):
+        drop = mods[i]
+        if type(drop) not in _DROPOUTS or i + 1 != len(mods):
+            return None
+        if drop.training:
+            if not bn.training:
+                return None  # fused_forward runs this dropout on its own
+            p = drop.p
+    if p >= 1 or x.shape[1] != lin.weight.shape[1] or _backends.select(x) != "cpp":
+        return None
+    if any(_hooked(m) for m in mods) or _global_hooks():
+        return None  # the children's own calls run their hooks
+    # batch_norm()'s checks need only the BN input's shape, dtype and device: a 0-stride stand-in for x W^T
+    bn_args = cpp_bn_args(bn, x.new_empty(()).expand(x.shape[0], lin.weight.shape[0]), bn.training,
+                          "relu" if pre else None, p)
+    if bn_args is None:
+        return None
+    *bn_args, bn_weight, bn_bias = bn_args
+    p = p if bn.training else 0.0
+    key, offset = seed_ints(new_seed()) if p > 0 else (0, 0)
+    args = (pre, p, key, offset, *bn_args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lin.weight, bn_weight, bn_bias)):
+        return _LinBnDropFunction.apply(x, lin.weight, bn_weight, bn_bias, args)
+    return torch.ops.fastfuse_C.lin_bn_drop(x, lin.weight, bn_weight, bn_bias, *bn_args, pre, p, key, offset)[0]

@@ -277,16 +277,23 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return out
 
 
-def module_batch_norm(bn, input, training, **fused):
-    """batch_norm with torch's _BatchNorm.forward rules for a BatchNorm module `bn` (or anything with its
-    attributes): batch statistics in training or without running stats; the buffers, num_batches_tracked
-    included, updated only in training with track_running_stats. `fused` are batch_norm's keyword options."""
+def module_bn_args(bn, training):
+    """batch_norm's arguments for a BatchNorm module `bn` (or anything with its attributes), by torch's
+    _BatchNorm.forward rules: (running_mean, running_var, weight, bias, training, momentum, eps,
+    num_batches_tracked). Batch statistics in training or without running stats; the buffers, num_batches_tracked
+    included, updated only in training with track_running_stats."""
     running_mean, running_var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     track = getattr(bn, "track_running_stats", True)
     keep = not training or track
     update = training and track
-    return batch_norm(input, running_mean if keep else None, running_var if keep else None,
-                      getattr(bn, "weight", None), getattr(bn, "bias", None),
-                      training or (running_mean is None and running_var is None), getattr(bn, "momentum", 0.1),
-                      getattr(bn, "eps", 1e-5),
-                      num_batches_tracked=getattr(bn, "num_batches_tracked", None) if update else None, **fused)
+    return (running_mean if keep else None, running_var if keep else None, getattr(bn, "weight", None),
+            getattr(bn, "bias", None), training or (running_mean is None and running_var is None),
+            getattr(bn, "momentum", 0.1), getattr(bn, "eps", 1e-5),
+            getattr(bn, "num_batches_tracked", None) if update else None)
+
+
+def module_batch_norm(bn, input, training, **fused):
+    """batch_norm with torch's _BatchNorm.forward rules for a BatchNorm module `bn` (see module_bn_args).
+    `fused` are batch_norm's keyword options."""
+    *args, nbt = module_bn_args(bn, training)
+    return batch_norm(input, *args, num_batches_tracked=nbt, **fused)

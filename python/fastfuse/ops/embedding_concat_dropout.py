@@ -5,12 +5,14 @@ Path of a call: embedding_concat_dropout() validates, batch-norms x_cont (_batch
 torch.ops.fastfuse.embedding_concat_dropout -> _route() -> the backend's gather+Philox kernel writing straight
 into the (B, sum d_t + C) output. Backward: torch.ops.fastfuse.embedding_concat_dropout_backward regenerates
 the mask and gives every table's gradient in one deterministic pass; x_cont's gradient is a slice of grad.
+Eager CPU calls with bn_cont take _with_bn_fast instead: the batch norm inside the same C++ call each way.
 
 Dropout indexing: element (b, j) of the (B, D) embedding block is element b*D + j of the Philox stream
 (see reference.embedding_concat_keep_mask), identical on every backend."""
 import torch
 
 from .. import _backends, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
+from ._bn_module import cpp_bn_args
 from .batch_norm import module_batch_norm
 
 _NO_SEED = torch.zeros(2, dtype=torch.int64)  # p == 0: no random stream is used
@@ -199,6 +201,66 @@ def _use_fast_path() -> bool:
     return EAGER_FAST_PATH and not torch.compiler.is_compiling()
 
 
+# ---- eager CPU path with the continuous columns' batch norm in the same C++ calls --------------------------
+# At Rossmann sizes a separate batch norm (its op, autograd node and Python, forward and backward) cost more than
+# the embedding kernels. Here one autograd node runs fastfuse_C::embedding_concat_dropout_bn forward (bn_forward
+# of x_cont, then the gather + Philox kernel writing it beside the embeddings, then the running statistics) and
+# fastfuse_C::embedding_concat_dropout_bn_backward (the tables' gradients, then bn_backward): the same kernels and
+# ATen ops as the unfused path, so the same bits. The tables are kept on ctx (their shapes are all the backward
+# reads), not saved: 24 SavedVariables cost more than the rest of the bookkeeping.
+class _EagerWithBn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_cat, args, cont, bn_weight, bn_bias, *weights):
+        p, key, offset, check_index, running_mean, running_var, nbt, batch_stats, update, momentum, eps = args
+        out, mean, var = torch.ops.fastfuse_C.embedding_concat_dropout_bn(
+            x_cat, weights, p, key, offset, cont, bn_weight, bn_bias, running_mean, running_var, nbt, batch_stats,
+            update, momentum, eps, check_index)
+        ctx.args = (p, key, offset, batch_stats, eps)
+        ctx.weights = weights
+        ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
+        ctx.save_for_backward(x_cat, cont, bn_weight, mean, var)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_cat, cont, bn_weight, mean, var = ctx.saved_tensors
+        p, key, offset, batch_stats, eps = ctx.args
+        need = ctx.needs_input_grad
+        need_tables = any(need[5:])
+        res = torch.ops.fastfuse_C.embedding_concat_dropout_bn_backward(
+            grad, x_cat, ctx.weights, p, key, offset, cont, bn_weight, mean, var, batch_stats, eps, need_tables,
+            need[2], need[3], need[4])
+        gi, gw, gb = res[-3:]
+        grad_tables = res[:-3] if need_tables else [None] * len(ctx.weights)
+        return (None, None, gi if need[2] else None, gw if need[3] else None,
+                gb.to(ctx.bias_dtype) if need[4] else None, *grad_tables)
+
+
+def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
+    """embedding_concat_dropout with bn_cont through _EagerWithBn, when it applies (the eager cpp backend, the
+    usual dtypes and layouts); None otherwise, and the caller takes the general path. Arguments and checks are
+    module_batch_norm's (ops/_bn_module.py), so errors and semantics are the same."""
+    if (not _use_fast_path() or p >= 1 or not weights or x_cat.device.type != "cpu" or cont.dim() != 2
+            or cont.shape[0] == 0 or not cont.is_contiguous() or _backends.select(x_cat) != "cpp"):
+        return None
+    bn_args = cpp_bn_args(bn, cont, training)  # batch_norm()'s checks first, as on the general path
+    if bn_args is None:
+        return None
+    *bn_args, weight, bias = bn_args
+    _validate(x_cat, weights, cont)
+    if cont.dtype != weights[0].dtype or not all(w.is_contiguous() for w in weights):
+        return None
+    p = p if training else 0.0
+    key, offset = _rng.seed_ints(_rng.new_seed()) if p > 0 else (0, 0)
+    x_cat = x_cat if x_cat.dtype == torch.int64 and x_cat.is_contiguous() else x_cat.to(torch.int64).contiguous()
+    args = (p, key, offset, check_index, *bn_args)
+    if torch.is_grad_enabled() and (cont.requires_grad or any(w.requires_grad for w in weights)
+                                    or any(t is not None and t.requires_grad for t in (weight, bias))):
+        return _EagerWithBn.apply(x_cat, args, cont, weight, bias, *weights)
+    return torch.ops.fastfuse_C.embedding_concat_dropout_bn(x_cat, weights, p, key, offset, cont, weight, bias,
+                                                            *bn_args, check_index)[0]
+
+
 # ---- continuous columns -------------------------------------------------------------------------------
 def _batch_norm_cont(x_cont: torch.Tensor, bn, training: bool) -> torch.Tensor:
     """BatchNorm1d's forward (torch's module rules, momentum=None included) on the continuous columns, by
@@ -227,6 +289,9 @@ def embedding_concat_dropout(x_cat: torch.Tensor, weights, p: float = 0.0, train
     if cont is not None and cont.shape[1] == 0:
         cont = None
     if cont is not None and bn_cont is not None:
+        out = _with_bn_fast(x_cat, weights, p, training, cont, bn_cont, check_index)
+        if out is not None:
+            return out
         cont = _batch_norm_cont(cont, bn_cont, training)
     if weights and cont is not None and cont.dtype != weights[0].dtype:
         cont = cont.to(weights[0].dtype)

@@ -1,0 +1,70 @@
+// fastai's LinBnDrop(lin_first=True) block, Linear(bias=False) -> [ReLU] -> BatchNorm1d -> [Dropout], as one C++
+// call forward and one backward on CPU (python/fastfuse/nn/lin_bn_drop.py, eager mode). At fastai's tabular
+// sizes (batch 64, 1000 features) the Linear's and the batch norm's autograd nodes, the batch norm's Python and
+// its per-call bookkeeping cost about as much as the kernels; here they are one node. The batch norm (ReLU and
+// dropout fused in, Philox masks as fastfuse.batch_norm's) runs through cpu/bn_module.h, so its bits, masks and
+// running statistics are the unfused block's.
+//
+// Forward:  y = x @ W^T;  out = dropout(bn(relu(y)))   (y is kept for the backward, as the unfused block keeps it)
+// Backward: gy = bn_backward(...);  gW = gy^T @ x  (written (out, in), the weight's own layout: no transposing
+//           copy when autograd accumulates it);  gx = gy @ W.
+// y, gW and gx come from the output cache (cpu/cached_empty.h): fresh, the 2 MB gW page-faults every step (~0.3 ms
+// here). (A batch norm of the rows written here, channels per thread, was slower in the training step than
+// fastfuse_C::bn_backward's AVX2 kernels, so the block uses those.)
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/bn_module.h"
+#include "cpu/cached_empty.h"
+
+namespace fastfuse {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& num_batches_tracked,
+    bool batch_stats, bool update, c10::optional<double> momentum, double eps, bool pre_relu, double p, int64_t seed,
+    int64_t offset) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
+                  x.scalar_type() == weight.scalar_type(),
+              "lin_bn_drop: expected x (B, in) and weight (out, in) of one dtype, got ", x.sizes(), " and ",
+              weight.sizes());
+  at::Tensor y = empty_cached({x.size(0), weight.size(0)}, x.scalar_type());
+  at::mm_out(y, x, weight.t());
+  auto [out, mean, var] = call_bn_forward(y, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, pre_relu,
+                                          p, seed, offset);
+  if (update && running_mean.has_value() && running_mean->defined())
+    update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var, y.size(0));
+  return {out, y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
+    const OptTensor& bn_weight, const at::Tensor& mean, const at::Tensor& var, bool batch_stats, double eps,
+    bool pre_relu, double p, int64_t seed, int64_t offset, bool need_gx, bool need_gw, bool need_gbw, bool need_gbb) {
+  const at::Tensor empty = x.new_empty({0});
+  auto [gy, gbw, gbb, gr] = call_bn_backward(grad_out, y, bn_weight, mean, var, batch_stats, eps, pre_relu, p, seed,
+                                             offset, need_gx || need_gw, need_gbw, need_gbb);
+  at::Tensor gw = empty, gx = empty;
+  if (need_gw) at::mm_out(gw = empty_cached(weight.sizes(), weight.scalar_type()), gy.t(), x);
+  if (need_gx) at::mm_out(gx = empty_cached(x.sizes(), x.scalar_type()), gy, weight);
+  return {gx, gw, need_gbw ? gbw : empty, need_gbb ? gbb : empty};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastfuse_C, m) {
+  m.def("lin_bn_drop(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool batch_stats, bool update, float? momentum, "
+        "float eps, bool pre_relu, float p, int seed, int offset) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lin_bn_drop_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor y, Tensor? bn_weight, Tensor mean, "
+        "Tensor var, bool batch_stats, float eps, bool pre_relu, float p, int seed, int offset, bool need_gx, "
+        "bool need_gw, bool need_gbw, bool need_gbb) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
+  m.impl("lin_bn_drop", &lin_bn_drop_cpu);
+  m.impl("lin_bn_drop_backward", &lin_bn_drop_backward_cpu);
+}
+
+}  // namespace fastfuse
