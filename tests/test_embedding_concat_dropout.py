@@ -211,3 +211,15 @@ def test_eager_fast_path_equals_registered_op(backend, monkeypatch):
     (y1, g1, m1), (y2, g2, m2) = results
     assert torch.equal(y1, y2) and torch.equal(m1, m2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_nan_and_signed_zeros_as_torch(backend):
+    # as torch's dropout after the cat: a dropped NaN stays NaN, a dropped negative value gives -0
+    ws = [torch.tensor([[float("nan"), -1.0, 2.0]] * 3)]
+    x = torch.randint(0, 3, (64, 1))
+    with fastfuse.use_backend(backend):
+        y = ecd(x, ws, 0.5, SEED)
+    assert y[:, 0].isnan().all()
+    dropped = y[:, 1] == 0
+    assert dropped.any() and y[:, 1][dropped].signbit().all() and (y[:, 2] == 0).any()

@@ -39,7 +39,7 @@ def ecd_forward_kernel(x_ptr, flat_ptr, col_t_ptr, col_k_ptr, base_ptr, dim_ptr,
     d = tl.load(dim_ptr + t, mask=live, other=0)
     base = tl.load(base_ptr + t, mask=live, other=0)
     v = tl.load(flat_ptr + base + idx * d + k, mask=ok, other=0.0)
-    y = tl.where(key >= threshold.to(tl.uint32), v.to(tl.float32) * scale, 0.0)
+    y = v.to(tl.float32) * tl.where(key >= threshold.to(tl.uint32), scale, 0.0)  # NaN * 0 = NaN, as torch
     tl.store(out_ptr + b * W + j, fp32_to(y, out_ptr.dtype.element_ty), mask=live)
 
 
@@ -54,7 +54,7 @@ def ecd_grad_mask_kernel(g_ptr, out_ptr, n_elements, D, W, threshold, scale, key
     b = e // D
     j = e - b * D
     v = tl.load(g_ptr + b * W + j, mask=live, other=0.0)
-    y = tl.where(key >= threshold.to(tl.uint32), v.to(tl.float32) * scale, 0.0)
+    y = v.to(tl.float32) * tl.where(key >= threshold.to(tl.uint32), scale, 0.0)
     tl.store(out_ptr + e, fp32_to(y, out_ptr.dtype.element_ty), mask=live)
 
 

@@ -95,8 +95,8 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
         if (drop) {  // one pass over the whole row: vectorises, where the tables' short rows (d ~ 2..10) do not
           const uint16_t* w = keys.data() + (b * D - base);
           for (int64_t j = 0; j < D; ++j) {
-            const acc_t v = static_cast<acc_t>(orow[j]) * scale;
-            orow[j] = w[j] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
+            // times (scale or 0), as torch multiplies by its mask: NaN stays NaN, negatives give -0
+            orow[j] = static_cast<scalar_t>(static_cast<acc_t>(orow[j]) * (w[j] >= threshold ? scale : acc_t(0)));
           }
         }
         if (C) copy_row(orow + D, cont + b * C, C * sizeof(scalar_t));
@@ -186,8 +186,7 @@ void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L,
           const scalar_t* gr = grad + b * W;
           scalar_t* mr = m + b * D;
           for (int64_t j = 0; j < D; ++j) {
-            const acc_t v = static_cast<acc_t>(gr[j]) * scale;
-            mr[j] = w[j] >= threshold ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
+            mr[j] = static_cast<scalar_t>(static_cast<acc_t>(gr[j]) * (w[j] >= threshold ? scale : acc_t(0)));
           }
         }
       }

@@ -58,7 +58,7 @@ at::Tensor col_table(const TableLayout& L, const at::Device& dev) {
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t drop_elem(scalar_t v, bool keep, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  return keep ? static_cast<scalar_t>(static_cast<acc_t>(v) * scale) : static_cast<scalar_t>(0);
+  return static_cast<scalar_t>(static_cast<acc_t>(v) * (keep ? scale : acc_t(0)));  // NaN * 0 = NaN, as torch
 }
 
 template <typename scalar_t>

@@ -84,11 +84,10 @@ def _embedding_dropout_block(block: torch.Tensor, p: float, seed: int, offset: i
     if p <= 0 or block.numel() == 0:
         return block
     if p >= 1:
-        return torch.zeros_like(block)
+        return block * 0  # as torch: NaN stays NaN, negatives give -0
     acc = _rng.acc_dtype(block.dtype)
     keep = embedding_concat_keep_mask(block.shape[0], block.shape[1], p, seed, offset, block.device)
-    scaled = (block.to(acc) * torch.tensor(_rng.dropout_scale(p), dtype=acc, device=block.device)).to(block.dtype)
-    return torch.where(keep, scaled, torch.zeros((), dtype=block.dtype, device=block.device))
+    return (block.to(acc) * _mask_factor(keep, _rng.dropout_scale(p), acc)).to(block.dtype)
 
 
 def embedding_concat_dropout(x_cat: torch.Tensor, weights, p: float, seed: int, offset: int = 0,

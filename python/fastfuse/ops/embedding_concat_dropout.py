@@ -115,7 +115,7 @@ def _route(x_cat, weights, p, seed, cont, check_index=True):
     key, offset = _rng.seed_ints(seed)
     if p >= 1:  # everything dropped: no random words needed
         out = _FWD[backend](x_cat, weights, 0.0, key, offset, cont, check_index)
-        out[:, :sum(w.shape[1] for w in weights)] = 0
+        out[:, :sum(w.shape[1] for w in weights)].mul_(0)  # as torch's x * 0: NaN stays NaN, negatives -0
         return out
     return _FWD[backend](x_cat, weights, p, key, offset, cont, check_index)
 
