@@ -219,7 +219,7 @@ def test_dropout_nan_and_signed_zeros_as_torch(backend):
     ws = [torch.tensor([[float("nan"), -1.0, 2.0]] * 3)]
     x = torch.randint(0, 3, (64, 1))
     with fastfuse.use_backend(backend):
-        y = ecd(x, ws, 0.5, SEED)
+        y = ecd(x, ws, 0.5, SEED, None)
     assert y[:, 0].isnan().all()
     dropped = y[:, 1] == 0
     assert dropped.any() and y[:, 1][dropped].signbit().all() and (y[:, 2] == 0).any()
