@@ -43,8 +43,14 @@ std::vector<Task> make_tasks(const Geom& g, const std::vector<Region>& regions, 
   for (int64_t i = 0; i < (int64_t)regions.size(); ++i) {
     const int64_t img = regions[i].rows() * regions[i].cols(), np = g.N * img;
     const int64_t max_rows = std::max<int64_t>(1, std::min(kTaskRows, kTaskElems / (regions[i].taps.n * g.Cg * g.G)));
-    const int64_t ntask = std::max<int64_t>(1, (np + max_rows - 1) / max_rows);
-    const int64_t step = gemm ? (g.N + ntask - 1) / ntask * img : (np + ntask - 1) / ntask;
+    int64_t step;
+    if (gemm) {  // whole images: as many as fit, then spread evenly (16 images: 8 x 2, not 5 x 3 + 1)
+      const int64_t ntask = (g.N + std::max<int64_t>(1, max_rows / img) - 1) / std::max<int64_t>(1, max_rows / img);
+      step = (g.N + ntask - 1) / ntask * img;
+    } else {
+      const int64_t ntask = std::max<int64_t>(1, (np + max_rows - 1) / max_rows);
+      step = (np + ntask - 1) / ntask;
+    }
     for (int64_t p = 0; p < np; p += step) tasks.push_back({i, p, std::min(np, p + step)});
   }
   std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
