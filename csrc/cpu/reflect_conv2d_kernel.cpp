@@ -425,6 +425,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
   // an even chunk count, evenly cut: two threads get equal shares (the cut must not follow the thread count)
   int64_t chunks = std::max<int64_t>({1, (g.N * frame + kChunkRows - 1) / kChunkRows,
                                        (g.N * frame * max_k * g.G + kTaskElems - 1) / kTaskElems});
+  chunks = std::min(g.N, chunks);
+  chunks = (g.N + g.N / chunks - 1) / (g.N / chunks);  // whole images alike: 16 images in 16 or 8, not 14
   chunks = std::min(g.N, chunks + chunks % 2);
   const int64_t per = (g.N + chunks - 1) / chunks;  // most images in one chunk
   const int64_t slots = std::min(kSlots, chunks);
