@@ -62,6 +62,11 @@ def time_ms(fn, device: str, slow: bool = False):
 # rounds, so every job sees the same conditions. Budget per job as the per-job blocks had (so the whole run
 # takes about as long): _FAST_S for jobs under _SLOW_CALL_S a call, _SLOW_S for slower ones and the explicitly
 # slow providers (eager/reference), each plus a few calls of warm-up.
+# The dev VM switches between quiet and throttled every few seconds (a 1.6 ms matmul then takes 16 ms), often
+# within one case; per-job medians over all rounds could then take one provider from quiet rounds and the
+# next from throttled ones. So the quantiles come from the quieter half of the rounds, the SAME rounds for
+# every job: a round's load is the geometric mean over all jobs of (its time / the job's median time), and
+# the rounds at or under the median load are kept. The selection never looks at one provider alone.
 _FAST_S, _SLOW_S, _SLOW_CALL_S = 1.0, 0.3, 0.02
 _SAMPLE_S = 0.01   # a sample of a fast job repeats its call to at least this long (timer overhead negligible)
 _MIN_ROUNDS, _MAX_ROUNDS = 5, 400
@@ -83,7 +88,8 @@ def time_interleaved(jobs, slow=()):
     slower than _SAMPLE_S one call, a faster one as many calls as fill _SAMPLE_S after one untimed call (so
     it starts warm after another job). time.perf_counter, Python's GC paused while timing (as timeit does;
     collected between rounds). Jobs in `slow`, or slower than _SLOW_CALL_S a call, get the smaller budget;
-    rounds go on until the summed budget is spent, at least _MIN_ROUNDS and at most _MAX_ROUNDS of them."""
+    rounds go on until the summed budget is spent, at least _MIN_ROUNDS and at most _MAX_ROUNDS of them.
+    The quantiles are taken over the quieter half of the rounds, the same rounds for every job."""
     import gc
     keys = list(jobs)
     est, budget = {}, 0.0
@@ -118,7 +124,19 @@ def time_interleaved(jobs, slow=()):
     finally:
         if was_enabled:
             gc.enable()
-    return {k: _quantiles(samples[k]) for k in keys}
+    return {k: _quantiles([samples[k][r] for r in _quiet_rounds(samples)]) for k in keys}
+
+
+def _quiet_rounds(samples):
+    """Indices of the rounds whose load over all jobs is at or under the median (see the note above)."""
+    import math
+    rounds = len(next(iter(samples.values())))
+    if len(samples) < 2:  # nothing to compare a round's load with: all rounds
+        return list(range(rounds))
+    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    load = [sum(math.log(v[r] / med[k]) for k, v in samples.items()) for r in range(rounds)]
+    cut = sorted(load)[(rounds - 1) // 2]
+    return [r for r in range(rounds) if load[r] <= cut]
 
 
 def _commit():
