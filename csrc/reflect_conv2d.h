@@ -148,14 +148,14 @@ template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemm(const at::Tensor& go, const at::Tensor& x,
                                                              const at::Tensor& w, const Geom& g,
                                                              std::array<bool, 3> mask);
-inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu);
+inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward);
 
 template <typename Dev>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                    int64_t algo) {
   const Geom g = geometry(x, w, stride, padding, dilation, groups);
-  if (pick_gemm(g, algo, x.device().is_cpu())) return forward_gemm<Dev>(x, w, bias, g);
+  if (pick_gemm(g, algo, x.device().is_cpu(), false)) return forward_gemm<Dev>(x, w, bias, g);
   at::Tensor out = at::convolution(x, w, bias, stride, padding, dilation, false, {0, 0}, groups);
   if (out.numel() == 0) return out;
   const auto acc = acc_type(x.scalar_type());
@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& go, co
                                                         int64_t groups, std::array<bool, 3> mask,
                                                         int64_t algo) {
   const Geom g = geometry(x, w, stride, padding, dilation, groups);
-  if (pick_gemm(g, algo, x.device().is_cpu())) return backward_gemm<Dev>(go, x, w, g, mask);
+  if (pick_gemm(g, algo, x.device().is_cpu(), true)) return backward_gemm<Dev>(go, x, w, g, mask);
   std::vector<int64_t> bias_sizes{g.OC};
   auto [gi, gw, gb] = at::convolution_backward(go, x, w, bias_sizes, stride, padding, dilation, false, {0, 0},
                                                groups, mask);
@@ -289,11 +289,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemm(const at::Tensor& g
   return {gi, gw, gb};
 }
 
+// Share of the convolution's multiply-adds that design (b) adds as its frame correction: frame pixels times
+// their pad taps, over all pixels times all taps.
+inline double correction_share(const Geom& g) {
+  double taps = 0;
+  for (const Region& r : plan(g)) taps += double(r.rows()) * r.cols() * r.taps.n;
+  return taps / (double(g.OH) * g.OW * g.KH * g.KW);
+}
+
 // algo: 0 = pick per shape, 1 = vendor convolution + frame correction (b), 2 = reflected im2col GEMM (a).
-// (a) pays off on CPU once the frame covers a large share of a small output (measured, see README).
-inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu) {
+// Forward and backward choose independently (each is a complete computation of its own outputs; the choice
+// is a pure function of the shape, so the bits still do not depend on the run or the thread count).
+// CPU, measured on ResNet-34's shapes (2 threads of a shared AVX2 EPYC, oneDNN 3.x, MKL; see README):
+// forward: (b) costs the conv plus its correction share at GEMM speed, (a) costs the conv at GEMM speed
+// plus the im2col; on a quiet machine (b) wins until the correction share passes ~8% (7x7 and 14x14
+// outputs). (a) is one parallel region where (b) is two (oneDNN's and the correction's), and on shared
+// cores each region's join can wait for a preempted thread: with the other core busy, (b) ran 1.3-1.4x the
+// zero-padded conv where (a) ran 0.9x. So stride-2 forwards, where quiet timings of (a) and (b) are within
+// noise of each other, take (a) as well. Backward: oneDNN's backward is slower than MKL GEMMs on an im2col
+// here, so (a) wins wherever the im2col rows are long enough (Cg*KH*KW >= 256) except where (b)'s
+// correction is tiny (<= 3%, the 56x56 stride-1 case), and (b) keeps the stem (3 input channels: K = 147
+// makes poor GEMMs).
+inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward) {
   if (algo != 0) return algo == 2;
-  return cpu && g.OH * g.OW <= 196 && g.Cg * g.KH * g.KW >= 32;
+  if (!cpu) return false;
+  const int64_t k = g.Cg * g.KH * g.KW;
+  const double share = correction_share(g);
+  if (backward) return k >= 256 && (share > 0.03 || g.sh * g.sw > 1);
+  return k >= 32 && (share > 0.08 || (k >= 256 && g.sh * g.sw > 1));
 }
 
 }  // namespace rconv

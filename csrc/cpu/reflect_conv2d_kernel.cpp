@@ -4,12 +4,19 @@
 // The work is cut into fixed tasks (about kTaskRows GEMM rows of one region; whole images for (a)), run in
 // ONE parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
 // there). Many short parallel regions cost a scheduler slice each when the cores are shared, which made
-// the correction cost more than the convolution. The task split never depends on the thread count, and
-// grad_weight partials are summed in fixed runs of tasks in a fixed order, so the bits are the same on
-// every run.
+// the correction cost more than the convolution. Threads take tasks from a shared counter, largest first,
+// so a thread that the shared machine preempts does not hold up the others; the task split never depends
+// on the thread count, each task's result does not depend on the thread that runs it, and grad_weight
+// partials are summed in fixed runs of tasks in a fixed order, so the bits are the same on every run.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <cstring>
+#include <numeric>
+#include <type_traits>
 
 #include "reflect_conv2d.h"
 
@@ -20,28 +27,63 @@ using rconv::Geom;
 using rconv::reflect;
 using rconv::Region;
 
-constexpr int64_t kTaskRows = 256;
+constexpr int64_t kTaskRows = 512;
+// Gathered elements per task / chunk at most (4 MB of fp32): keeps (a)'s im2col, whose rows are Cg*KH*KW
+// long, about cache-sized.
+constexpr int64_t kTaskElems = int64_t(1) << 20;
 
 struct Task {
   int64_t region, p0, p1;  // GEMM rows [p0, p1) of regions[region]; row p = (n * R + r) * Cc + c
 };
 
-// Forward tasks. Design (b): at most kTaskRows rows of one region. Design (a): whole images, about
-// kTaskRows rows each and evenly split (no short last task to unbalance the threads).
+// Forward tasks, largest first. Design (b): rows of one region in even pieces of at most kTaskRows (and
+// kTaskElems). Design (a): whole images, evenly split the same way.
 std::vector<Task> make_tasks(const Geom& g, const std::vector<Region>& regions, bool gemm) {
   std::vector<Task> tasks;
   for (int64_t i = 0; i < (int64_t)regions.size(); ++i) {
     const int64_t img = regions[i].rows() * regions[i].cols(), np = g.N * img;
-    const int64_t ntask = std::max<int64_t>(1, (np + kTaskRows - 1) / kTaskRows);
-    const int64_t step = gemm ? (g.N + ntask - 1) / ntask * img : kTaskRows;
+    const int64_t max_rows = std::max<int64_t>(1, std::min(kTaskRows, kTaskElems / (regions[i].taps.n * g.Cg * g.G)));
+    int64_t step;
+    if (gemm) {  // whole images: as many as fit, then spread evenly (16 images: 8 x 2, not 5 x 3 + 1)
+      const int64_t ntask = (g.N + std::max<int64_t>(1, max_rows / img) - 1) / std::max<int64_t>(1, max_rows / img);
+      step = (g.N + ntask - 1) / ntask * img;
+    } else {
+      const int64_t ntask = std::max<int64_t>(1, (np + max_rows - 1) / max_rows);
+      step = (np + ntask - 1) / ntask;
+    }
     for (int64_t p = 0; p < np; p += step) tasks.push_back({i, p, std::min(np, p + step)});
   }
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+    return (a.p1 - a.p0) * regions[a.region].taps.n > (b.p1 - b.p0) * regions[b.region].taps.n;
+  });
   return tasks;
+}
+
+// Runs body(i) for i in [0, n) on the intra-op threads, each thread taking the next i from a shared counter
+// (dynamic scheduling: on shared cores a preempted thread does not hold up the others). init() runs once
+// per thread first (scratch buffers). Results must not depend on which thread runs an i.
+template <typename Init, typename Body>
+void for_each_task(int64_t n, const Init& init, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // worker threads do not inherit the caller's below-autograd dispatch state; the in-place GEMMs on
+    // output views would otherwise go through autograd's view checks
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto state = init();
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(state, i);
+  });
 }
 
 // Channel runs: stride 1 (channels_last) gets its own loop so the compiler vectorises it.
 template <typename scalar_t, typename acc_t>
 inline void load_run(acc_t* dst, const scalar_t* src, int64_t n, int64_t st) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (st == 1) {  // a plain copy (the compiler cannot assume the two runs do not overlap)
+      std::memcpy(dst, src, n * sizeof(acc_t));
+      return;
+    }
+  }
   if (st == 1)
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
   else
@@ -126,13 +168,27 @@ void fold_image(scalar_t* gp, at::IntArrayRef st, const acc_t* B, const Geom& g,
   }
 }
 
-// Weight columns per region, [G, OCg, T*Cg] in the accumulation dtype (tap-major like the gathers).
+// Weight columns per region, [G, OCg, T*Cg] in the accumulation dtype (tap-major like the gathers): one
+// tap-major copy of the weight and, for the frame regions, one index_select of all their taps; each region's
+// matrix is a view into it (row stride = all taps). A copy plus an index tensor and an index_select per
+// region cost as much as a third of the forward's correction at 28x28.
 std::vector<at::Tensor> region_columns(const at::Tensor& w, const Geom& g, const std::vector<Region>& regions) {
-  const at::Tensor w_tap =
-      w.to(rconv::acc_type(w.scalar_type())).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
+  const at::Tensor w_tap =  // [OC, KH*KW, Cg]; no copy for a channels_last weight in the accumulation dtype
+      w.to(rconv::acc_type(w.scalar_type())).permute({0, 2, 3, 1}).reshape({g.OC, g.KH * g.KW, g.Cg});
   std::vector<at::Tensor> cols;
-  for (const Region& reg : regions)
-    cols.push_back(rconv::weight_columns(w_tap, g, rconv::tap_index(g, reg.taps, w.device())));
+  if (regions.size() == 1 && regions[0].taps.n == g.KH * g.KW) {  // (a): every tap, in order
+    cols.push_back(w_tap.reshape({g.G, g.OCg, -1}));
+    return cols;
+  }
+  std::vector<int64_t> idx;
+  for (const Region& r : regions)
+    for (int t = 0; t < r.taps.n; ++t) idx.push_back(r.taps.kh[t] * g.KW + r.taps.kw[t]);
+  const at::Tensor all = w_tap.index_select(1, at::tensor(idx, at::kLong));  // [OC, sum of T, Cg]
+  int64_t off = 0;
+  for (const Region& r : regions) {
+    cols.push_back(all.narrow(1, off, r.taps.n).view({g.G, g.OCg, r.taps.n * g.Cg}));
+    off += r.taps.n;
+  }
   return cols;
 }
 
@@ -168,11 +224,101 @@ at::Tensor scratch(const at::Tensor& buf, int64_t d0, int64_t d1, int64_t d2) {
 
 at::Tensor pixel_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
+// Design (b)'s forward correction straight from x into out, for fp32 channels_last input and output with one
+// group: per line of a region's pixels and per pad tap, one raw GEMM out_line += x_line [M, C] * W_tap [C, OC]
+// (at::native::cpublas::brgemm: oneDNN's micro-kernel where there is one, else BLAS; no dispatcher, no
+// packing of A). K = C, read in place with a row stride: no gathered copy, no correction buffer and no
+// write-back pass, which together cost about as much as the GEMMs. A line is a run of pixels along which
+// every pad tap's source moves by one fixed positive stride: along the columns (a row of the region) when
+// no tap is reflected in the columns or the region is one column wide, along the rows likewise, or across
+// the images at one pixel (corners). Each task owns its pixels and adds the taps in a fixed order.
+// Up to 256 output channels: wider, the micro-kernel ran at half speed here (measured 47-76 GFLOP/s against
+// ~90-95 up to 256), and the gathered path with one MKL GEMM per task is faster.
+bool direct_frame(const Geom& g, bool gemm, const at::Tensor& x, const at::Tensor& out) {
+  return !gemm && g.G == 1 && g.OC <= 256 && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast) && out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         x.stride(1) == 1 && out.stride(1) == 1;
+}
+
+struct FrameTask {
+  int64_t region, n0, n1;
+  int axis;  // 0: lines along the columns, 1: along the rows, 2: across the images
+};
+
+void correct_frame_direct(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, const Geom& g,
+                          const std::vector<Region>& regions) {
+  // W as [KH, KW, C, OC]: tap t's [C, OC] matrix at t * C * OC
+  const at::Tensor wt = w.to(at::kFloat).permute({2, 3, 1, 0}).contiguous();
+  std::vector<FrameTask> tasks;
+  for (int64_t i = 0; i < (int64_t)regions.size(); ++i) {
+    const Region& reg = regions[i];
+    bool cols_ok = reg.cols() == 1, rows_ok = reg.rows() == 1;
+    if (!cols_ok || !rows_ok) {
+      bool col_refl = false, row_refl = false;
+      for (int t = 0; t < reg.taps.n; ++t) {
+        const int64_t ic = reg.c0 * g.sw - g.pw + reg.taps.kw[t] * g.dw;
+        const int64_t ih = reg.r0 * g.sh - g.ph + reg.taps.kh[t] * g.dh;
+        col_refl |= ic < 0 || ic >= g.W;
+        row_refl |= ih < 0 || ih >= g.H;
+      }
+      cols_ok |= !col_refl;
+      rows_ok |= !row_refl;
+    }
+    int axis = 2;
+    int64_t len = g.N;
+    if (cols_ok && reg.cols() > len) axis = 0, len = reg.cols();
+    if (rows_ok && reg.rows() > len) axis = 1, len = reg.rows();
+    // images split into even pieces of about kTaskRows pixels (never by thread count)
+    const int64_t px = g.N * reg.rows() * reg.cols();
+    const int64_t pieces = axis == 2 ? 1 : std::min<int64_t>(g.N, std::max<int64_t>(1, (px + kTaskRows - 1) / kTaskRows));
+    for (int64_t k = 0; k < pieces; ++k) tasks.push_back({i, k * g.N / pieces, (k + 1) * g.N / pieces, axis});
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const FrameTask& a, const FrameTask& b) {
+    const Region &ra = regions[a.region], &rb = regions[b.region];
+    return (a.n1 - a.n0) * ra.rows() * ra.cols() * ra.taps.n > (b.n1 - b.n0) * rb.rows() * rb.cols() * rb.taps.n;
+  });
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = wt.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t xsN = x.stride(0), xsH = x.stride(2), xsW = x.stride(3);
+  const int64_t osN = out.stride(0), osH = out.stride(2), osW = out.stride(3);
+  const int64_t C = g.C, OC = g.OC;
+  for_each_task(
+      (int64_t)tasks.size(), [] { return 0; },
+      [&](int&, int64_t i) {
+        const FrameTask& tk = tasks[i];
+        const Region& reg = regions[tk.region];
+        // one line: M pixels starting at output (n, r, c); steps of the line in x and in out
+        auto line = [&](int64_t n, int64_t r, int64_t c, int64_t M, int64_t xstep, int64_t ostep) {
+          float* dst = op + n * osN + r * osH + c * osW;
+          for (int t = 0; t < reg.taps.n; ++t) {
+            const int64_t ih = reflect(r * g.sh - g.ph + reg.taps.kh[t] * g.dh, g.H);
+            const int64_t iw = reflect(c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
+            const float* src = xp + n * xsN + ih * xsH + iw * xsW;
+            const float* b = wp + (reg.taps.kh[t] * g.KW + reg.taps.kw[t]) * C * OC;
+            at::native::cpublas::brgemm(M, OC, C, M == 1 ? C : xstep, OC, M == 1 ? OC : ostep, true, src, b, dst,
+                                        false);
+          }
+        };
+        if (tk.axis == 0) {
+          for (int64_t n = tk.n0; n < tk.n1; ++n)
+            for (int64_t r = reg.r0; r < reg.r1; ++r) line(n, r, reg.c0, reg.cols(), g.sw * xsW, osW);
+        } else if (tk.axis == 1) {
+          for (int64_t n = tk.n0; n < tk.n1; ++n)
+            for (int64_t c = reg.c0; c < reg.c1; ++c) line(n, reg.r0, c, reg.rows(), g.sh * xsH, osH);
+        } else {
+          for (int64_t r = reg.r0; r < reg.r1; ++r)
+            for (int64_t c = reg.c0; c < reg.c1; ++c) line(tk.n0, r, c, tk.n1 - tk.n0, xsN, osN);
+        }
+        at::native::cpublas::brgemm_release(false);
+      });
+}
+
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const bool gemm = rconv::pick_gemm(g, algo, true);
+  const bool gemm = rconv::pick_gemm(g, algo, true, false);
   const auto acc = rconv::acc_type(x.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   at::Tensor out;
@@ -190,6 +336,10 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
   }
   if (out.numel() == 0) return out;
   const auto regions = regions_for(g, gemm);
+  if (direct_frame(g, gemm, x, out)) {
+    correct_frame_direct(x, w, out, g, regions);
+    return out;
+  }
   const auto tasks = make_tasks(g, regions, gemm);
   const auto cols = region_columns(w, g, regions);
   const at::Tensor out_rows = direct ? pixel_rows(out) : at::Tensor();
@@ -197,51 +347,57 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t b, int64_t e) {
-      // worker threads do not inherit the caller's below-autograd dispatch state; the in-place GEMMs on
-      // output views would otherwise go through autograd's view checks
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const at::Tensor bufA = at::empty({max_gather(g, regions, tasks)}, x.options().dtype(acc));
-      const at::Tensor bufC = direct ? at::Tensor() : at::empty({g.OC * max_rows(tasks)}, x.options().dtype(acc));
-      for (int64_t i = b; i < e; ++i) {
-        const Task& tk = tasks[i];
-        const Region& reg = regions[tk.region];
-        const int64_t rows = tk.p1 - tk.p0;
-        at::Tensor A = scratch(bufA, g.G, rows, reg.taps.n * g.Cg);
-        gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
-        if (direct) {
-          at::Tensor o = out_rows.narrow(0, tk.p0, rows);
-          const at::Tensor wt = cols[tk.region].select(0, 0).t();
-          if (has_bias) {
-            o.copy_(bias->view({1, g.OC}).expand_as(o));
-            o.addmm_(A.select(0, 0), wt);
-          } else {
-            at::mm_out(o, A.select(0, 0), wt);
+    struct Scratch {
+      at::Tensor A, C;
+    };
+    const int64_t gather_max = max_gather(g, regions, tasks), rows_max = max_rows(tasks);
+    for_each_task(
+        (int64_t)tasks.size(),
+        [&] {
+          return Scratch{at::empty({gather_max}, x.options().dtype(acc)),
+                         direct ? at::Tensor() : at::empty({g.OC * rows_max}, x.options().dtype(acc))};
+        },
+        [&](Scratch& sc, int64_t i) {
+          const Task& tk = tasks[i];
+          const Region& reg = regions[tk.region];
+          const int64_t rows = tk.p1 - tk.p0;
+          at::Tensor A = scratch(sc.A, g.G, rows, reg.taps.n * g.Cg);
+          gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
+          if (direct) {
+            at::Tensor o = out_rows.narrow(0, tk.p0, rows);
+            const at::Tensor wt = cols[tk.region].select(0, 0).t();
+            if (has_bias) {
+              o.copy_(bias->view({1, g.OC}).expand_as(o));
+              o.addmm_(A.select(0, 0), wt);
+            } else {
+              at::mm_out(o, A.select(0, 0), wt);
+            }
+            return;
           }
-          continue;
-        }
-        at::Tensor corr = scratch(bufC, g.G, rows, g.OCg);
-        at::bmm_out(corr, A, cols[tk.region].transpose(1, 2));
-        add_out<scalar_t, acc_t>(op, out.strides(), corr.const_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
-      }
-    });
+          at::Tensor corr = scratch(sc.C, g.G, rows, g.OCg);
+          at::bmm_out(corr, A, cols[tk.region].transpose(1, 2));
+          add_out<scalar_t, acc_t>(op, out.strides(), corr.const_data_ptr<acc_t>(), g, reg, tk.p0, tk.p1);
+        });
   });
   return out;
 }
 
 // Backward works on chunks of whole images, each covering every region: a chunk's grad_input fold then only
 // touches its own images, so it runs inside the chunk and the whole backward is ONE parallel region (a
-// second region for the fold cost a scheduler slice on shared cores). About kTaskRows frame rows a chunk.
+// second region for the fold cost a scheduler slice on shared cores). About kChunkRows frame rows (and at
+// most about kTaskElems gathered elements) a chunk: bigger chunks make fewer, longer GEMMs (per-image
+// chunks made 54-row GEMMs at 56x56, at half MKL's speed, and ~250 at:: calls a backward).
 // grad_weight partials: the chunks are split into kSlots fixed runs, each summed in chunk order by one
 // thread (per region), then the runs are added in order: the bits do not depend on the thread count.
 constexpr int64_t kSlots = 8;
+constexpr int64_t kChunkRows = 1024;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go, const at::Tensor& x,
                                                             const at::Tensor& w, at::IntArrayRef stride,
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                                             int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const bool gemm = rconv::pick_gemm(g, algo, true);
+  const bool gemm = rconv::pick_gemm(g, algo, true, true);
   const auto acc = rconv::acc_type(x.scalar_type());
   at::Tensor gi, gw, gb;
   if (gemm) {
@@ -267,7 +423,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
     max_k = std::max<int64_t>(max_k, r.taps.n * g.Cg);
   }
   // an even chunk count, evenly cut: two threads get equal shares (the cut must not follow the thread count)
-  int64_t chunks = std::max<int64_t>(1, (g.N * frame + kTaskRows - 1) / kTaskRows);
+  int64_t chunks = std::max<int64_t>({1, (g.N * frame + kChunkRows - 1) / kChunkRows,
+                                       (g.N * frame * max_k * g.G + kTaskElems - 1) / kTaskElems});
+  chunks = std::min(g.N, chunks);
+  chunks = (g.N + g.N / chunks - 1) / (g.N / chunks);  // whole images alike: 16 images in 16 or 8, not 14
   chunks = std::min(g.N, chunks + chunks % 2);
   const int64_t per = (g.N + chunks - 1) / chunks;  // most images in one chunk
   const int64_t slots = std::min(kSlots, chunks);
@@ -279,45 +438,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     scalar_t* gip = mask[0] ? gi.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, slots, 1, [&](int64_t sb, int64_t se) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const auto opt = x.options().dtype(acc);
-      const at::Tensor bufA = mask[1] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor();
-      const at::Tensor bufB = mask[0] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor();
-      const at::Tensor bufG = direct ? at::Tensor() : at::empty({per * max_img * g.OC}, opt);
-      for (int64_t s = sb; s < se; ++s)
-        for (int64_t c = s * chunks / slots; c < (s + 1) * chunks / slots; ++c) {
-          const int64_t n0 = c * g.N / chunks, n1 = (c + 1) * g.N / chunks;
-          for (size_t r = 0; r < regions.size(); ++r) {
-            const Region& reg = regions[r];
-            const int64_t img = reg.rows() * reg.cols(), p0 = n0 * img, p1 = n1 * img, rows = p1 - p0;
-            const int64_t K = reg.taps.n * g.Cg;
-            if (rows == 0) continue;
-            at::Tensor Gr;
-            if (direct) {
-              Gr = go_rows.narrow(0, p0, rows).unsqueeze(0);
-            } else {
-              Gr = scratch(bufG, g.G, rows, g.OCg);
-              gather_grad<scalar_t, acc_t>(gp, go.strides(), Gr.mutable_data_ptr<acc_t>(), g, reg, p0, p1);
-            }
-            if (mask[1]) {
-              at::Tensor A = scratch(bufA, g.G, rows, K);
-              gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, p0, p1);
-              at::Tensor& part = gw_parts[s][r];  // [G, OCg, T*Cg]
-              if (part.defined())
-                part.baddbmm_(Gr.transpose(1, 2), A);
-              else
-                part = at::bmm(Gr.transpose(1, 2), A);
-            }
-            if (mask[0]) {
-              at::Tensor B = scratch(bufB, g.G, rows, K);  // gradient of the gathered reads
-              at::bmm_out(B, Gr, cols[r]);
-              for (int64_t n = n0; n < n1; ++n)
-                fold_image<scalar_t, acc_t>(gip, gi.strides(), B.const_data_ptr<acc_t>(), g, reg, p0, p1, n);
+    struct Scratch {
+      at::Tensor A, B, G;
+    };
+    const auto opt = x.options().dtype(acc);
+    for_each_task(
+        slots,
+        [&] {
+          return Scratch{mask[1] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor(),
+                         mask[0] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor(),
+                         direct ? at::Tensor() : at::empty({per * max_img * g.OC}, opt)};
+        },
+        [&](Scratch& sc, int64_t s) {
+          for (int64_t c = s * chunks / slots; c < (s + 1) * chunks / slots; ++c) {
+            const int64_t n0 = c * g.N / chunks, n1 = (c + 1) * g.N / chunks;
+            for (size_t r = 0; r < regions.size(); ++r) {
+              const Region& reg = regions[r];
+              const int64_t img = reg.rows() * reg.cols(), p0 = n0 * img, p1 = n1 * img, rows = p1 - p0;
+              const int64_t K = reg.taps.n * g.Cg;
+              if (rows == 0) continue;
+              at::Tensor Gr;
+              if (direct) {
+                Gr = go_rows.narrow(0, p0, rows).unsqueeze(0);
+              } else {
+                Gr = scratch(sc.G, g.G, rows, g.OCg);
+                gather_grad<scalar_t, acc_t>(gp, go.strides(), Gr.mutable_data_ptr<acc_t>(), g, reg, p0, p1);
+              }
+              if (mask[1]) {
+                at::Tensor A = scratch(sc.A, g.G, rows, K);
+                gather_x<scalar_t, acc_t>(xp, x.strides(), A.mutable_data_ptr<acc_t>(), g, reg, p0, p1);
+                at::Tensor& part = gw_parts[s][r];  // [G, OCg, T*Cg]
+                if (part.defined())
+                  part.baddbmm_(Gr.transpose(1, 2), A);
+                else
+                  part = at::bmm(Gr.transpose(1, 2), A);
+              }
+              if (mask[0]) {
+                at::Tensor B = scratch(sc.B, g.G, rows, K);  // gradient of the gathered reads
+                at::bmm_out(B, Gr, cols[r]);
+                for (int64_t n = n0; n < n1; ++n)
+                  fold_image<scalar_t, acc_t>(gip, gi.strides(), B.const_data_ptr<acc_t>(), g, reg, p0, p1, n);
+              }
             }
           }
-        }
-    });
+        });
     if (mask[1]) {
       // add each region's runs in order onto its taps of gw ([OC, Cg, KH, KW] in acc_t, any strides)
       acc_t* wp = gw.mutable_data_ptr<acc_t>();

@@ -1,5 +1,6 @@
 """Shared benchmark machinery: each benchmarks/bench_<op>.py gives cases(device, quick) -> [Case];
-run() times every provider and mode in one process on the same inputs, after warm-up."""
+run() times every provider and mode in one process on the same inputs, after warm-up (on CPU the jobs of a
+case interleaved in rounds, see time_interleaved)."""
 import dataclasses
 import datetime
 import subprocess
@@ -46,20 +47,96 @@ def allow_retained_graphs():
 
 
 def time_ms(fn, device: str, slow: bool = False):
-    """(p50, p20, p80) in ms."""
+    """(p50, p20, p80) in ms of one callable: CUDA with triton.testing.do_bench; CPU through time_interleaved
+    (a single job)."""
     if device == "cuda":
         import triton.testing
         return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
-    from torch.utils import benchmark
-    fn()  # warm-up (also triggers torch.compile's compilation)
-    t0 = time.perf_counter()
-    fn()
-    slow = slow or time.perf_counter() - t0 > 0.02  # ~200 ms/call providers: keep the run short
-    m = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=0.3 if slow else 1.0)
-    ts = sorted(m.times)
+    return time_interleaved({0: fn}, slow={0} if slow else ())[0]
+
+
+# CPU timing. On a shared, noisy machine, timing each provider in its own block one after the other lets a
+# burst of someone else's work land on one provider only: ratios swung +-20% run to run. Instead, the jobs of
+# one case (every provider and mode, the copy_/clone baselines) are timed interleaved: each round times every
+# job once (a sample of one or a few calls, the order rotated each round), and the result is the median over
+# rounds, so every job sees the same conditions. Budget per job as the per-job blocks had (so the whole run
+# takes about as long): _FAST_S for jobs under _SLOW_CALL_S a call, _SLOW_S for slower ones and the explicitly
+# slow providers (eager/reference), each plus a few calls of warm-up.
+# The dev VM switches between quiet and throttled every few seconds (a 1.6 ms matmul then takes 16 ms), often
+# within one case; per-job medians over all rounds could then take one provider from quiet rounds and the
+# next from throttled ones. So the quantiles come from the quieter half of the rounds, the SAME rounds for
+# every job: a round's load is the geometric mean over all jobs of (its time / the job's median time), and
+# the rounds at or under the median load are kept. The selection never looks at one provider alone.
+_FAST_S, _SLOW_S, _SLOW_CALL_S = 1.0, 0.3, 0.02
+_SAMPLE_S = 0.01   # a sample of a fast job repeats its call to at least this long (timer overhead negligible)
+_MIN_ROUNDS, _MAX_ROUNDS = 5, 400
+
+
+def _quantiles(ts):
+    ts = sorted(ts)
     q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))] * 1e3  # noqa: E731
-    return m.median * 1e3, q(0.2), q(0.8)
+    n = len(ts)
+    med = (ts[(n - 1) // 2] + ts[n // 2]) / 2 * 1e3
+    return med, q(0.2), q(0.8)
+
+
+def time_interleaved(jobs, slow=()):
+    """{key: zero-arg callable} -> {key: (p50, p20, p80) in ms}, CPU, the jobs timed interleaved in rounds.
+
+    Every job is called once as warm-up (this also runs torch.compile's compilation) and once more to
+    estimate its time. Then each round times every job once, in an order rotated from round to round: a job
+    slower than _SAMPLE_S one call, a faster one as many calls as fill _SAMPLE_S after one untimed call (so
+    it starts warm after another job). time.perf_counter, Python's GC paused while timing (as timeit does;
+    collected between rounds). Jobs in `slow`, or slower than _SLOW_CALL_S a call, get the smaller budget;
+    rounds go on until the summed budget is spent, at least _MIN_ROUNDS and at most _MAX_ROUNDS of them.
+    The quantiles are taken over the quieter half of the rounds, the same rounds for every job."""
+    import gc
+    keys = list(jobs)
+    est, budget = {}, 0.0
+    for k in keys:
+        jobs[k]()  # warm-up
+        t0 = time.perf_counter()
+        jobs[k]()
+        est[k] = max(time.perf_counter() - t0, 1e-7)
+        is_slow = k in slow or est[k] > _SLOW_CALL_S
+        budget += max(_SLOW_S if is_slow else _FAST_S, est[k])
+    calls = {k: max(1, int(_SAMPLE_S / est[k])) for k in keys}  # calls per sample
+    samples = {k: [] for k in keys}
+    was_enabled = gc.isenabled()
+    start = time.perf_counter()
+    try:
+        for r in range(_MAX_ROUNDS):
+            if r >= _MIN_ROUNDS and time.perf_counter() - start >= budget:
+                break
+            gc.collect()
+            gc.disable()
+            for i in range(len(keys)):
+                k = keys[(i + r) % len(keys)]
+                fn, n = jobs[k], calls[k]
+                if n > 1:  # a short call: one untimed call first, so the sample starts warm after another job
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[k].append((time.perf_counter() - t0) / n)
+            if was_enabled:
+                gc.enable()
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {k: _quantiles([samples[k][r] for r in _quiet_rounds(samples)]) for k in keys}
+
+
+def _quiet_rounds(samples):
+    """Indices of the rounds whose load over all jobs is at or under the median (see the note above)."""
+    import math
+    rounds = len(next(iter(samples.values())))
+    if len(samples) < 2:  # nothing to compare a round's load with: all rounds
+        return list(range(rounds))
+    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    load = [sum(math.log(v[r] / med[k]) for k, v in samples.items()) for r in range(rounds)]
+    cut = sorted(load)[(rounds - 1) // 2]
+    return [r for r in range(rounds) if load[r] <= cut]
 
 
 def _commit():
@@ -87,15 +164,21 @@ def run(cases, device: str, progress: bool = True):
     meta = dict(device=device, device_name=dev_name, torch=torch.__version__, triton=triton_version, fastfuse=fastfuse.__version__,
                 commit=_commit(), timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     rows, timed = [], {}
-    for case, prov, mode in jobs:
+    for case in cases:  # CPU: all jobs of one case interleaved; CUDA: one job after the other
         key = id(case)
-        if prov in ("copy_", "clone"):
-            timed[(key, prov, mode)] = time_ms(getattr(case, prov.rstrip("_")), device)
+        case_jobs = {(key, prov, mode): (getattr(case, prov.rstrip("_")) if prov in ("copy_", "clone")
+                                         else case.providers[prov][mode])
+                     for c, prov, mode in jobs if c is case}
+        if device == "cuda":
+            for k, fn in case_jobs.items():
+                timed[k] = time_ms(fn, device)
+                if bar:
+                    bar.update()
         else:
-            timed[(key, prov, mode)] = time_ms(case.providers[prov][mode], device,
-                                               slow=prov in ("eager", "reference"))
-        if bar:
-            bar.update()
+            timed.update(time_interleaved(case_jobs, slow={k for k in case_jobs
+                                                           if k[1] in ("eager", "reference")}))
+            if bar:
+                bar.update(len(case_jobs))
     if bar:
         bar.close()
     for case in cases:
