@@ -68,7 +68,8 @@ def time_ms(fn, device: str, slow: bool = False):
 # every job: a round's load is the geometric mean over all jobs of (its time / the job's median time), and
 # the rounds at or under the median load are kept. The selection never looks at one provider alone.
 _FAST_S, _SLOW_S, _SLOW_CALL_S = 1.0, 0.3, 0.02
-_SAMPLE_S = 0.01   # a sample of a fast job repeats its call to at least this long (timer overhead negligible)
+_SAMPLE_S = 0.05   # a sample of a fast job repeats its call to at least this long: long enough that the
+# aftermath of the job before it (a slow eager call freeing 100s of MB) does not land on one or two calls
 _MIN_ROUNDS, _MAX_ROUNDS = 5, 400
 
 
