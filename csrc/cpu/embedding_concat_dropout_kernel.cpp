@@ -18,7 +18,6 @@
 #include "embedding_concat_dropout.h"
 #include "cpu/alloc.h"
 #include "cpu/bn_module.h"
-#include "cpu/cached_empty.h"
 #include "cpu/philox_cpu.h"
 
 namespace fastfuse {
@@ -28,28 +27,30 @@ constexpr int64_t kBlockElems = 2048;  // embedding elements per Philox refill (
 constexpr int64_t kSliceCols = 16;     // columns per backward work item
 constexpr int64_t kRowBlock = 32;      // rows of the gradient each backward item sums at a time
 
+// The first and the last N bytes of an n-byte copy, N <= n < 2N: two fixed-size (possibly overlapping) copies.
+template <size_t N>
+inline void copy_ends(char* d, const char* s, size_t n) {
+  std::memcpy(d, s, N);
+  std::memcpy(d + n - N, s + n - N, N);
+}
+
 // dst[0, n) = src[0, n) for the tables' short rows (n ~ 2..81 elements): a libc memcpy call per (row, table)
-// cost as much as the rest of the forward; fixed-size (possibly overlapping) copies inline to a few moves.
+// cost as much as the rest of the forward; fixed-size copies inline to a few moves.
 inline void copy_row(void* dst, const void* src, size_t nbytes) {
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
-  if (nbytes >= 64) {
+  if (nbytes >= 64)
     std::memcpy(d, s, nbytes);
-  } else if (nbytes >= 32) {
-    std::memcpy(d, s, 32);
-    std::memcpy(d + nbytes - 32, s + nbytes - 32, 32);
-  } else if (nbytes >= 16) {
-    std::memcpy(d, s, 16);
-    std::memcpy(d + nbytes - 16, s + nbytes - 16, 16);
-  } else if (nbytes >= 8) {
-    std::memcpy(d, s, 8);
-    std::memcpy(d + nbytes - 8, s + nbytes - 8, 8);
-  } else if (nbytes >= 4) {
-    std::memcpy(d, s, 4);
-    std::memcpy(d + nbytes - 4, s + nbytes - 4, 4);
-  } else {
+  else if (nbytes >= 32)
+    copy_ends<32>(d, s, nbytes);
+  else if (nbytes >= 16)
+    copy_ends<16>(d, s, nbytes);
+  else if (nbytes >= 8)
+    copy_ends<8>(d, s, nbytes);
+  else if (nbytes >= 4)
+    copy_ends<4>(d, s, nbytes);
+  else
     for (size_t i = 0; i < nbytes; ++i) d[i] = s[i];
-  }
 }
 
 // Keys covering stream elements [e0, e1): keys[e - base] for e in range, base = 8 * floor(e0 / 8).
@@ -93,11 +94,7 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
           copy_row(dst, tabs[t] + idx * d, d * sizeof(scalar_t));
         }
         if (drop) {  // one pass over the whole row: vectorises, where the tables' short rows (d ~ 2..10) do not
-          const uint16_t* w = keys.data() + (b * D - base);
-          for (int64_t j = 0; j < D; ++j) {
-            // times (scale or 0), as torch multiplies by its mask: NaN stays NaN, negatives give -0
-            orow[j] = static_cast<scalar_t>(static_cast<acc_t>(orow[j]) * (w[j] >= threshold ? scale : acc_t(0)));
-          }
+          apply_keys(orow, orow, keys.data() + (b * D - base), D, threshold, scale);
         }
         if (C) copy_row(orow + D, cont + b * C, C * sizeof(scalar_t));
       }
@@ -181,14 +178,8 @@ void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L,
       for (int64_t rb = b0; rb < b1; rb += rows_per_block) {
         const int64_t re = std::min(b1, rb + rows_per_block);
         const int64_t base = fill_keys(keys, rb * D, re * D, seed, offset);
-        for (int64_t b = rb; b < re; ++b) {
-          const uint16_t* w = keys.data() + (b * D - base);
-          const scalar_t* gr = grad + b * W;
-          scalar_t* mr = m + b * D;
-          for (int64_t j = 0; j < D; ++j) {
-            mr[j] = static_cast<scalar_t>(static_cast<acc_t>(gr[j]) * (w[j] >= threshold ? scale : acc_t(0)));
-          }
-        }
+        for (int64_t b = rb; b < re; ++b)
+          apply_keys(grad + b * W, m + b * D, keys.data() + (b * D - base), D, threshold, scale);
       }
     });
     g = m;

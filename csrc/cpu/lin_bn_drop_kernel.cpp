@@ -8,14 +8,14 @@
 // Forward:  y = x @ W^T;  out = dropout(bn(relu(y)))   (y is kept for the backward, as the unfused block keeps it)
 // Backward: gy = bn_backward(...);  gW = gy^T @ x  (written (out, in), the weight's own layout: no transposing
 //           copy when autograd accumulates it);  gx = gy @ W.
-// y, gW and gx come from the output cache (cpu/cached_empty.h): fresh, the 2 MB gW page-faults every step (~0.3 ms
-// here). (A batch norm of the rows written here, channels per thread, was slower in the training step than
+// y, gW and gx come from the output cache (empty_cached, cpu/alloc.h): fresh, the 2 MB gW page-faults every step
+// (~0.3 ms here). (A batch norm of the rows written here, channels per thread, was slower in the training step than
 // fastfuse_C::bn_backward's AVX2 kernels, so the block uses those.)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "cpu/bn_module.h"
-#include "cpu/cached_empty.h"
+#include "cpu/alloc.h"
 
 namespace fastfuse {
 namespace {

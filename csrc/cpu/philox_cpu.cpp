@@ -17,7 +17,22 @@ Isa detect_isa() {
   return Isa::kScalar;
 }
 
+#ifdef FASTFUSE_X86_SIMD
+__attribute__((target("avx2"))) void apply_keys_avx2(const float* xs, float* ys, const uint16_t* keys, int64_t m,
+                                                     uint32_t threshold, float scale) {
+  apply_keys<float, float>(xs, ys, keys, m, threshold, scale);
+}
+#endif
+
 }  // namespace
+
+void apply_keys(const float* xs, float* ys, const uint16_t* keys, int64_t m, uint32_t threshold, float scale) {
+#ifdef FASTFUSE_X86_SIMD
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return apply_keys_avx2(xs, ys, keys, m, threshold, scale);
+#endif
+  apply_keys<float, float>(xs, ys, keys, m, threshold, scale);
+}
 
 // Philox is the compute-bound half of dropout; the SIMD paths give the same keys (tests check it). They
 // store the four words of a group in order, which on x86 (little-endian) puts 16-bit key l at keys[8j + l].
