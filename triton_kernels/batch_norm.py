@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import element_keys, key_tile
+from fastfuse import _rng
+
+from .philox import element_keys, key_tile, stream_words
 from .rounding import fp32_to
 
 BLOCK_GROUPS = 128  # elementwise: 1024 elements per program
@@ -24,11 +26,6 @@ def _geometry(x):
         S = x.numel() // (x.shape[0] * C) if x.numel() else 1
         return C, S, S == 1
     return C, 1, True
-
-
-def _key(seed, offset):
-    m = 0xFFFFFFFF
-    return seed & m, (seed >> 32) & m, offset & m, (offset >> 32) & m
 
 
 def _check(x):
@@ -112,16 +109,10 @@ def _reduce_rows_kernel(x_ptr, go_ptr, out_ptr, ref_ptr, part_ptr, C, R, r_per_p
     tl.store(part_ptr + (part * C + c) * 2 + 1, tl.sum(s2, 0), mask=cmask)
 
 
-def _drop(p, mask):
-    """(threshold, grad/output scale): the keys are compared only where `mask`; the scale applies for any p > 0."""
-    from fastfuse import _rng
-    return (_rng.dropout_threshold(p) if mask else 0), (_rng.dropout_scale(p) if p > 0 else 1.0)
-
-
 def _channel_sums(x, ref, grad_out=None, out=None, pre_relu=False, mask_kind=MASK_NONE, p=0.0, seed=0, offset=0):
     """Per-channel float64 sums of the two summands of _pair."""
     C, S, rows = _geometry(x)
-    threshold, ds = _drop(p, mask_kind == MASK_DROP)
+    threshold, ds = _rng.drop_args(p)  # the keys are compared only with MASK_DROP
     grad = grad_out is not None
     go = grad_out if grad else x
     outp = out if out is not None else x
@@ -133,7 +124,7 @@ def _channel_sums(x, ref, grad_out=None, out=None, pre_relu=False, mask_kind=MAS
         parts = triton.cdiv(R, per)
         partial = torch.empty(parts, C, 2, dtype=torch.float32, device=x.device)
         _reduce_rows_kernel[(triton.cdiv(C, BLOCK_C), parts)](
-            x, go, outp, ref, partial, C, R, per, ds, threshold, *_key(seed, offset), PRE=pre_relu, GRAD=grad,
+            x, go, outp, ref, partial, C, R, per, ds, threshold, *stream_words(seed, offset), PRE=pre_relu, GRAD=grad,
             MASK_KIND=mask_kind, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     else:
         A = x.numel() // (C * S)
@@ -142,8 +133,8 @@ def _channel_sums(x, ref, grad_out=None, out=None, pre_relu=False, mask_kind=MAS
         parts = triton.cdiv(A, per)
         partial = torch.empty(parts, C, 2, dtype=torch.float32, device=x.device)
         _reduce_planes_kernel[(C, parts)](
-            x, go, outp, ref, partial, C, S, A, per, ds, threshold, *_key(seed, offset), PRE=pre_relu, GRAD=grad,
-            MASK_KIND=mask_kind, BLOCK=BLOCK)
+            x, go, outp, ref, partial, C, S, A, per, ds, threshold, *stream_words(seed, offset), PRE=pre_relu,
+            GRAD=grad, MASK_KIND=mask_kind, BLOCK=BLOCK)
     total = partial.double().sum(0)
     return total[:, 0], total[:, 1]
 
@@ -200,9 +191,8 @@ def bn_apply(x, mean, scale, bias, residual, pre_relu, post_relu, p, seed, offse
     drop = p > 0
     _apply_kernel[(triton.cdiv(n, 8 * BLOCK_GROUPS),)](
         x, residual if residual is not None else x, y, mean.float().contiguous(), scale.float().contiguous(),
-        bias.float().contiguous(), n, C, S, *_drop(p, drop), *_key(seed, offset), ROWS=rows, PRE=pre_relu,
-        POST=post_relu, HAS_RES=residual is not None, DROP=drop,
-        BLOCK_GROUPS=BLOCK_GROUPS)
+        bias.float().contiguous(), n, C, S, *_rng.drop_args(p), *stream_words(seed, offset), ROWS=rows,
+        PRE=pre_relu, POST=post_relu, HAS_RES=residual is not None, DROP=drop, BLOCK_GROUPS=BLOCK_GROUPS)
     return y
 
 
@@ -238,6 +228,6 @@ def bn_grad_apply(grad_out, x, out, mean, k1, k2, k3, pre_relu, post_relu, p, se
     f = lambda t: t.float().contiguous()  # noqa: E731
     _grad_apply_kernel[(triton.cdiv(n, BLOCK),)](
         grad_out, x, out if out is not None else x, gi if need_gi else x, g if need_g else x, f(mean), f(k1), f(k2),
-        f(k3), n, C, S, *_drop(p, kind == MASK_DROP), *_key(seed, offset), ROWS=rows, PRE=pre_relu,
+        f(k3), n, C, S, *_rng.drop_args(p), *stream_words(seed, offset), ROWS=rows, PRE=pre_relu,
         MASK_KIND=kind, NEED_GI=need_gi, NEED_G=need_g, BLOCK=BLOCK)
     return gi, g

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import key_tile
+from .philox import key_tile, stream_words
 from .rounding import fp32_to
 
 BLOCK_GROUPS = 128
@@ -31,8 +31,7 @@ def dropout(x: torch.Tensor, threshold: int, scale: float, seed: int, offset: in
     n = x.numel()
     if n == 0:
         return y
-    m = 0xFFFFFFFF
     grid = (triton.cdiv(n, 8 * BLOCK_GROUPS),)
-    dropout_kernel[grid](x, y, n, threshold, scale, seed & m, (seed >> 32) & m, offset & m, (offset >> 32) & m,
+    dropout_kernel[grid](x, y, n, threshold, scale, *stream_words(seed, offset),
                          BLOCK_GROUPS=BLOCK_GROUPS, num_warps=4)
     return y

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import key_tile
+from .philox import key_tile, stream_words
 from .rounding import fp32_to
 
 BLOCK_GROUPS = 64
@@ -66,10 +66,7 @@ def _check_dtype(dtype):
 
 def _mask_args(p, key, offset):
     from fastfuse import _rng
-    m = 0xFFFFFFFF
-    threshold = _rng.dropout_threshold(p) if p > 0 else 0  # threshold 0 keeps every element
-    scale = _rng.dropout_scale(p) if p > 0 else 1.0
-    return threshold, scale, key & m, (key >> 32) & m, offset & m, (offset >> 32) & m
+    return (*_rng.drop_args(p), *stream_words(key, offset))
 
 
 def _layout(weights, device):

@@ -8,6 +8,12 @@ PHILOX_K0: tl.constexpr = tl.constexpr(0x9E3779B9)
 PHILOX_K1: tl.constexpr = tl.constexpr(0xBB67AE85)
 
 
+def stream_words(seed: int, offset: int):
+    """(key0, key1, off0, off1): the uint32 halves of a stream's seed and offset, as the kernels take them."""
+    m = 0xFFFFFFFF
+    return seed & m, (seed >> 32) & m, offset & m, (offset >> 32) & m
+
+
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """c0..c3: uint32 tensors (counter words); k0, k1: uint32 key words."""

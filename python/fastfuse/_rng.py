@@ -38,6 +38,14 @@ def dropout_scale(p: float) -> float:
     return 1.0 / (1.0 - p)
 
 
+def drop_args(p: float):
+    """(threshold, scale) as the kernels take them; p == 0 gives (0, 1.0), which keeps every element as it is."""
+    return (dropout_threshold(p), dropout_scale(p)) if p > 0 else (0, 1.0)
+
+
+NO_SEED = torch.zeros(2, dtype=torch.int64)  # the seed passed where p == 0: no random stream is used (never written)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute in: float32 for 16-bit floats, the dtype itself otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

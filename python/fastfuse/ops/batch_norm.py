@@ -200,7 +200,6 @@ def _batch_norm_op(*args):
     return _EagerBatchNorm.apply(*args)
 
 _ACTS = (None, "relu")
-_NO_SEED = torch.zeros(2, dtype=torch.int64)  # p == 0: no random stream is used (never written)
 
 
 def _check(input, running_mean, running_var, weight, bias, residual, training, momentum, eps, pre_act, post_act,
@@ -256,7 +255,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     _check(input, running_mean, running_var, weight, bias, residual, training, momentum, eps, pre_act, post_act,
            num_batches_tracked)
     p = p if training else 0.0
-    seed = _rng.new_seed() if p > 0 else _NO_SEED
+    seed = _rng.new_seed() if p > 0 else _rng.NO_SEED
     out, mean, var = _batch_norm_op(input, weight, bias, running_mean, running_var, residual,
                                                    bool(training), float(eps), pre_act == "relu",
                                                    post_act == "relu", p, seed)

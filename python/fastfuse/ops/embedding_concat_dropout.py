@@ -15,7 +15,6 @@ from .. import _backends, _library, _rng, reference  # noqa: F401  (_library def
 from ._bn_module import cpp_bn_args
 from .batch_norm import module_batch_norm
 
-_NO_SEED = torch.zeros(2, dtype=torch.int64)  # p == 0: no random stream is used
 
 
 # ---- validation (clear errors before any kernel runs) ------------------------------------------------
@@ -298,7 +297,7 @@ def embedding_concat_dropout(x_cat: torch.Tensor, weights, p: float = 0.0, train
     if not weights:
         return cont if cont is not None else x_cat.new_empty((x_cat.shape[0], 0), dtype=torch.float32)
     p = p if training else 0.0
-    seed = _rng.new_seed() if p > 0 else _NO_SEED
+    seed = _rng.new_seed() if p > 0 else _rng.NO_SEED
     if _use_fast_path():
         return _EagerFunction.apply(x_cat, p, seed, check_index, cont, *weights)
     return torch.ops.fastfuse.embedding_concat_dropout(x_cat, weights, p, seed, cont, check_index)
