@@ -1,10 +1,12 @@
 // batch_norm forward and backward on CPU in one call each: the four primitives plus the O(C) per-channel
-// arithmetic between them, op for op as python/fastfuse/ops/batch_norm.py's _forward / _backward do it (same
-// ATen ops in the same order, so the same bits). From Python those ~10 small ops cost ~5 us each, more than
-// the kernels at (64, 1000) or (512, 16); here they cost about 1 us each.
+// arithmetic between them, as python/fastfuse/ops/batch_norm.py's _forward / _backward do it. That arithmetic is
+// one scalar loop per direction (channel_coeffs below) doing the Python's ATen ops element by element in the same
+// order, so the same bits: as ~12 ATen ops it cost 30-60 us, more than the kernels at (512, 16) or (64, 1000).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "batch_norm.h"
@@ -27,6 +29,59 @@ at::Tensor channel_dense(const at::Tensor& x) {
   return bn_channels_inner(x) ? x : x.contiguous();
 }
 
+// The per-channel vectors of both directions, computed as the ATen expressions in the comments compute them on
+// CPU: a scalar operand is first rounded to the tensor's dtype, rsqrt is 1 / sqrt (correctly rounded, as
+// ATen's vectorised rsqrt divides by sqrt), and no step is fused (no multiply-add pattern to contract).
+// var, weight (or undefined), sum_g, sum_gxmu: contiguous vectors of the accumulation type.
+struct ChannelCoeffs {
+  at::Tensor scale;       // forward:  rsqrt(var + eps) * weight
+  at::Tensor k1, k2, k3;  // backward: k1 = rsqrt(var + eps) * weight, k2 = -k1 * invstd * invstd * sum_gxmu / n,
+                          //           k3 = -k1 * sum_g / n (k2 = k3 = 0 without batch statistics)
+  at::Tensor gw;          // backward: sum_gxmu * invstd
+};
+
+at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType acc) {
+  return t.scalar_type() == acc ? t.contiguous() : t.to(acc).contiguous();
+}
+
+// forward: only scale. backward (sums defined): k1, k2, k3 if need_k (k2, k3 from the sums when batch_grad), gw
+// if need_gw.
+ChannelCoeffs channel_coeffs(const at::Tensor& var_in, const c10::optional<at::Tensor>& weight, double eps,
+                             const at::Tensor& sum_g_in, const at::Tensor& sum_gxmu_in, int64_t n, bool backward,
+                             bool need_k, bool batch_grad, bool need_gw) {
+  const auto acc = var_in.scalar_type();
+  const int64_t C = var_in.numel();
+  const at::Tensor var = var_in.contiguous();
+  const bool has_w = weight.has_value() && weight->defined();
+  const at::Tensor w = has_w ? contiguous_as(*weight, acc) : at::Tensor();
+  const at::Tensor sum_g = batch_grad ? sum_g_in.contiguous() : at::Tensor();
+  const at::Tensor sum_gxmu = backward && (batch_grad || need_gw) ? sum_gxmu_in.contiguous() : at::Tensor();
+  ChannelCoeffs r;
+  auto make = [&](bool need) { return need ? at::empty({C}, var.options()) : at::Tensor(); };
+  r.scale = make(!backward);
+  r.k1 = make(backward && need_k), r.k2 = make(backward && need_k), r.k3 = make(backward && need_k);
+  r.gw = make(backward && need_gw);
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_channel_coeffs", [&] {
+    using T = scalar_t;
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const T *v = ptr(var), *wp = ptr(w), *sg = ptr(sum_g), *sgx = ptr(sum_gxmu);
+    T *scale = ptr(r.scale), *k1 = ptr(r.k1), *k2 = ptr(r.k2), *k3 = ptr(r.k3), *gw = ptr(r.gw);
+    const T e = static_cast<T>(eps), nn = static_cast<T>(n);
+    for (int64_t c = 0; c < C; ++c) {
+      const T invstd = T(1) / std::sqrt(v[c] + e);
+      const T a = wp ? invstd * wp[c] : invstd;
+      if (scale) scale[c] = a;
+      if (k1) {
+        k1[c] = a;
+        k2[c] = batch_grad ? -a * invstd * invstd * sgx[c] / nn : T(0);
+        k3[c] = batch_grad ? -a * sg[c] / nn : T(0);
+      }
+      if (gw) gw[c] = sgx[c] * invstd;
+    }
+  });
+  return r;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
@@ -43,8 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_cpu(
     var = running_var->to(acc, false, true);
   }
   if (x.numel() == 0 || p >= 1) return {at::zeros_like(x), mean, var};
-  at::Tensor scale = at::rsqrt(var + eps);
-  if (weight.has_value() && weight->defined()) scale = scale * weight->to(acc);
+  const at::Tensor scale = channel_coeffs(var, weight, eps, {}, {}, 0, false, false, false, false).scale;
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(acc) : at::zeros({C}, x.options().dtype(acc));
   c10::optional<at::Tensor> res;
   if (residual.has_value() && residual->defined()) res = like_strides(*residual, x);
@@ -81,26 +135,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     g = dropout_cpu(grad_out, p, seed, offset);
     pk = 0;
   }
-  const at::Tensor invstd = at::rsqrt(var + eps);
   at::Tensor sum_g, sum_gxmu;
   if (need_gw || need_gb || (training && need_gi))
     std::tie(sum_g, sum_gxmu) = bn_grad_reduce_cpu(g, x, out, mean, pre_relu, post_relu, pk, seed, offset);
+  // d/dx of the batch statistics (training): grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
+  const bool need_k = need_gi || need_gr, batch_grad = training && need_gi;
+  const ChannelCoeffs k =
+      channel_coeffs(var, weight, eps, sum_g, sum_gxmu, x.numel() / C, true, need_k, batch_grad, need_gw);
   at::Tensor gi = empty, gr = empty;
-  if (need_gi || need_gr) {
-    const at::Tensor k1 = has_w ? invstd * weight->to(acc) : invstd;  // Python multiplies by ones
-    at::Tensor k2, k3;
-    if (training && need_gi) {  // d/dx of the batch statistics: grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
-      const int64_t n = x.numel() / C;
-      k2 = -k1 * invstd * invstd * sum_gxmu / n;
-      k3 = -k1 * sum_g / n;
-    } else {
-      k2 = at::zeros_like(k1);
-      k3 = at::zeros_like(k1);
-    }
-    std::tie(gi, gr) = bn_grad_apply_cpu(g, x, out, mean, k1, k2, k3, pre_relu, post_relu, pk, seed, offset,
+  if (need_k)
+    std::tie(gi, gr) = bn_grad_apply_cpu(g, x, out, mean, k.k1, k.k2, k.k3, pre_relu, post_relu, pk, seed, offset,
                                          need_gi, need_gr);
-  }
-  at::Tensor gw = need_gw ? (sum_gxmu * invstd).to(wdt) : empty.to(wdt);
+  at::Tensor gw = need_gw ? k.gw.to(wdt) : empty.to(wdt);
   at::Tensor gb = need_gb ? sum_g.to(wdt) : empty.to(wdt);
   return {gi, gw, gb, gr};
 }
