@@ -49,6 +49,17 @@ at::Tensor embedding_concat_dropout_cpu(const at::Tensor& x_cat, at::TensorList 
 std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& x_cat,
                                                               at::TensorList weights, double p, int64_t seed,
                                                               int64_t offset);
+// With the continuous columns' batch norm in the same call (the eager CPU path; cpu/embedding_concat_dropout_kernel.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
+    const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed, int64_t offset, const at::Tensor& cont,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, bool batch_stats, bool update,
+    c10::optional<double> momentum, double eps, bool check_index);
+std::vector<at::Tensor> embedding_concat_dropout_bn_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed,
+    int64_t offset, const at::Tensor& cont, const c10::optional<at::Tensor>& bn_weight, const at::Tensor& mean,
+    const at::Tensor& var, bool batch_stats, double eps, bool need_tables, bool need_gi, bool need_gw, bool need_gb);
 #ifdef FASTFUSE_WITH_CUDA
 at::Tensor embedding_concat_dropout_cuda(const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed,
                                          int64_t offset, const c10::optional<at::Tensor>& cont, bool check_index);

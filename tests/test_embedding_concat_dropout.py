@@ -223,3 +223,44 @@ def test_dropout_nan_and_signed_zeros_as_torch(backend):
     assert y[:, 0].isnan().all()
     dropped = y[:, 1] == 0
     assert dropped.any() and y[:, 1][dropped].signbit().all() and (y[:, 2] == 0).any()
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("affine", [True, False])
+def test_eager_bn_path_gradcheck_float64(affine):
+    """The eager CPU path with bn_cont (fastfuse_C::embedding_concat_dropout_bn and its C++ autograd node):
+    every gradient, the batch norm's weight and bias included, by finite differences."""
+    x, ws, xc = _data(TABLES["odd"], 9, 3, torch.float64)
+    bn = torch.nn.BatchNorm1d(3, affine=affine).double()
+    params = [w.requires_grad_() for w in ws] + [xc.requires_grad_()] + list(bn.parameters())
+
+    def f(*args):
+        bn.reset_running_stats()  # the forward updates them; every call must see the same batch norm
+        with torch.random.fork_rng():
+            torch.manual_seed(3)  # the same dropout mask in every call
+            return fastfuse.embedding_concat_dropout(x, list(args[:4]), 0.3, True, args[4], bn)
+
+    assert torch.autograd.gradcheck(lambda *a: f(*a), params)
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("which", ["tables", "cont", "bn"])
+def test_eager_bn_path_partial_requires_grad(which):
+    """Only some inputs need a gradient: the C++ node gives exactly those, equal to the unfused path's."""
+    mod = importlib.import_module("fastfuse.ops.embedding_concat_dropout")
+    x, ws, xc = _data(TABLES["odd"], 11, 3)
+    grads = []
+    for fast in (True, False):
+        mod.EAGER_FAST_PATH = fast
+        try:
+            bn = torch.nn.BatchNorm1d(3)
+            bn.weight.data = torch.linspace(0.5, 1.5, 3)  # not 1: the grads of cont depend on it
+            wr, cr = [w.clone().requires_grad_(which == "tables") for w in ws], xc.clone().requires_grad_(which == "cont")
+            bn.requires_grad_(which == "bn")
+            torch.manual_seed(5)
+            y = fastfuse.embedding_concat_dropout(x, wr, 0.3, True, cr, bn)
+            inputs = {"tables": wr, "cont": [cr], "bn": list(bn.parameters())}[which]
+            grads.append(torch.autograd.grad(y, inputs, torch.randn_like(y)))
+        finally:
+            mod.EAGER_FAST_PATH = True
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -27,30 +27,50 @@ constexpr int64_t kBlockElems = 2048;  // embedding elements per Philox refill (
 constexpr int64_t kSliceCols = 16;     // columns per backward work item
 constexpr int64_t kRowBlock = 32;      // rows of the gradient each backward item sums at a time
 
-// The first and the last N bytes of an n-byte copy, N <= n < 2N: two fixed-size (possibly overlapping) copies.
-template <size_t N>
-inline void copy_ends(char* d, const char* s, size_t n) {
-  std::memcpy(d, s, N);
-  std::memcpy(d + n - N, s + n - N, N);
+// Codes outside [0, n_t): IndexError naming the first bad one in row-major order (as check_codes does on the
+// other backends), whichever one the caller met first.
+[[noreturn]] void throw_bad_code(const int64_t* x, const int64_t* rows, int64_t B, int64_t T) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK_INDEX(x[b * T + t] >= 0 && x[b * T + t] < rows[t], "embedding_concat_dropout: x_cat column ", t,
+                        " has code ", x[b * T + t], " (row ", b, "), outside [0, ", rows[t], ") of its embedding table");
+  TORCH_CHECK(false, "embedding_concat_dropout: internal error, no bad code found");
 }
 
-// dst[0, n) = src[0, n) for the tables' short rows (n ~ 2..81 elements): a libc memcpy call per (row, table)
-// cost as much as the rest of the forward; fixed-size copies inline to a few moves.
-inline void copy_row(void* dst, const void* src, size_t nbytes) {
-  char* d = static_cast<char*>(dst);
-  const char* s = static_cast<const char*>(src);
-  if (nbytes >= 64)
-    std::memcpy(d, s, nbytes);
-  else if (nbytes >= 32)
-    copy_ends<32>(d, s, nbytes);
-  else if (nbytes >= 16)
-    copy_ends<16>(d, s, nbytes);
-  else if (nbytes >= 8)
-    copy_ends<8>(d, s, nbytes);
-  else if (nbytes >= 4)
-    copy_ends<4>(d, s, nbytes);
-  else
-    for (size_t i = 0; i < nbytes; ++i) d[i] = s[i];
+// Rows [b0, b1) of one table into their output columns. Table by table, so that the row width is a compile-time
+// constant for the usual short widths (D > 0: a few moves, where a per-row libc memcpy or size dispatch cost as
+// much as the rest of the forward). A bad code gives a zero row (check_index=False; it is never read), or false.
+template <int D, typename scalar_t>
+bool gather_rows(scalar_t* out, int64_t W, const int64_t* x, int64_t T, const scalar_t* table, int64_t n,
+                 int64_t d_rt, int64_t b0, int64_t b1, bool check_index) {
+  const int64_t d = D > 0 ? D : d_rt;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t idx = x[b * T];
+    scalar_t* dst = out + b * W;
+    if (idx < 0 || idx >= n) {
+      if (check_index) return false;
+      std::fill(dst, dst + d, scalar_t(0));
+      continue;
+    }
+    std::memcpy(dst, table + idx * d, d * sizeof(scalar_t));
+  }
+  return true;
+}
+
+template <typename scalar_t>
+bool gather_table(scalar_t* out, int64_t W, const int64_t* x, int64_t T, const scalar_t* table, int64_t n, int64_t d,
+                  int64_t b0, int64_t b1, bool check_index) {
+  switch (d) {
+#define FF_ECD_GATHER(D) \
+  case D:                \
+    return gather_rows<D>(out, W, x, T, table, n, d, b0, b1, check_index);
+    FF_ECD_GATHER(1) FF_ECD_GATHER(2) FF_ECD_GATHER(3) FF_ECD_GATHER(4) FF_ECD_GATHER(5) FF_ECD_GATHER(6)
+    FF_ECD_GATHER(7) FF_ECD_GATHER(8) FF_ECD_GATHER(9) FF_ECD_GATHER(10) FF_ECD_GATHER(11) FF_ECD_GATHER(12)
+    FF_ECD_GATHER(13) FF_ECD_GATHER(14) FF_ECD_GATHER(15) FF_ECD_GATHER(16)
+#undef FF_ECD_GATHER
+    default:
+      return gather_rows<0>(out, W, x, T, table, n, d, b0, b1, check_index);
+  }
 }
 
 // Keys covering stream elements [e0, e1): keys[e - base] for e in range, base = 8 * floor(e0 / 8).
@@ -79,24 +99,15 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
     for (int64_t rb = b0; rb < b1; rb += rows_per_block) {
       const int64_t re = std::min(b1, rb + rows_per_block);
       const int64_t base = drop ? fill_keys(keys, rb * D, re * D, seed, offset) : 0;
+      for (int64_t t = 0; t < T; ++t)
+        if (!gather_table(out + offs[t], W, x + t, T, tabs[t], rows[t], dims[t], rb, re, check_index))
+          throw_bad_code(x, rows, B, T);
       for (int64_t b = rb; b < re; ++b) {
         scalar_t* orow = out + b * W;
-        const int64_t* xb = x + b * T;
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t idx = xb[t], n = rows[t], d = dims[t];
-          scalar_t* dst = orow + offs[t];
-          if (idx < 0 || idx >= n) {
-            TORCH_CHECK_INDEX(!check_index, "embedding_concat_dropout: x_cat column ", t, " has code ", idx,
-                              " (row ", b, "), outside [0, ", n, ") of its embedding table");
-            std::fill(dst, dst + d, scalar_t(0));  // unchecked: a zero row, the bad code is never read
-            continue;
-          }
-          copy_row(dst, tabs[t] + idx * d, d * sizeof(scalar_t));
-        }
         if (drop) {  // one pass over the whole row: vectorises, where the tables' short rows (d ~ 2..10) do not
           apply_keys(orow, orow, keys.data() + (b * D - base), D, threshold, scale);
         }
-        if (C) copy_row(orow + D, cont + b * C, C * sizeof(scalar_t));
+        if (C) std::memcpy(orow + D, cont + b * C, C * sizeof(scalar_t));
       }
     }
   });
@@ -271,9 +282,8 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
 // embedding_concat_dropout.py, _EagerWithBn): one C++ call forward and one backward instead of a batch norm op,
 // its autograd node and its Python around the embedding op (at Rossmann sizes those cost more than the kernels).
 // The batch norm and the running statistics go through cpu/bn_module.h: the same bits as the unfused path
-// (tests/test_embedding_concat_dropout.py compares them).
-namespace {
-
+// (tests/test_embedding_concat_dropout.py compares them). Its autograd is C++ too:
+// cpu/embedding_concat_dropout_autograd.cpp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
     const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed, int64_t offset, const at::Tensor& cont,
     const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
@@ -312,8 +322,6 @@ std::vector<at::Tensor> embedding_concat_dropout_bn_backward_cpu(
   }
   return res;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastfuse_C, m) {
   m.def("embedding_concat_dropout_bn(Tensor x_cat, Tensor[] weights, float p, int seed, int offset, Tensor cont, "

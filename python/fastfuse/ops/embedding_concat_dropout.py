@@ -160,7 +160,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x_cat, seed, *weights = ctx.saved_tensors
-    grad_weights = grad_cont = None
+    grad_weights, grad_cont = [None] * len(weights), None  # a list either way: torch.library checks the structure
     if _any(ctx.needs_input_grad[1]):
         grad_weights = torch.ops.fastfuse.embedding_concat_dropout_backward(grad, x_cat, weights, ctx.p, seed)
     if ctx.has_cont and ctx.needs_input_grad[4]:
@@ -202,39 +202,10 @@ def _use_fast_path() -> bool:
 
 # ---- eager CPU path with the continuous columns' batch norm in the same C++ calls --------------------------
 # At Rossmann sizes a separate batch norm (its op, autograd node and Python, forward and backward) cost more than
-# the embedding kernels. Here one autograd node runs fastfuse_C::embedding_concat_dropout_bn forward (bn_forward
-# of x_cont, then the gather + Philox kernel writing it beside the embeddings, then the running statistics) and
-# fastfuse_C::embedding_concat_dropout_bn_backward (the tables' gradients, then bn_backward): the same kernels and
-# ATen ops as the unfused path, so the same bits. The tables are kept on ctx (their shapes are all the backward
-# reads), not saved: 24 SavedVariables cost more than the rest of the bookkeeping.
-class _EagerWithBn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_cat, args, cont, bn_weight, bn_bias, *weights):
-        p, key, offset, check_index, running_mean, running_var, nbt, batch_stats, update, momentum, eps = args
-        out, mean, var = torch.ops.fastfuse_C.embedding_concat_dropout_bn(
-            x_cat, weights, p, key, offset, cont, bn_weight, bn_bias, running_mean, running_var, nbt, batch_stats,
-            update, momentum, eps, check_index)
-        ctx.args = (p, key, offset, batch_stats, eps)
-        ctx.weights = weights
-        ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
-        ctx.save_for_backward(x_cat, cont, bn_weight, mean, var)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_cat, cont, bn_weight, mean, var = ctx.saved_tensors
-        p, key, offset, batch_stats, eps = ctx.args
-        need = ctx.needs_input_grad
-        need_tables = any(need[5:])
-        res = torch.ops.fastfuse_C.embedding_concat_dropout_bn_backward(
-            grad, x_cat, ctx.weights, p, key, offset, cont, bn_weight, mean, var, batch_stats, eps, need_tables,
-            need[2], need[3], need[4])
-        gi, gw, gb = res[-3:]
-        grad_tables = res[:-3] if need_tables else [None] * len(ctx.weights)
-        return (None, None, gi if need[2] else None, gw if need[3] else None,
-                gb.to(ctx.bias_dtype) if need[4] else None, *grad_tables)
-
-
+# the embedding kernels. Here fastfuse_C::embedding_concat_dropout_bn runs bn_forward of x_cont, the gather + Philox
+# kernel writing it beside the embeddings, and the running statistics update in one call; its autograd is C++
+# (csrc/cpu/embedding_concat_dropout_autograd.cpp: the tables' gradients, then bn_backward, with no Python in
+# between). The same kernels and ATen ops as the unfused path, so the same bits.
 def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
     """embedding_concat_dropout with bn_cont through _EagerWithBn, when it applies (the eager cpp backend, the
     usual dtypes and layouts); None otherwise, and the caller takes the general path. Arguments and checks are
@@ -252,10 +223,6 @@ def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
     p = p if training else 0.0
     key, offset = _rng.seed_ints(_rng.new_seed()) if p > 0 else (0, 0)
     x_cat = x_cat if x_cat.dtype == torch.int64 and x_cat.is_contiguous() else x_cat.to(torch.int64).contiguous()
-    args = (p, key, offset, check_index, *bn_args)
-    if torch.is_grad_enabled() and (cont.requires_grad or any(w.requires_grad for w in weights)
-                                    or any(t is not None and t.requires_grad for t in (weight, bias))):
-        return _EagerWithBn.apply(x_cat, args, cont, weight, bias, *weights)
     return torch.ops.fastfuse_C.embedding_concat_dropout_bn(x_cat, weights, p, key, offset, cont, weight, bias,
                                                             *bn_args, check_index)[0]
 

@@ -1,0 +1,104 @@
+// Autograd of fastfuse_C::embedding_concat_dropout_bn (the eager CPU path of the tabular input layer) in C++.
+// As a Python autograd.Function the node cost ~60 us per forward+backward at Rossmann sizes (apply over 29
+// inputs, Python forward and backward, tuple conversions): as much as the kernels' own multi-threaded time.
+// Here forward and backward are the same C++ kernels with no Python in between. torch.compile does not come
+// here: it traces the torch.library op (python/fastfuse/ops/embedding_concat_dropout.py).
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "embedding_concat_dropout.h"
+
+namespace fastfuse {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = c10::optional<at::Tensor>;
+
+// The op's non-differentiable arguments, in one value so that autograd does not take the running statistics
+// (updated in place, never differentiated) for inputs.
+struct EcdBnArgs {
+  double p;
+  int64_t seed, offset;
+  OptTensor running_mean, running_var, num_batches_tracked;
+  bool batch_stats, update;
+  c10::optional<double> momentum;
+  double eps;
+  bool check_index;
+};
+
+struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
+  // Inputs as autograd counts them: x_cat, cont, bn_weight, bn_bias, every table, args (backward returns one
+  // gradient, or an undefined tensor, for each).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_cat, const at::Tensor& cont,
+                               const OptTensor& bn_weight, const OptTensor& bn_bias, at::TensorList weights,
+                               const EcdBnArgs& a) {
+    auto [out, mean, var] = embedding_concat_dropout_bn_cpu(
+        x_cat, weights, a.p, a.seed, a.offset, cont, bn_weight, bn_bias, a.running_mean, a.running_var,
+        a.num_batches_tracked, a.batch_stats, a.update, a.momentum, a.eps, a.check_index);
+    ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
+    const at::Tensor w = bn_weight.has_value() ? *bn_weight : at::Tensor();
+    ctx->save_for_backward({x_cat, cont, w, mean, var});
+    // the tables only for their shapes: kept as references (not SavedVariables, whose checks cost more than the
+    // rest of the bookkeeping over 24 tables), as the Python node did
+    ctx->saved_data["weights"] = weights.vec();
+    ctx->saved_data["p"] = a.p;
+    ctx->saved_data["seed"] = a.seed;
+    ctx->saved_data["offset"] = a.offset;
+    ctx->saved_data["batch_stats"] = a.batch_stats;
+    ctx->saved_data["eps"] = a.eps;
+    ctx->saved_data["has_w"] = bn_weight.has_value();
+    ctx->saved_data["bias"] = bn_bias.has_value() ? c10::IValue(bn_bias->scalar_type()) : c10::IValue();
+    return {out, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x_cat = saved[0], &cont = saved[1], &w = saved[2], &mean = saved[3], &var = saved[4];
+    const std::vector<at::Tensor> weights = ctx->saved_data["weights"].toTensorVector();
+    const bool has_w = ctx->saved_data["has_w"].toBool();
+    const c10::IValue bias = ctx->saved_data["bias"];
+    const int64_t T = static_cast<int64_t>(weights.size());
+    // edges: x_cat (never requires grad), cont, then bn_weight and bn_bias where given, then the tables
+    int64_t e = 1;
+    const bool need_gi = ctx->needs_input_grad(e++);
+    const bool need_gw = has_w && ctx->needs_input_grad(e++);
+    const bool need_gb = !bias.isNone() && ctx->needs_input_grad(e++);
+    bool need_tables = false;
+    for (int64_t t = 0; t < T; ++t) need_tables = need_tables || ctx->needs_input_grad(e + t);
+    variable_list res(4 + T + 1);  // x_cat, cont, bn_weight, bn_bias, tables, args
+    if (!grads[0].defined()) return res;  // the output was not used
+    const auto g = embedding_concat_dropout_bn_backward_cpu(
+        grads[0], x_cat, weights, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),
+        ctx->saved_data["offset"].toInt(), cont, has_w ? OptTensor(w) : OptTensor(), mean, var,
+        ctx->saved_data["batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(), need_tables, need_gi, need_gw,
+        need_gb);
+    if (need_gi) res[1] = g[g.size() - 3];
+    if (need_gw) res[2] = g[g.size() - 2];
+    if (need_gb) res[3] = g[g.size() - 1].to(bias.toScalarType());
+    if (need_tables)
+      for (int64_t t = 0; t < T; ++t) res[4 + t] = g[t];
+    return res;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_autograd(
+    const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed, int64_t offset, const at::Tensor& cont,
+    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, bool batch_stats, bool update, c10::optional<double> momentum, double eps,
+    bool check_index) {
+  auto defined = [](const OptTensor& t) { return t.has_value() && t->defined() ? t : OptTensor(); };
+  const EcdBnArgs args{p,           seed,   offset,   defined(running_mean), defined(running_var),
+                       defined(num_batches_tracked), batch_stats, update, momentum, eps, check_index};
+  auto r = EcdBnFunction::apply(x_cat, cont, defined(bn_weight), defined(bn_bias), weights, args);
+  return {r[0], r[1], r[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfuse_C, Autograd, m) {
+  m.impl("embedding_concat_dropout_bn", &embedding_concat_dropout_bn_autograd);
+}
+
+}  // namespace fastfuse
