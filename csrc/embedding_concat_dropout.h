@@ -50,8 +50,10 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
                                                               at::TensorList weights, double p, int64_t seed,
                                                               int64_t offset);
 // With the continuous columns' batch norm in the same call (the eager CPU path; cpu/embedding_concat_dropout_kernel.cpp).
+// seed and offset None: drawn from torch's default CPU generator as _rng.new_seed() draws them (cpu/seed.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
-    const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed, int64_t offset, const at::Tensor& cont,
+    const at::Tensor& x_cat, at::TensorList weights, double p, c10::optional<int64_t> seed,
+    c10::optional<int64_t> offset, const at::Tensor& cont,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     const c10::optional<at::Tensor>& num_batches_tracked, bool batch_stats, bool update,

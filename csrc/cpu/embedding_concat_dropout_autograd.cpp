@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "embedding_concat_dropout.h"
+#include "cpu/seed.h"
 
 namespace fastfuse {
 namespace {
@@ -19,7 +20,7 @@ using OptTensor = c10::optional<at::Tensor>;
 // (updated in place, never differentiated) for inputs.
 struct EcdBnArgs {
   double p;
-  int64_t seed, offset;
+  int64_t seed, offset;  // drawn already where the caller gave none
   OptTensor running_mean, running_var, num_batches_tracked;
   bool batch_stats, update;
   c10::optional<double> momentum;
@@ -84,12 +85,14 @@ struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_autograd(
-    const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed, int64_t offset, const at::Tensor& cont,
-    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
-    const OptTensor& num_batches_tracked, bool batch_stats, bool update, c10::optional<double> momentum, double eps,
-    bool check_index) {
+    const at::Tensor& x_cat, at::TensorList weights, double p, c10::optional<int64_t> seed,
+    c10::optional<int64_t> offset, const at::Tensor& cont, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& num_batches_tracked,
+    bool batch_stats, bool update, c10::optional<double> momentum, double eps, bool check_index) {
   auto defined = [](const OptTensor& t) { return t.has_value() && t->defined() ? t : OptTensor(); };
-  const EcdBnArgs args{p,           seed,   offset,   defined(running_mean), defined(running_var),
+  // no seed given: drawn here, before the forward, so that the node keeps it for the backward's mask
+  const auto [key, off] = seed.has_value() || p <= 0 ? std::make_pair(seed.value_or(0), offset.value_or(0)) : draw_seed();
+  const EcdBnArgs args{p,           key,    off,      defined(running_mean), defined(running_var),
                        defined(num_batches_tracked), batch_stats, update, momentum, eps, check_index};
   auto r = EcdBnFunction::apply(x_cat, cont, defined(bn_weight), defined(bn_bias), weights, args);
   return {r[0], r[1], r[2]};

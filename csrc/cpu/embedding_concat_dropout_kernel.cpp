@@ -19,6 +19,7 @@
 #include "cpu/alloc.h"
 #include "cpu/bn_module.h"
 #include "cpu/philox_cpu.h"
+#include "cpu/seed.h"
 
 namespace fastfuse {
 namespace {
@@ -285,7 +286,8 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
 // (tests/test_embedding_concat_dropout.py compares them). Its autograd is C++ too:
 // cpu/embedding_concat_dropout_autograd.cpp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
-    const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed, int64_t offset, const at::Tensor& cont,
+    const at::Tensor& x_cat, at::TensorList weights, double p, c10::optional<int64_t> seed,
+    c10::optional<int64_t> offset, const at::Tensor& cont,
     const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool batch_stats, bool update, c10::optional<double> momentum, double eps,
     bool check_index) {
@@ -293,7 +295,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
               "embedding_concat_dropout_bn: cont must be (B, C) with x_cat's batch size");
   auto [ybn, mean, var] =
       call_bn_forward(cont, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, false, 0.0, 0, 0);
-  at::Tensor out = embedding_concat_dropout_cpu(x_cat, weights, p, seed, offset, ybn.contiguous(), check_index);
+  // no seed given: draw one, as _rng.new_seed() would (the C++ autograd node draws it before, to keep it)
+  const auto [key, off] = seed.has_value() || p <= 0 ? std::make_pair(seed.value_or(0), offset.value_or(0)) : draw_seed();
+  at::Tensor out = embedding_concat_dropout_cpu(x_cat, weights, p, key, off, ybn.contiguous(), check_index);
   if (update && running_mean.has_value() && running_mean->defined())  // after the codes were checked
     update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var, cont.size(0));
   return {out, mean, var};
@@ -324,7 +328,7 @@ std::vector<at::Tensor> embedding_concat_dropout_bn_backward_cpu(
 }
 
 TORCH_LIBRARY_FRAGMENT(fastfuse_C, m) {
-  m.def("embedding_concat_dropout_bn(Tensor x_cat, Tensor[] weights, float p, int seed, int offset, Tensor cont, "
+  m.def("embedding_concat_dropout_bn(Tensor x_cat, Tensor[] weights, float p, int? seed, int? offset, Tensor cont, "
         "Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "Tensor(c!)? num_batches_tracked, bool batch_stats, bool update, float? momentum, float eps, "
         "bool check_index) -> (Tensor, Tensor, Tensor)");

@@ -207,7 +207,7 @@ def _use_fast_path() -> bool:
 # (csrc/cpu/embedding_concat_dropout_autograd.cpp: the tables' gradients, then bn_backward, with no Python in
 # between). The same kernels and ATen ops as the unfused path, so the same bits.
 def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
-    """embedding_concat_dropout with bn_cont through _EagerWithBn, when it applies (the eager cpp backend, the
+    """embedding_concat_dropout with bn_cont through fastfuse_C::embedding_concat_dropout_bn, when it applies (the eager cpp backend, the
     usual dtypes and layouts); None otherwise, and the caller takes the general path. Arguments and checks are
     module_batch_norm's (ops/_bn_module.py), so errors and semantics are the same."""
     if (not _use_fast_path() or p >= 1 or not weights or x_cat.device.type != "cpu" or cont.dim() != 2
@@ -221,7 +221,7 @@ def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
     if cont.dtype != weights[0].dtype or not all(w.is_contiguous() for w in weights):
         return None
     p = p if training else 0.0
-    key, offset = _rng.seed_ints(_rng.new_seed()) if p > 0 else (0, 0)
+    key, offset = (None, None) if p > 0 else (0, 0)  # None: the op draws them as _rng.new_seed() would
     x_cat = x_cat if x_cat.dtype == torch.int64 and x_cat.is_contiguous() else x_cat.to(torch.int64).contiguous()
     return torch.ops.fastfuse_C.embedding_concat_dropout_bn(x_cat, weights, p, key, offset, cont, weight, bias,
                                                             *bn_args, check_index)[0]
