@@ -8,6 +8,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string>
 #include <vector>
 
 namespace fastfuse {
@@ -28,6 +29,22 @@ inline TableLayout table_layout(const at::TensorList& weights) {
     L.width += w.size(1);
   }
   return L;
+}
+
+// The per-table checks of the Python wrapper (ops/embedding_concat_dropout.py, _validate), with its errors (ValueError,
+// the same messages), for the eager path that skips them in Python: a loop over the tables there cost ~10 us.
+inline void check_tables(const at::Tensor& x_cat, const at::TensorList& weights) {
+  auto dtype = [](const at::Tensor& w) { return "torch." + std::string(c10::getDtypeNames(w.scalar_type()).first); };
+  for (size_t t = 0; t < weights.size(); ++t) {
+    const at::Tensor& w = weights[t];
+    TORCH_CHECK_VALUE(w.defined() && w.dim() == 2 && at::isFloatingType(w.scalar_type()), "embedding_concat_dropout: ",
+                      "table ", t, " must be a 2-D floating-point tensor (n_t, d_t)");
+    TORCH_CHECK_VALUE(w.scalar_type() == weights[0].scalar_type() && w.device() == weights[0].device(),
+                      "embedding_concat_dropout: table ", t, " is ", dtype(w), " on ", w.device(), ", table 0 is ",
+                      dtype(weights[0]), " on ", weights[0].device(), "; all tables must match");
+    TORCH_CHECK_VALUE(w.device() == x_cat.device(), "embedding_concat_dropout: x_cat is on ", x_cat.device(),
+                      ", the tables on ", w.device());
+  }
 }
 
 inline void check_embedding_inputs(const at::Tensor& x_cat, const at::TensorList& weights,

@@ -264,3 +264,43 @@ def test_eager_bn_path_partial_requires_grad(which):
         finally:
             mod.EAGER_FAST_PATH = True
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_input_errors_with_bn_cont():
+    """The eager CPU bn path checks the tables in C++ (check_tables): the same errors as the Python checks."""
+    x, ws, xc = _data(TABLES["odd"], 8, 3)
+    bn = torch.nn.BatchNorm1d(3)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"table 2 is torch.float64 on cpu, table 0 is torch.float32 on cpu"):
+        fastfuse.embedding_concat_dropout(x, ws[:2] + [ws[2].double()] + ws[3:], 0.2, True, xc, bn)
+    with pytest.raises(ValueError, match="table 1 must be a 2-D floating-point"):
+        fastfuse.embedding_concat_dropout(x, ws[:1] + [ws[1][0]] + ws[2:], 0.2, True, xc, bn)
+    with pytest.raises(ValueError, match="table 3 must be a 2-D floating-point"):
+        fastfuse.embedding_concat_dropout(x, ws[:3] + [ws[3].long()], 0.2, True, xc, bn)
+    assert torch.equal(torch.get_rng_state(), rng)  # checked before the dropout seed is drawn
+    with pytest.raises(IndexError, match="column 2 has code 13"):
+        fastfuse.embedding_concat_dropout(torch.cat([x[:, :2], x[:, 2:3] * 0 + 13, x[:, 3:]], 1), ws, 0.2, True,
+                                          xc, bn)
+    assert all(torch.equal(v, state[k]) for k, v in bn.state_dict().items())  # nothing ran half way
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+def test_eager_bn_path_non_contiguous_tables():
+    mod = importlib.import_module("fastfuse.ops.embedding_concat_dropout")
+    x, ws, xc = _data(TABLES["odd"], 10, 3)
+    wt = [w.t().contiguous().t() if w.shape[1] > 1 else w for w in ws]  # column-major tables
+    assert not all(w.is_contiguous() for w in wt)
+    outs = []
+    for fast in (True, False):
+        mod.EAGER_FAST_PATH = fast
+        try:
+            wr = [w.clone().t().contiguous().t().requires_grad_() if w.shape[1] > 1 else w.clone().requires_grad_()
+                  for w in ws]
+            torch.manual_seed(2)
+            y = fastfuse.embedding_concat_dropout(x, wr, 0.3, True, xc, torch.nn.BatchNorm1d(3))
+            outs.append((y, torch.autograd.grad(y, wr, torch.ones_like(y))))
+        finally:
+            mod.EAGER_FAST_PATH = True
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))

@@ -90,6 +90,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_autog
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& num_batches_tracked,
     bool batch_stats, bool update, c10::optional<double> momentum, double eps, bool check_index) {
   auto defined = [](const OptTensor& t) { return t.has_value() && t->defined() ? t : OptTensor(); };
+  check_tables(x_cat, weights);  // before the seed is drawn: a bad call leaves the generator as it was
+  // non-contiguous tables (rare) as contiguous copies: the kernels read rows
+  std::vector<at::Tensor> tables;
+  for (const auto& w : weights)
+    if (!w.is_contiguous()) {
+      for (const auto& v : weights) tables.push_back(v.contiguous());
+      break;
+    }
+  if (!tables.empty()) weights = tables;
   // no seed given: drawn here, before the forward, so that the node keeps it for the backward's mask
   const auto [key, off] = seed.has_value() || p <= 0 ? std::make_pair(seed.value_or(0), offset.value_or(0)) : draw_seed();
   const EcdBnArgs args{p,           key,    off,      defined(running_mean), defined(running_var),

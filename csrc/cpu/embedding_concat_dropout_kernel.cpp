@@ -293,6 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
     bool check_index) {
   TORCH_CHECK(cont.dim() == 2 && cont.size(0) == x_cat.size(0),
               "embedding_concat_dropout_bn: cont must be (B, C) with x_cat's batch size");
+  check_tables(x_cat, weights);
   auto [ybn, mean, var] =
       call_bn_forward(cont, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, false, 0.0, 0, 0);
   // no seed given: draw one, as _rng.new_seed() would (the C++ autograd node draws it before, to keep it)

@@ -217,9 +217,9 @@ def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
     if bn_args is None:
         return None
     *bn_args, weight, bias = bn_args
-    _validate(x_cat, weights, cont)
-    if cont.dtype != weights[0].dtype or not all(w.is_contiguous() for w in weights):
+    if cont.dtype != weights[0].dtype:
         return None
+    # the tables are checked in C++ (check_tables in csrc/embedding_concat_dropout.h: _validate's errors)
     p = p if training else 0.0
     key, offset = (None, None) if p > 0 else (0, 0)  # None: the op draws them as _rng.new_seed() would
     x_cat = x_cat if x_cat.dtype == torch.int64 and x_cat.is_contiguous() else x_cat.to(torch.int64).contiguous()
