@@ -141,7 +141,7 @@ def test_compile_tabular_embedding_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["train", "eval", "bn_eval_drop_train", "drop_eval"])
 def test_lin_bn_drop_one_node_path_equals_fused_sequential(monkeypatch, mode, dtype):
-    """On CPU, LinBnDrop runs as one C++ call each way (_LinBnDropFunction); the FusedSequential path it replaces
+    """On CPU, LinBnDrop runs as one C++ call each way (fastfuse_C::lin_bn_drop, C++ autograd); the FusedSequential path it replaces
     must give the same outputs, gradients (the weight's in another matmul order: to rounding) and running
     statistics, and the same dropout masks (bit for bit)."""
     import importlib
@@ -180,3 +180,41 @@ def test_lin_bn_drop_one_node_path_equals_fused_sequential(monkeypatch, mode, dt
         torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale)
     for a, b in zip(s1, s2):  # running mean, var, num_batches_tracked: the same kernels
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+def test_lin_bn_drop_one_node_gradcheck_float64():
+    """The C++ autograd node of LinBnDrop (fastfuse_C::lin_bn_drop): every gradient by finite differences, with
+    ReLU and dropout (one mask for every call: same generator state)."""
+    m = fastfuse.nn.LinBnDrop(5, 7, p=0.3, act=torch.nn.ReLU(), lin_first=True).double()
+    x = (torch.randn(9, 5, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def f(x, w, bw, bb):
+        m[2].reset_running_stats()
+        with torch.random.fork_rng():
+            torch.manual_seed(4)
+            return torch.func.functional_call(m, {"0.weight": w, "2.weight": bw, "2.bias": bb}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, m[0].weight, m[2].weight, m[2].bias))
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("frozen", ["x", "linear", "bn"])
+def test_lin_bn_drop_one_node_partial_grads(monkeypatch, frozen):
+    """Only some inputs need a gradient: the one-node path gives those, as the FusedSequential path does."""
+    import importlib
+    lbd = importlib.import_module("fastfuse.nn.lin_bn_drop")
+    base = fastfuse.nn.LinBnDrop(6, 11, p=0.2, act=torch.nn.ReLU(), lin_first=True)
+    x, g = torch.randn(13, 6), torch.randn(13, 11)
+    fused_cpu, grads = lbd._fused_cpu, []
+    for fast in (True, False):
+        monkeypatch.setattr(lbd, "_fused_cpu", fused_cpu if fast else (lambda mods, x: None))
+        m = copy.deepcopy(base)
+        xi = x.clone().requires_grad_(frozen != "x")
+        m[0].requires_grad_(frozen != "linear")
+        m[2].requires_grad_(frozen != "bn")
+        inputs = ([xi] if frozen != "x" else []) + [p for p in m.parameters() if p.requires_grad]
+        torch.manual_seed(1)
+        grads.append(torch.autograd.grad(m(xi), inputs, g))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

@@ -2,7 +2,6 @@ import torch
 
 from .. import _backends
 from ..ops._bn_module import cpp_bn_args
-from .._rng import new_seed, seed_ints
 from .batch_norm import BatchNorm1d, is_fused_bn
 from .dropout import Dropout
 from .fused_sequential import FusedSequential
@@ -14,7 +13,7 @@ class LinBnDrop(FusedSequential):
     """fastai's LinBnDrop (same signature, child order and state_dict keys): lin_first=True is
     [Linear(bias=not bn), act, BatchNorm1d, Dropout], else [BatchNorm1d, Dropout, Linear, act]. The BatchNorm,
     a ReLU act before it and the Dropout after it run as one fused fastfuse.batch_norm; on CPU in eager mode,
-    [Linear(bias=False), ReLU?, BatchNorm1d, Dropout?] runs as one autograd node (_LinBnDropFunction)."""
+    [Linear(bias=False), ReLU?, BatchNorm1d, Dropout?] runs as one autograd node (fastfuse_C::lin_bn_drop)."""
 
     def __init__(self, n_in, n_out, bn=True, p=0., act=None, lin_first=False):
         layers = [BatchNorm1d(n_out if lin_first else n_in)] if bn else []
@@ -43,33 +42,11 @@ def _global_hooks():
 
 
 # ---- eager CPU: the whole block in one C++ call each way ----------------------------------------------------
-class _LinBnDropFunction(torch.autograd.Function):
-    """fastfuse_C::lin_bn_drop / lin_bn_drop_backward (csrc/cpu/lin_bn_drop_kernel.cpp): y = x W^T, then the
-    fused ReLU -> BN -> dropout of fastfuse.batch_norm (same kernels, masks and running statistics), in one
-    autograd node instead of the Linear's two and the batch norm's, with their Python."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, args):
-        pre_relu, p, key, offset, rm, rv, nbt, batch_stats, update, momentum, eps = args
-        out, y, mean, var = torch.ops.fastfuse_C.lin_bn_drop(x, weight, bn_weight, bn_bias, rm, rv, nbt, batch_stats,
-                                                             update, momentum, eps, pre_relu, p, key, offset)
-        ctx.args = (batch_stats, eps, pre_relu, p, key, offset)
-        ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
-        ctx.save_for_backward(x, weight, y, bn_weight, mean, var)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, y, bn_weight, mean, var = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        gx, gw, gbw, gbb = torch.ops.fastfuse_C.lin_bn_drop_backward(grad, x, weight, y, bn_weight, mean, var,
-                                                                     *ctx.args, need[0], need[1], need[2], need[3])
-        return (gx if need[0] else None, gw if need[1] else None, gbw if need[2] else None,
-                gbb.to(ctx.bias_dtype) if need[3] else None, None)
-
-
+# fastfuse_C::lin_bn_drop (csrc/cpu/lin_bn_drop_kernel.cpp): y = x W^T, then the fused ReLU -> BN -> dropout of
+# fastfuse.batch_norm (same kernels, masks and running statistics), in one autograd node (C++:
+# csrc/cpu/lin_bn_drop_autograd.cpp) instead of the Linear's two and the batch norm's, with their Python.
 def _fused_cpu(mods, x):
-    """The block through _LinBnDropFunction where it applies (eager, the cpp backend, a 2-D float32/64 input and
+    """The block through fastfuse_C::lin_bn_drop where it applies (eager, the cpp backend, a 2-D float32/64 input and
     [Linear(bias=False), ReLU?, BatchNorm1d, Dropout?] with fused_forward's rules for the modes); None otherwise."""
     if (type(x) is not torch.Tensor or x.dim() != 2 or x.device.type != "cpu" or not x.is_contiguous()
             or torch.compiler.is_compiling()
@@ -102,8 +79,5 @@ def _fused_cpu(mods, x):
         return None
     *bn_args, bn_weight, bn_bias = bn_args
     p = p if bn.training else 0.0
-    key, offset = seed_ints(new_seed()) if p > 0 else (0, 0)
-    args = (pre, p, key, offset, *bn_args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lin.weight, bn_weight, bn_bias)):
-        return _LinBnDropFunction.apply(x, lin.weight, bn_weight, bn_bias, args)
-    return torch.ops.fastfuse_C.lin_bn_drop(x, lin.weight, bn_weight, bn_bias, *bn_args, pre, p, key, offset)[0]
+    # seed None: the op draws it as _rng.new_seed() would (csrc/cpu/seed.h)
+    return torch.ops.fastfuse_C.lin_bn_drop(x, lin.weight, bn_weight, bn_bias, *bn_args, pre, p, None, None)[0]
