@@ -89,7 +89,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_autog
     c10::optional<int64_t> offset, const at::Tensor& cont, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& num_batches_tracked,
     bool batch_stats, bool update, c10::optional<double> momentum, double eps, bool check_index) {
-  auto defined = [](const OptTensor& t) { return t.has_value() && t->defined() ? t : OptTensor(); };
   check_tables(x_cat, weights);  // before the seed is drawn: a bad call leaves the generator as it was
   // non-contiguous tables (rare) as contiguous copies: the kernels read rows
   std::vector<at::Tensor> tables;
@@ -100,10 +99,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_autog
     }
   if (!tables.empty()) weights = tables;
   // no seed given: drawn here, before the forward, so that the node keeps it for the backward's mask
-  const auto [key, off] = seed.has_value() || p <= 0 ? std::make_pair(seed.value_or(0), offset.value_or(0)) : draw_seed();
-  const EcdBnArgs args{p,           key,    off,      defined(running_mean), defined(running_var),
-                       defined(num_batches_tracked), batch_stats, update, momentum, eps, check_index};
-  auto r = EcdBnFunction::apply(x_cat, cont, defined(bn_weight), defined(bn_bias), weights, args);
+  const auto [key, off] = seed_or_draw(seed, offset, p);
+  const EcdBnArgs args{p,           key,    off,      present(running_mean), present(running_var),
+                       present(num_batches_tracked), batch_stats, update, momentum, eps, check_index};
+  auto r = EcdBnFunction::apply(x_cat, cont, present(bn_weight), present(bn_bias), weights, args);
   return {r[0], r[1], r[2]};
 }
 

@@ -297,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
   auto [ybn, mean, var] =
       call_bn_forward(cont, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, false, 0.0, 0, 0);
   // no seed given: draw one, as _rng.new_seed() would (the C++ autograd node draws it before, to keep it)
-  const auto [key, off] = seed.has_value() || p <= 0 ? std::make_pair(seed.value_or(0), offset.value_or(0)) : draw_seed();
+  const auto [key, off] = seed_or_draw(seed, offset, p);
   at::Tensor out = embedding_concat_dropout_cpu(x_cat, weights, p, key, off, ybn.contiguous(), check_index);
   if (update && running_mean.has_value() && running_mean->defined())  // after the codes were checked
     update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var, cont.size(0));

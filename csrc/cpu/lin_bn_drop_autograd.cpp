@@ -76,15 +76,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_autograd(
     bool batch_stats, bool update, c10::optional<double> momentum, double eps, bool pre_relu, double p,
     c10::optional<int64_t> seed, c10::optional<int64_t> offset) {
   check_lin_bn_drop(x, weight);  // before the seed is drawn: a bad call leaves the generator as it was
-  auto defined = [](const OptTensor& t) { return t.has_value() && t->defined() ? t : OptTensor(); };
   // no seed given: drawn here, before the forward, so that the node keeps it for the backward's masks
-  const auto [key, off] = seed.has_value() || p <= 0 ? std::make_pair(seed.value_or(0), offset.value_or(0))
-                                                      : draw_seed();
-  const LinBnDropArgs args{defined(running_mean), defined(running_var), defined(num_batches_tracked),
+  const auto [key, off] = seed_or_draw(seed, offset, p);
+  const LinBnDropArgs args{present(running_mean), present(running_var), present(num_batches_tracked),
                            batch_stats,           update,               momentum,
                            eps,                   pre_relu,             p,
                            key,                   off};
-  auto r = LinBnDropFunction::apply(x, weight, defined(bn_weight), defined(bn_bias), args);
+  auto r = LinBnDropFunction::apply(x, weight, present(bn_weight), present(bn_bias), args);
   return {r[0], r[1], r[2], r[3]};
 }
 

@@ -37,9 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
     c10::optional<int64_t> seed_in, c10::optional<int64_t> offset_in) {
   check_lin_bn_drop(x, weight);
   // no seed given: draw one, as _rng.new_seed() would (the C++ autograd node draws it before, to keep it)
-  const auto [seed, offset] = seed_in.has_value() || p <= 0
-                                  ? std::make_pair(seed_in.value_or(0), offset_in.value_or(0))
-                                  : draw_seed();
+  const auto [seed, offset] = seed_or_draw(seed_in, offset_in, p);
   at::Tensor y = empty_cached({x.size(0), weight.size(0)}, x.scalar_type());
   at::mm_out(y, x, weight.t());
   auto [out, mean, var] = call_bn_forward(y, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, pre_relu,

@@ -5,6 +5,7 @@
 #pragma once
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/DistributionsHelper.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <mutex>
@@ -21,6 +22,16 @@ inline std::pair<int64_t, int64_t> draw_seed() {
   const auto key = static_cast<int64_t>(g->random64() % kRange);
   const auto offset = static_cast<int64_t>(g->random64() % kRange);
   return {key, offset};
+}
+
+// The (key, offset) an op was given, or for p > 0 without one, drawn (the fused eager paths pass None).
+inline std::pair<int64_t, int64_t> seed_or_draw(c10::optional<int64_t> seed, c10::optional<int64_t> offset, double p) {
+  return seed.has_value() || p <= 0 ? std::make_pair(seed.value_or(0), offset.value_or(0)) : draw_seed();
+}
+
+// An optional tensor that is None when undefined: autograd counts a defined one as an input.
+inline c10::optional<at::Tensor> present(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t : c10::nullopt;
 }
 
 }  // namespace fastfuse
