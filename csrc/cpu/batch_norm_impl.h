@@ -10,6 +10,14 @@ namespace FF_BN_NS {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per elementwise task / per Philox buffer (8 KB of keys)
+// Fewer elements than this run on one thread: a parallel region costs ~10 us on the 2-core VM, more than two
+// threads save on e.g. (64, 1000), where bn_stats took 31 us on two threads against 20 on one.
+constexpr int64_t kParallelMin = int64_t(1) << 17;
+
+// at::parallel_for's grain for n tasks of `each` elements: one thread below kParallelMin elements in all.
+inline int64_t grain_for(int64_t n, int64_t each) {
+  return n * each < kParallelMin ? std::max<int64_t>(n, 1) : 1;
+}
 constexpr int kLanes = 16;        // independent accumulators: lets the compiler vectorise the sums
 
 template <typename acc_t>
@@ -56,7 +64,7 @@ void plane_apply(const BnGeom& g, F& f, uint16_t* buf, int64_t c) {
 template <typename acc_t, typename F>
 void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
   if (!g.rows) {  // planes: one task per channel range
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C), [&](int64_t c0, int64_t c1) {
       std::vector<uint16_t> buf(kChunk + kKeyPad);
       F f = proto;
       for (int64_t c = c0; c < c1; ++c) plane_sums<acc_t>(g, f, buf.data(), c, s1[c], s2[c]);
@@ -65,8 +73,16 @@ void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
   }
   // rows of C: fixed blocks of rows give per-block partials [block][C], then a fixed-order sum over blocks
   const int64_t R = g.numel / g.C, rpb = std::max<int64_t>(1, 4 * kChunk / g.C), nb = (R + rpb - 1) / rpb;
-  std::vector<double> p1(nb * g.C), p2(nb * g.C);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  // the blocks' partials, reused from call to call up to 16 MB: a fresh vector of a few MB page-faults on every call
+  // (3 of the 4 ms of bn_stats at (4096, 1000) here). Every entry is written before it is read.
+  static thread_local std::vector<double> kept;
+  std::vector<double> fresh;
+  const size_t need = static_cast<size_t>(2 * nb * g.C);
+  std::vector<double>& partials = need * sizeof(double) <= (size_t(16) << 20) ? kept : fresh;
+  if (partials.size() < need) partials.resize(need);
+  double* p1 = partials.data();
+  double* p2 = p1 + nb * g.C;
+  at::parallel_for(0, nb, grain_for(nb, rpb * g.C), [&](int64_t b0, int64_t b1) {
     std::vector<uint16_t> buf(rpb * g.C + kKeyPad);
     std::vector<acc_t> l1(g.C), l2(g.C);
     F f = proto;
@@ -85,20 +101,20 @@ void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
       for (int64_t c = 0; c < g.C; ++c) p1[b * g.C + c] = l1[c], p2[b * g.C + c] = l2[c];
     }
   });
-  at::parallel_for(0, g.C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double d1 = 0, d2 = 0;
-      for (int64_t b = 0; b < nb; ++b) d1 += p1[b * g.C + c], d2 += p2[b * g.C + c];
-      s1[c] = d1;
-      s2[c] = d2;
-    }
+  // per channel in ascending block order (the bits), walking the partials row by row (a column walk strided
+  // by C cost a cache line per value)
+  at::parallel_for(0, g.C, std::max<int64_t>(64, grain_for(g.C, 2 * nb)), [&](int64_t c0, int64_t c1) {
+    std::fill(s1 + c0, s1 + c1, 0.0);
+    std::fill(s2 + c0, s2 + c1, 0.0);
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t c = c0; c < c1; ++c) s1[c] += p1[b * g.C + c], s2[c] += p2[b * g.C + c];
   });
 }
 
 template <typename F>
 void for_each_element(const BnGeom& g, const F& proto) {
   const int64_t nchunks = (g.numel + kChunk - 1) / kChunk;
-  at::parallel_for(0, nchunks, 1, [&](int64_t a, int64_t b) {
+  at::parallel_for(0, nchunks, grain_for(nchunks, kChunk), [&](int64_t a, int64_t b) {
     alignas(64) uint16_t buf[kChunk + kKeyPad];
     F f = proto;
     for (int64_t ch = a; ch < b; ++ch) {
@@ -467,7 +483,7 @@ Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const
     with_apply_op(xp, has_res ? residual->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), mp,
                   scale.data(), bias.const_data_ptr<acc_t>(), pre_relu, post_relu, p, seed, offset,
                   [&](const auto& fa) {
-      at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C), [&](int64_t c0, int64_t c1) {
         std::vector<uint16_t> buf(kChunk + kKeyPad);
         StatsOp<scalar_t> fs{xp, shift.data(), pre_relu};
         auto f = fa;
@@ -525,7 +541,7 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
       fa.gi = gi.mutable_data_ptr<scalar_t>();
       fa.gout = need_g ? gout.mutable_data_ptr<scalar_t>() : nullptr;
       fa.pre = pre_relu;
-      at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C), [&](int64_t c0, int64_t c1) {
         std::vector<uint16_t> buf(kChunk + kKeyPad);
         auto r = fr;
         auto a = fa;
