@@ -14,9 +14,10 @@ constexpr int64_t kChunk = 4096;  // elements per elementwise task / per Philox 
 // threads save on e.g. (64, 1000), where bn_stats took 31 us on two threads against 20 on one.
 constexpr int64_t kParallelMin = int64_t(1) << 17;
 
-// at::parallel_for's grain for n tasks of `each` elements: one thread below kParallelMin elements in all.
-inline int64_t grain_for(int64_t n, int64_t each) {
-  return n * each < kParallelMin ? std::max<int64_t>(n, 1) : 1;
+// at::parallel_for's grain for n tasks of `each` elements: one thread below kParallelMin elements in all. Passes
+// that draw dropout keys cost ~4x more per element (Philox), so they go parallel from a quarter of that.
+inline int64_t grain_for(int64_t n, int64_t each, bool keys = false) {
+  return n * each * (keys ? 4 : 1) < kParallelMin ? std::max<int64_t>(n, 1) : 1;
 }
 constexpr int kLanes = 16;        // independent accumulators: lets the compiler vectorise the sums
 
@@ -64,7 +65,7 @@ void plane_apply(const BnGeom& g, F& f, uint16_t* buf, int64_t c) {
 template <typename acc_t, typename F>
 void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
   if (!g.rows) {  // planes: one task per channel range
-    at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C), [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C, F::kKeys), [&](int64_t c0, int64_t c1) {
       std::vector<uint16_t> buf(kChunk + kKeyPad);
       F f = proto;
       for (int64_t c = c0; c < c1; ++c) plane_sums<acc_t>(g, f, buf.data(), c, s1[c], s2[c]);
@@ -82,7 +83,7 @@ void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
   if (partials.size() < need) partials.resize(need);
   double* p1 = partials.data();
   double* p2 = p1 + nb * g.C;
-  at::parallel_for(0, nb, grain_for(nb, rpb * g.C), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, nb, grain_for(nb, rpb * g.C, F::kKeys), [&](int64_t b0, int64_t b1) {
     std::vector<uint16_t> buf(rpb * g.C + kKeyPad);
     std::vector<acc_t> l1(g.C), l2(g.C);
     F f = proto;
@@ -114,7 +115,7 @@ void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
 template <typename F>
 void for_each_element(const BnGeom& g, const F& proto) {
   const int64_t nchunks = (g.numel + kChunk - 1) / kChunk;
-  at::parallel_for(0, nchunks, grain_for(nchunks, kChunk), [&](int64_t a, int64_t b) {
+  at::parallel_for(0, nchunks, grain_for(nchunks, kChunk, F::kKeys), [&](int64_t a, int64_t b) {
     alignas(64) uint16_t buf[kChunk + kKeyPad];
     F f = proto;
     for (int64_t ch = a; ch < b; ++ch) {
@@ -163,6 +164,7 @@ struct Drop {
 template <typename scalar_t>
 struct StatsOp {  // (x' - K_c, (x' - K_c)^2): sums shifted by a value of the channel, for stability
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kKeys = false;  // draws no dropout keys
   const scalar_t* x;
   const acc_t* shift;
   bool pre;
@@ -180,6 +182,7 @@ struct StatsOp {  // (x' - K_c, (x' - K_c)^2): sums shifted by a value of the ch
 template <typename scalar_t, int kMask>
 struct GradOf : Drop {
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kKeys = kMask == kMaskDrop;
   const scalar_t* go;
   const scalar_t* out;
   acc_t ds;
@@ -210,6 +213,7 @@ struct GradReduceOp : GradOf<scalar_t, kMask> {  // (g, g * (x' - mean_c))
 template <typename scalar_t, bool kRes, bool kDrop>
 struct ApplyOp : Drop, ElemLoops<ApplyOp<scalar_t, kRes, kDrop>> {  // y = drop(post((x' - m) * s + b + res))
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kKeys = kDrop;
   struct Consts {
     acc_t m, s, b;
   };
@@ -483,7 +487,7 @@ Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const
     with_apply_op(xp, has_res ? residual->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), mp,
                   scale.data(), bias.const_data_ptr<acc_t>(), pre_relu, post_relu, p, seed, offset,
                   [&](const auto& fa) {
-      at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C), [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C, p > 0), [&](int64_t c0, int64_t c1) {
         std::vector<uint16_t> buf(kChunk + kKeyPad);
         StatsOp<scalar_t> fs{xp, shift.data(), pre_relu};
         auto f = fa;
@@ -541,7 +545,7 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
       fa.gi = gi.mutable_data_ptr<scalar_t>();
       fa.gout = need_g ? gout.mutable_data_ptr<scalar_t>() : nullptr;
       fa.pre = pre_relu;
-      at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C), [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C, p > 0), [&](int64_t c0, int64_t c1) {
         std::vector<uint16_t> buf(kChunk + kKeyPad);
         auto r = fr;
         auto a = fa;
