@@ -37,7 +37,7 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10
        torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=4e-2, atol=8e-2)}
 
 # (backend, C++ design): the C++ backend is tested with both designs, whatever "auto" would pick
-RUNS = [("reference", None)] + ([("cpp", "frame"), ("cpp", "gemm")] if CPP else []) + \
+RUNS = [("reference", None)] + ([("cpp", a) for a in ("frame", "gemm", "split", "fold")] if CPP else []) + \
     ([("triton", None)] if "triton" in CPU_BACKENDS else [])
 
 
@@ -131,7 +131,7 @@ def test_half_precision_against_fp32(backend, algo, cfg, dtype, monkeypatch):
         torch.testing.assert_close(a.float(), b, **TOL[dtype])
 
 
-@pytest.mark.parametrize("algo", ["frame", "gemm"])
+@pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
 @pytest.mark.parametrize("cfg", [(1, 2, 4, 5, 3, 3, 1, 1, 1, 1, True), (1, 2, 5, 4, 4, 3, 2, 2, 1, 2, True),
                                  (1, 2, 5, 6, 2, 4, 2, 3, 1, 2, True)], ids=["3x3", "s2g2", "k4s2g2"])
 def test_gradcheck_float64(cfg, algo, monkeypatch):
@@ -170,7 +170,7 @@ def test_gradients_bit_identical_run_to_run(backend, algo, monkeypatch):
             assert torch.equal(bits(a), bits(b))
 
 
-@pytest.mark.parametrize("algo", ["frame", "gemm"])
+@pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last, monkeypatch):
     """Enough GEMM rows for several CPU tasks and grad_weight runs (7x7 outputs: several images per task).
