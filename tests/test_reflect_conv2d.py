@@ -100,13 +100,17 @@ def test_matches_nn_conv2d_reflect(backend, algo, cfg, channels_last, monkeypatc
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_auto_picks_each_direction_from_one_of_the_designs(channels_last, monkeypatch):
-    """"auto" chooses the forward's and the backward's design independently (on CPU this shape, 28x28 with
-    Cg*9 = 288, runs forward on the frame design and backward on the GEMM design): the output must be the bits
-    of one forced design and the gradients the bits of one forced design, and all must match torch."""
-    m, x = _conv((2, 32, 28, 28, 8, 3, 1, 1, 1, 1, True), channels_last=channels_last)
+@pytest.mark.parametrize("cfg", [(2, 32, 28, 28, 8, 3, 1, 1, 1, 1, True), (2, 32, 7, 7, 8, 3, 1, 1, 1, 1, True),
+                                 (2, 32, 14, 14, 8, 3, 2, 1, 1, 1, True), (2, 8, 20, 20, 8, 3, 1, 1, 1, 1, False)],
+                         ids=["28-split", "7-fold", "s2-fold", "small-k-frame"])
+def test_auto_picks_each_direction_from_one_of_the_designs(cfg, channels_last, monkeypatch):
+    """"auto" chooses the forward's and the backward's design independently (on CPU the 28x28 shape, Cg*9 =
+    288, runs forward on the split design and backward on the GEMM design): the output must be the bits of one
+    forced design and the gradients the bits of one forced design, and all must match torch."""
+    m, x = _conv(cfg, channels_last=channels_last)
     auto = _run("cpp", "auto", monkeypatch, lambda: _fwd_bwd(m, x, _ours(m)))
-    forced = [_run("cpp", a, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))) for a in ("frame", "gemm")]
+    forced = [_run("cpp", a, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))) for a in ("frame", "gemm", "split",
+                                                                                     "fold")]
     assert any(torch.equal(bits(auto[0]), bits(f[0])) for f in forced)
     assert any(all(torch.equal(bits(a), bits(b)) for a, b in zip(auto[1], f[1])) for f in forced)
     y_ref, grads_ref = _fwd_bwd(m, x, _theirs(m))

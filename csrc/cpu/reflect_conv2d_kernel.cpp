@@ -1,5 +1,6 @@
-// Reflection-padded conv2d on CPU, both designs of reflect_conv2d.h: (b) oneDNN's zero-padded convolution
-// plus the frame correction, (a) a reflected im2col GEMM for small outputs.
+// Reflection-padded conv2d on CPU: both designs of reflect_conv2d.h ((b) oneDNN's zero-padded convolution
+// plus the frame correction, (a) a reflected im2col GEMM), and two forward-only ones below: (c) oneDNN's
+// unpadded convolution on the interior plus a folded-tap GEMM on the frame, and that GEMM everywhere.
 //
 // The work is cut into fixed tasks (about kTaskRows GEMM rows of one region; whole images for (a)), run in
 // ONE parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
@@ -389,7 +390,8 @@ std::vector<AxisRun> axis_runs(int64_t out, int64_t in, int64_t k, int64_t s, in
 }
 
 // The outputs [b0, b1) along one axis that a convolution without padding of the whole input gives (output o
-// reads o*s - p + t*d = o'*s + t*d with o' = o - p/s): only where s divides p; else none.
+// reads o*s - p + t*d = o'*s + t*d with o' = o - p/s): only where s divides p; else none. (Narrowing the input
+// to start the block elsewhere makes oneDNN copy it, and ran slower than the other designs at stride 2.)
 std::pair<int64_t, int64_t> block_range(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
   const int64_t span = d * (k - 1) + 1;
   if (p % s != 0 || in < span) return {0, 0};
@@ -533,10 +535,13 @@ at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::op
   const SplitPlan sp = split_plan(g, use_block);
   at::Tensor out = empty_out(g, x, w);
   if (out.numel() == 0) return out;
-  if (sp.has_block()) {
-    const at::Tensor blk = at::convolution(x, w, bias, stride, {0, 0}, dilation, false, {0, 0}, g.G);
-    out.slice(2, sp.r0, sp.r1).slice(3, sp.c0, sp.c1).copy_(blk);
-  }
+  // the block is copied image by image in the GEMM's parallel region (a copy_ of its own was one more
+  // parallel region, each of which can wait a scheduler slice on shared cores)
+  const at::Tensor blk = sp.has_block()
+                             ? at::convolution(x, w, bias, stride, {0, 0}, dilation, false, {0, 0}, g.G)
+                             : at::Tensor();
+  const at::Tensor inner = sp.has_block() ? out.slice(2, sp.r0, sp.r1).slice(3, sp.c0, sp.c1) : at::Tensor();
+  const int64_t copies = sp.has_block() ? g.N : 0;
   const auto acc = rconv::acc_type(x.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_acc = has_bias ? bias->to(acc).contiguous() : at::Tensor();
@@ -552,11 +557,16 @@ at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::op
     };
     const int64_t gather_max = max_gather(g, sp.regions, tasks), rows_max = max_rows(tasks);
     for_each_task(
-        (int64_t)tasks.size(),
+        (int64_t)tasks.size() + copies,
         [&] {
           return Scratch{empty_cached({gather_max}, acc), empty_cached({g.OC * rows_max}, acc)};
         },
         [&](Scratch& sc, int64_t i) {
+          if (i >= (int64_t)tasks.size()) {  // the block's copies come last: short, they fill the gaps
+            const int64_t n = i - (int64_t)tasks.size();
+            inner.select(0, n).copy_(blk.select(0, n));
+            return;
+          }
           const Task& tk = tasks[i];
           const Region& reg = sp.regions[tk.region];
           const int64_t rows = tk.p1 - tk.p0;
@@ -575,10 +585,19 @@ at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::op
 // (b)'s backward.
 constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 
+// algo 0 picks by shape alone (so the bits never depend on the run or the thread count). Measured on
+// ResNet-34's shapes (README): (b) where its correction adds under 3% to the multiply-adds (56x56 stride 1,
+// both 56x56 inputs, the stem) or the GEMM rows would be short (Cg*KH*KW < 32); (c) up to 12% where the
+// stride divides the padding (28x28 and 14x14 stride 1: the valid conv runs at oneDNN's speed, only the
+// frame at MKL's); past that, or at stride 2, the folded GEMM everywhere (7x7 outputs, where the frame is half
+// the pixels; stride-2 28x28 and 14x14 inputs). (a) is never faster than "fold", which does fewer MACs.
 int pick_forward(const Geom& g, int64_t algo) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
-  return rconv::pick_gemm(g, 0, true, false) ? kGemm : kFrame;
+  const double share = rconv::correction_share(g);
+  if (g.Cg * g.KH * g.KW < 32 || share < 0.03) return kFrame;
+  if (share <= 0.12 && g.ph % g.sh == 0 && g.pw % g.sw == 0) return kSplit;
+  return kFold;
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
