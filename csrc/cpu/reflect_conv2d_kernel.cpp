@@ -353,9 +353,9 @@ void correct_frame_direct(const at::Tensor& x, const at::Tensor& w, at::Tensor& 
 
 // ---- Design (c): the vendor's convolution without padding on the block of the output it gets right, our GEMM
 // with every tap on the rest. (b) pays the zero-padded conv plus the frame's reflected taps again (4.7% more
-// multiply-adds at 28x28, 16% at 7x7); here each output pixel is computed once. On the frame, taps that the
+// multiply-adds at 28x28, 18% at 7x7); here each output pixel is computed once. On the frame, taps that the
 // reflection sends to one input pixel are folded into one (3x3, top row: W0 x1 + W1 x0 + W2 x1 =
-// W1 x0 + (W0 + W2) x1), so the frame costs what the zero-padded conv's in-bounds taps cost there.
+// W1 x0 + (W0 + W2) x1), so the frame has as many multiply-adds as the zero-padded conv's in-bounds taps.
 
 // Along one axis, the kernel taps of output o grouped by the input pixel they read (bitmasks, in order of
 // their first tap), and runs of outputs with the same grouping and the same block membership.
