@@ -178,7 +178,8 @@ def test_gradients_bit_identical_run_to_run(backend, algo, monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last, monkeypatch):
     """Enough GEMM rows for several CPU tasks and grad_weight runs (7x7 outputs: several images per task).
-    Bits across thread counts only for design (a): oneDNN's own weight gradient in (b) depends on them."""
+    Bits across thread counts for design (a), and for the forward of split and fold (their oneDNN part runs
+    single-threaded on fixed chunks of images): oneDNN's own weight gradient in (b) depends on them."""
     cfg = (37, 6, 7, 7, 5, 3, 1, 1, 1, 1, True)
     m, x = _conv(cfg, channels_last=channels_last)
     threads = torch.get_num_threads()
@@ -193,8 +194,9 @@ def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last,
     for run in runs:
         for a, b in zip((run[0],) + run[1], (ref[0],) + ref[1]):
             torch.testing.assert_close(a, b, **TOL[torch.float32])
-    for again in runs[1:] if algo == "gemm" else []:
-        for a, b in zip((runs[0][0],) + runs[0][1], (again[0],) + again[1]):
+    for again in runs[1:]:
+        same = {"gemm": (runs[0][0],) + runs[0][1], "split": runs[0][:1], "fold": runs[0][:1]}.get(algo, ())
+        for a, b in zip(same, (again[0],) + again[1]):
             assert torch.equal(bits(a), bits(b))
 
 

@@ -544,6 +544,9 @@ std::vector<std::vector<int>> tap_groups(const SplitPlan& sp) {
   return groups;
 }
 
+// Images per task of (c)'s convolution (see forward_split).
+constexpr int64_t kConvImages = 8;
+
 struct GroupTask {
   int64_t group, q0, q1;  // rows [q0, q1) of the group's regions' GEMM rows, one region after the other
 };
@@ -591,13 +594,14 @@ at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::op
   const SplitPlan sp = split_plan(g, use_block);
   at::Tensor out = empty_out(g, x, w);
   if (out.numel() == 0) return out;
-  // the block is copied image by image in the GEMM's parallel region (a copy_ of its own was one more
-  // parallel region, each of which can wait a scheduler slice on shared cores)
-  const at::Tensor blk = sp.has_block()
-                             ? at::convolution(x, w, bias, stride, {0, 0}, dilation, false, {0, 0}, g.G)
-                             : at::Tensor();
+  // The block's convolution runs as tasks of whole images in the GEMMs' parallel region (oneDNN runs
+  // single-threaded inside it), each copying its images into the output while they are in cache: with
+  // oneDNN's own parallel region first, a thread that the shared machine preempted held up both regions,
+  // and the GEMMs could not fill the other thread's wait. Chunks of kConvImages images (a function of the
+  // shape only: oneDNN's results are not always the same bits for another batch size) cost the same per
+  // image as one call here; single images cost 10-20% more.
   const at::Tensor inner = sp.has_block() ? out.slice(2, sp.r0, sp.r1).slice(3, sp.c0, sp.c1) : at::Tensor();
-  const int64_t copies = sp.has_block() ? g.N : 0;
+  const int64_t chunks = sp.has_block() ? (g.N + kConvImages - 1) / kConvImages : 0;
   const auto acc = rconv::acc_type(x.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_acc = has_bias ? bias->to(acc).contiguous() : at::Tensor();
@@ -618,17 +622,18 @@ at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::op
       at::Tensor A, C;
     };
     for_each_task(
-        (int64_t)tasks.size() + copies,
+        chunks + (int64_t)tasks.size(),
         [&] {
           return Scratch{empty_cached({gather_max}, acc), empty_cached({g.OC * rows_max}, acc)};
         },
         [&](Scratch& sc, int64_t i) {
-          if (i >= (int64_t)tasks.size()) {  // the block's copies come last: short, they fill the gaps
-            const int64_t n = i - (int64_t)tasks.size();
-            inner.select(0, n).copy_(blk.select(0, n));
+          if (i < chunks) {  // the largest tasks first
+            const int64_t n0 = i * g.N / chunks, n = (i + 1) * g.N / chunks - n0;
+            inner.narrow(0, n0, n).copy_(
+                at::convolution(x.narrow(0, n0, n), w, bias, stride, {0, 0}, dilation, false, {0, 0}, g.G));
             return;
           }
-          const GroupTask& tk = tasks[i];
+          const GroupTask& tk = tasks[i - chunks];
           const auto& group = groups[tk.group];
           const int64_t rows = tk.q1 - tk.q0, K = sp.regions[group[0]].taps.n * g.Cg;
           at::Tensor A = scratch(sc.A, g.G, rows, K);
