@@ -457,7 +457,7 @@ void fill_table(const at::Tensor& w_tap, at::Tensor& table, const Geom& g,
   const int64_t KK = g.KH * g.KW, E = (int64_t)entries.size();
   const acc_t* src = w_tap.const_data_ptr<acc_t>();
   acc_t* dst = table.mutable_data_ptr<acc_t>();
-  // in parallel: serial, the 11 MB table of 7x7 with 512 channels took ~1 ms, 5% of the forward
+  // in parallel: serial, the 11 MB table of 7x7 with 512 channels took ~0.6 ms, ~3% of a quiet forward
   at::parallel_for(0, g.OC, std::max<int64_t>(1, 65536 / (E * g.Cg)), [&](int64_t oc0, int64_t oc1) {
   for (int64_t oc = oc0; oc < oc1; ++oc)
     for (int64_t e = 0; e < E; ++e) {
