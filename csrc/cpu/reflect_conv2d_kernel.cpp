@@ -538,7 +538,8 @@ void region_gemm(const at::Tensor& A, at::Tensor& res, const Geom& g, const Spli
 std::vector<std::vector<int>> tap_groups(const SplitPlan& sp) {
   std::vector<std::vector<int>> groups;
   for (int i = 0; i < (int)sp.regions.size(); ++i) {
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& q) { return sp.folds[q[0]] == sp.folds[i]; });
+    const auto same = [&](const std::vector<int>& q) { return sp.folds[q[0]] == sp.folds[i]; };
+    const auto it = std::find_if(groups.begin(), groups.end(), same);
     if (it == groups.end())
       groups.push_back({i});
     else
@@ -590,8 +591,9 @@ void for_pieces(const Geom& g, const SplitPlan& sp, const std::vector<int>& grou
   }
 }
 
-// Design (c)'s forward: the block by the vendor's convolution without padding, copied into the output, then
-// every other pixel by a gathered GEMM with the folded taps, written (with the bias) in one parallel region.
+// Design (c)'s forward: the block by the vendor's convolution without padding, copied into the output, and
+// every other pixel by a gathered GEMM with the folded taps, written with the bias; all of it as tasks of one
+// parallel region.
 at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const Geom& g, at::IntArrayRef stride, at::IntArrayRef dilation, bool use_block) {
   const SplitPlan sp = split_plan(g, use_block);
@@ -665,7 +667,7 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 // both 56x56 inputs, the stem) or the GEMM rows would be short (Cg*KH*KW < 32); (c) up to 12% where the
 // stride divides the padding (28x28 and 14x14 stride 1: the valid conv runs at oneDNN's speed, only the
 // frame at MKL's); past that, or at stride 2, the folded GEMM everywhere (7x7 outputs, where the frame is half
-// the pixels; stride-2 28x28 and 14x14 inputs). (a) is never faster than "fold", which does fewer MACs.
+// the pixels; stride-2 28x28 and 14x14 inputs). (a) was not faster than "fold" (fewer MACs) on any of them.
 int pick_forward(const Geom& g, int64_t algo) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
