@@ -663,20 +663,18 @@ at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::op
 constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 
 // algo 0 picks by shape alone (so the bits never depend on the run or the thread count). Measured on
-// ResNet-34's shapes (README): (b) where the GEMM rows would be short (Cg*KH*KW < 32); (c) where the stride
-// divides the padding and (b)'s correction would add up to 12% to the multiply-adds (56x56, 28x28 and 14x14
-// stride 1: the valid conv runs at oneDNN's speed, only the frame at MKL's; at 56x56 (b) was as fast on a
-// quiet machine, but its two parallel regions made it 1.3x the zero-padded conv with the cores shared, where
-// (c) stayed at 1.0x); else (b) under 3% (the 56x56 stride-2 input, the stem: no block without a copy of the
-// input); else the folded GEMM everywhere (7x7 outputs, where the frame is half the pixels; stride-2 28x28
-// and 14x14 inputs). (a) was not faster than "fold" (fewer MACs) on any of them.
+// ResNet-34's shapes (README): (b) where its correction adds under 3% to the multiply-adds (56x56 stride 1,
+// both 56x56 inputs, the stem) or the GEMM rows would be short (Cg*KH*KW < 32); (c) up to 12% where the
+// stride divides the padding (28x28 and 14x14 stride 1: the valid conv runs at oneDNN's speed, only the
+// frame at MKL's); past that, or at stride 2, the folded GEMM everywhere (7x7 outputs, where the frame is half
+// the pixels; stride-2 28x28 and 14x14 inputs). (a) was not faster than "fold" (fewer MACs) on any of them.
 int pick_forward(const Geom& g, int64_t algo) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
-  if (g.Cg * g.KH * g.KW < 32) return kFrame;
   const double share = rconv::correction_share(g);
+  if (g.Cg * g.KH * g.KW < 32 || share < 0.03) return kFrame;
   if (share <= 0.12 && g.ph % g.sh == 0 && g.pw % g.sw == 0) return kSplit;
-  return share < 0.03 ? kFrame : kFold;
+  return kFold;
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
