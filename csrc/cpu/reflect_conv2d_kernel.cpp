@@ -668,8 +668,8 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 // stride divides the padding (28x28 and 14x14 stride 1: the valid conv runs at oneDNN's speed, only the
 // frame at MKL's); past that, or at stride 2, the folded GEMM everywhere (7x7 outputs, where the frame is half
 // the pixels; stride-2 28x28 and 14x14 inputs). (a) was not faster than "fold" (fewer MACs) on any of them.
-// (c) at 56x56 stride 1 ran 1.11x the zero-padded conv on a quiet machine against (b)'s 1.05-1.08x (but
-// 0.93-1.0x against 1.27-1.31x with the cores shared: one parallel region against two).
+// (c) at 56x56 stride 1 ran 1.11x the zero-padded conv on a quiet machine against (b)'s 1.04-1.08x (but 0.93x
+// in a benchmark run with the cores shared, where (b) ran 1.12x in another: one parallel region against two).
 int pick_forward(const Geom& g, int64_t algo) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
