@@ -297,26 +297,19 @@ inline double correction_share(const Geom& g) {
   return taps / (double(g.OH) * g.OW * g.KH * g.KW);
 }
 
-// algo: 0 = pick per shape, 1 = vendor convolution + frame correction (b), 2 = reflected im2col GEMM (a).
+// algo: 0 = pick per shape, 1 = vendor convolution + frame correction (b), 2 = reflected im2col GEMM (a);
+// 3 and 4 are CPU forward designs (cpu/reflect_conv2d_kernel.cpp, whose pick_forward also makes the CPU
+// forward's automatic choice): their backward, and everything on CUDA, is (b).
 // Forward and backward choose independently (each is a complete computation of its own outputs; the choice
 // is a pure function of the shape, so the bits still do not depend on the run or the thread count).
-// CPU, measured on ResNet-34's shapes (2 threads of a shared AVX2 EPYC, oneDNN 3.x, MKL; see README):
-// forward: (b) costs the conv plus its correction share at GEMM speed, (a) costs the conv at GEMM speed
-// plus the im2col; on a quiet machine (b) wins until the correction share passes ~8% (7x7 and 14x14
-// outputs). (a) is one parallel region where (b) is two (oneDNN's and the correction's), and on shared
-// cores each region's join can wait for a preempted thread: with the other core busy, (b) ran 1.3-1.4x the
-// zero-padded conv where (a) ran 0.9x. So stride-2 forwards, where quiet timings of (a) and (b) are within
-// noise of each other, take (a) as well. Backward: oneDNN's backward is slower than MKL GEMMs on an im2col
-// here, so (a) wins wherever the im2col rows are long enough (Cg*KH*KW >= 256) except where (b)'s
-// correction is tiny (<= 3%, the 56x56 stride-1 case), and (b) keeps the stem (3 input channels: K = 147
-// makes poor GEMMs).
+// CPU backward, measured on ResNet-34's shapes (2 threads of a shared AVX2 EPYC, oneDNN 3.x, MKL; see README):
+// oneDNN's backward is slower than MKL GEMMs on an im2col here, so (a) wins wherever the im2col rows are long
+// enough (Cg*KH*KW >= 256) except where (b)'s correction is tiny (<= 3%, the 56x56 stride-1 case), and (b)
+// keeps the stem (3 input channels: K = 147 makes poor GEMMs).
 inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward) {
   if (algo != 0) return algo == 2;
-  if (!cpu) return false;
-  const int64_t k = g.Cg * g.KH * g.KW;
-  const double share = correction_share(g);
-  if (backward) return k >= 256 && (share > 0.03 || g.sh * g.sw > 1);
-  return k >= 32 && (share > 0.08 || (k >= 256 && g.sh * g.sw > 1));
+  if (!cpu || !backward) return false;
+  return g.Cg * g.KH * g.KW >= 256 && (correction_share(g) > 0.03 || g.sh * g.sw > 1);
 }
 
 }  // namespace rconv

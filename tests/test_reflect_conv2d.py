@@ -37,7 +37,7 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10
        torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=4e-2, atol=8e-2)}
 
 # (backend, C++ design): the C++ backend is tested with both designs, whatever "auto" would pick
-RUNS = [("reference", None)] + ([("cpp", "frame"), ("cpp", "gemm")] if CPP else []) + \
+RUNS = [("reference", None)] + ([("cpp", a) for a in ("frame", "gemm", "split", "fold")] if CPP else []) + \
     ([("triton", None)] if "triton" in CPU_BACKENDS else [])
 
 
@@ -100,13 +100,17 @@ def test_matches_nn_conv2d_reflect(backend, algo, cfg, channels_last, monkeypatc
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_auto_picks_each_direction_from_one_of_the_designs(channels_last, monkeypatch):
-    """"auto" chooses the forward's and the backward's design independently (on CPU this shape, 28x28 with
-    Cg*9 = 288, runs forward on the frame design and backward on the GEMM design): the output must be the bits
-    of one forced design and the gradients the bits of one forced design, and all must match torch."""
-    m, x = _conv((2, 32, 28, 28, 8, 3, 1, 1, 1, 1, True), channels_last=channels_last)
+@pytest.mark.parametrize("cfg", [(2, 32, 28, 28, 8, 3, 1, 1, 1, 1, True), (2, 32, 7, 7, 8, 3, 1, 1, 1, 1, True),
+                                 (2, 32, 14, 14, 8, 3, 2, 1, 1, 1, True), (2, 2, 20, 20, 8, 3, 1, 1, 1, 1, False)],
+                         ids=["28-split", "7-fold", "s2-fold", "small-k-frame"])
+def test_auto_picks_each_direction_from_one_of_the_designs(cfg, channels_last, monkeypatch):
+    """"auto" chooses the forward's and the backward's design independently (on CPU the 28x28 shape, Cg*9 =
+    288, runs forward on the split design and backward on the GEMM design): the output must be the bits of one
+    forced design and the gradients the bits of one forced design, and all must match torch."""
+    m, x = _conv(cfg, channels_last=channels_last)
     auto = _run("cpp", "auto", monkeypatch, lambda: _fwd_bwd(m, x, _ours(m)))
-    forced = [_run("cpp", a, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))) for a in ("frame", "gemm")]
+    forced = [_run("cpp", a, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))) for a in ("frame", "gemm", "split",
+                                                                                     "fold")]
     assert any(torch.equal(bits(auto[0]), bits(f[0])) for f in forced)
     assert any(all(torch.equal(bits(a), bits(b)) for a, b in zip(auto[1], f[1])) for f in forced)
     y_ref, grads_ref = _fwd_bwd(m, x, _theirs(m))
@@ -131,7 +135,7 @@ def test_half_precision_against_fp32(backend, algo, cfg, dtype, monkeypatch):
         torch.testing.assert_close(a.float(), b, **TOL[dtype])
 
 
-@pytest.mark.parametrize("algo", ["frame", "gemm"])
+@pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
 @pytest.mark.parametrize("cfg", [(1, 2, 4, 5, 3, 3, 1, 1, 1, 1, True), (1, 2, 5, 4, 4, 3, 2, 2, 1, 2, True),
                                  (1, 2, 5, 6, 2, 4, 2, 3, 1, 2, True)], ids=["3x3", "s2g2", "k4s2g2"])
 def test_gradcheck_float64(cfg, algo, monkeypatch):
@@ -170,11 +174,12 @@ def test_gradients_bit_identical_run_to_run(backend, algo, monkeypatch):
             assert torch.equal(bits(a), bits(b))
 
 
-@pytest.mark.parametrize("algo", ["frame", "gemm"])
+@pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last, monkeypatch):
     """Enough GEMM rows for several CPU tasks and grad_weight runs (7x7 outputs: several images per task).
-    Bits across thread counts only for design (a): oneDNN's own weight gradient in (b) depends on them."""
+    Bits across thread counts for design (a), and for the forward of split and fold (their oneDNN part runs
+    single-threaded on fixed chunks of images): oneDNN's own weight gradient in (b) depends on them."""
     cfg = (37, 6, 7, 7, 5, 3, 1, 1, 1, 1, True)
     m, x = _conv(cfg, channels_last=channels_last)
     threads = torch.get_num_threads()
@@ -189,8 +194,9 @@ def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last,
     for run in runs:
         for a, b in zip((run[0],) + run[1], (ref[0],) + ref[1]):
             torch.testing.assert_close(a, b, **TOL[torch.float32])
-    for again in runs[1:] if algo == "gemm" else []:
-        for a, b in zip((runs[0][0],) + runs[0][1], (again[0],) + again[1]):
+    for again in runs[1:]:
+        same = {"gemm": (runs[0][0],) + runs[0][1], "split": runs[0][:1], "fold": runs[0][:1]}.get(algo, ())
+        for a, b in zip(same, (again[0],) + again[1]):
             assert torch.equal(bits(a), bits(b))
 
 
