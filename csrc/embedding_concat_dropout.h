@@ -66,7 +66,8 @@ at::Tensor embedding_concat_dropout_cpu(const at::Tensor& x_cat, at::TensorList 
 std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& x_cat,
                                                               at::TensorList weights, double p, int64_t seed,
                                                               int64_t offset);
-// With the continuous columns' batch norm in the same call (the eager CPU path; cpu/embedding_concat_dropout_kernel.cpp).
+// With the continuous columns' batch norm in the same call (the eager CPU path;
+// cpu/embedding_concat_dropout_kernel.cpp).
 // seed and offset None: drawn from torch's default CPU generator as _rng.new_seed() draws them (cpu/seed.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
     const at::Tensor& x_cat, at::TensorList weights, double p, c10::optional<int64_t> seed,

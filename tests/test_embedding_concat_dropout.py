@@ -255,7 +255,8 @@ def test_eager_bn_path_partial_requires_grad(which):
         try:
             bn = torch.nn.BatchNorm1d(3)
             bn.weight.data = torch.linspace(0.5, 1.5, 3)  # not 1: the grads of cont depend on it
-            wr, cr = [w.clone().requires_grad_(which == "tables") for w in ws], xc.clone().requires_grad_(which == "cont")
+            wr = [w.clone().requires_grad_(which == "tables") for w in ws]
+            cr = xc.clone().requires_grad_(which == "cont")
             bn.requires_grad_(which == "bn")
             torch.manual_seed(5)
             y = fastfuse.embedding_concat_dropout(x, wr, 0.3, True, cr, bn)

@@ -141,9 +141,9 @@ def test_compile_tabular_embedding_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["train", "eval", "bn_eval_drop_train", "drop_eval"])
 def test_lin_bn_drop_one_node_path_equals_fused_sequential(monkeypatch, mode, dtype):
-    """On CPU, LinBnDrop runs as one C++ call each way (fastfuse_C::lin_bn_drop, C++ autograd); the FusedSequential path it replaces
-    must give the same outputs, gradients (the weight's in another matmul order: to rounding) and running
-    statistics, and the same dropout masks (bit for bit)."""
+    """On CPU, LinBnDrop runs as one C++ call each way (fastfuse_C::lin_bn_drop, C++ autograd); the FusedSequential
+    path it replaces must give the same outputs, gradients and running statistics (to rounding: its matmuls are
+    split differently) and the same dropout masks (bit for bit)."""
     import importlib
     lbd = importlib.import_module("fastfuse.nn.lin_bn_drop")
     base = fastfuse.nn.LinBnDrop(12, 90, p=0.3, act=torch.nn.ReLU(inplace=True), lin_first=True).to(dtype)
@@ -178,8 +178,11 @@ def test_lin_bn_drop_one_node_path_equals_fused_sequential(monkeypatch, mode, dt
     for a, b in zip(g1, g2):  # float32: both within a few ulps of float64 relative to the largest entry
         scale = float(b.abs().max()) if dtype == torch.float32 else 1.0
         torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale)
-    for a, b in zip(s1, s2):  # running mean, var, num_batches_tracked: the same kernels
-        assert torch.equal(a, b)
+    # running mean, var (the same kernels on a y = x W^T that the one-node path computes as two GEMMs at small
+    # batch: to rounding) and num_batches_tracked (exactly)
+    for a, b in zip(s1[:2], s2[:2]):
+        torch.testing.assert_close(a, b, **tol)
+    assert torch.equal(s1[2], s2[2])
 
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")

@@ -30,6 +30,27 @@ void check_lin_bn_drop(const at::Tensor& x, const at::Tensor& weight) {
               weight.sizes());
 }
 
+// y = x W^T. Up to kSplitRows rows: two single-threaded GEMMs over the halves of the output features, side by side
+// (6-10% faster than one two-threaded MKL call at 64 rows here, 5-7% slower at 512). The split depends on the
+// shape only, so the bits do not depend on the thread count; they differ from nn.Linear's single GEMM by rounding.
+constexpr int64_t kSplitRows = 128;
+
+void linear_forward(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t out = weight.size(0), h = out / 2;
+  if (x.size(0) > kSplitRows || h == 0) {
+    at::mm_out(y, x, weight.t());
+    return;
+  }
+  at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
+    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c0 = i ? h : 0, n = i ? out - h : h;
+      at::Tensor yi = y.narrow(1, c0, n);
+      at::mm_out(yi, x, weight.narrow(0, c0, n).t());
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
     const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& num_batches_tracked,
@@ -39,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
   // no seed given: draw one, as _rng.new_seed() would (the C++ autograd node draws it before, to keep it)
   const auto [seed, offset] = seed_or_draw(seed_in, offset_in, p);
   at::Tensor y = empty_cached({x.size(0), weight.size(0)}, x.scalar_type());
-  at::mm_out(y, x, weight.t());
+  linear_forward(y, x, weight);
   auto [out, mean, var] = call_bn_forward(y, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, pre_relu,
                                           p, seed, offset);
   if (update && running_mean.has_value() && running_mean->defined())

@@ -207,9 +207,10 @@ def _use_fast_path() -> bool:
 # (csrc/cpu/embedding_concat_dropout_autograd.cpp: the tables' gradients, then bn_backward, with no Python in
 # between). The same kernels and ATen ops as the unfused path, so the same bits.
 def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
-    """embedding_concat_dropout with bn_cont through fastfuse_C::embedding_concat_dropout_bn, when it applies (the eager cpp backend, the
-    usual dtypes and layouts); None otherwise, and the caller takes the general path. Arguments and checks are
-    module_batch_norm's (ops/_bn_module.py), so errors and semantics are the same."""
+    """embedding_concat_dropout with bn_cont through fastfuse_C::embedding_concat_dropout_bn, when it applies (the
+    eager cpp backend, the usual dtypes); None otherwise, and the caller takes the general path. Arguments and
+    checks are module_batch_norm's (ops/_bn_module.py) and _validate's (the tables' in C++), so errors and
+    semantics are the same."""
     if (not _use_fast_path() or p >= 1 or not weights or x_cat.device.type != "cpu" or cont.dim() != 2
             or cont.shape[0] == 0 or not cont.is_contiguous() or _backends.select(x_cat) != "cpp"):
         return None
