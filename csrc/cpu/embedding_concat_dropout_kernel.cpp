@@ -27,6 +27,26 @@ namespace {
 constexpr int64_t kBlockElems = 2048;  // embedding elements per Philox refill (4 KB of keys)
 constexpr int64_t kSliceCols = 16;     // columns per backward work item
 constexpr int64_t kRowBlock = 32;      // rows of the gradient each backward item sums at a time
+constexpr int kMaxFixedWidth = 16;     // widths with a compile-time case (with_width)
+
+// f(std::integral_constant<int, W>()) with W = w for w in 1..kMaxFixedWidth, W = 0 (a runtime width) otherwise:
+// the tables' rows are 2..16 wide at fastai's sizes, where a fixed-size copy or add is a few moves and a
+// runtime-length loop (or a libc memcpy per row) costs as much as the rest of the kernel.
+template <typename F>
+decltype(auto) with_width(int64_t w, F&& f) {
+  switch (w) {
+#define FF_ECD_WIDTH(W) \
+  case W:               \
+    return f(std::integral_constant<int, W>());
+    FF_ECD_WIDTH(1) FF_ECD_WIDTH(2) FF_ECD_WIDTH(3) FF_ECD_WIDTH(4) FF_ECD_WIDTH(5) FF_ECD_WIDTH(6)
+    FF_ECD_WIDTH(7) FF_ECD_WIDTH(8) FF_ECD_WIDTH(9) FF_ECD_WIDTH(10) FF_ECD_WIDTH(11) FF_ECD_WIDTH(12)
+    FF_ECD_WIDTH(13) FF_ECD_WIDTH(14) FF_ECD_WIDTH(15) FF_ECD_WIDTH(16)
+#undef FF_ECD_WIDTH
+    default:
+      return f(std::integral_constant<int, 0>());
+  }
+}
+static_assert(kMaxFixedWidth == 16, "with_width has a case for every width up to kMaxFixedWidth");
 
 // Codes outside [0, n_t): IndexError naming the first bad one in row-major order (as check_codes does on the
 // other backends), whichever one the caller met first.
@@ -39,8 +59,8 @@ constexpr int64_t kRowBlock = 32;      // rows of the gradient each backward ite
 }
 
 // Rows [b0, b1) of one table into their output columns. Table by table, so that the row width is a compile-time
-// constant for the usual short widths (D > 0: a few moves, where a per-row libc memcpy or size dispatch cost as
-// much as the rest of the forward). A bad code gives a zero row (check_index=False; it is never read), or false.
+// constant (D > 0, with_width) for the usual short widths. A bad code gives a zero row (check_index=False; it is
+// never read), or false.
 template <int D, typename scalar_t>
 bool gather_rows(scalar_t* out, int64_t W, const int64_t* x, int64_t T, const scalar_t* table, int64_t n,
                  int64_t d_rt, int64_t b0, int64_t b1, bool check_index) {
@@ -61,17 +81,7 @@ bool gather_rows(scalar_t* out, int64_t W, const int64_t* x, int64_t T, const sc
 template <typename scalar_t>
 bool gather_table(scalar_t* out, int64_t W, const int64_t* x, int64_t T, const scalar_t* table, int64_t n, int64_t d,
                   int64_t b0, int64_t b1, bool check_index) {
-  switch (d) {
-#define FF_ECD_GATHER(D) \
-  case D:                \
-    return gather_rows<D>(out, W, x, T, table, n, d, b0, b1, check_index);
-    FF_ECD_GATHER(1) FF_ECD_GATHER(2) FF_ECD_GATHER(3) FF_ECD_GATHER(4) FF_ECD_GATHER(5) FF_ECD_GATHER(6)
-    FF_ECD_GATHER(7) FF_ECD_GATHER(8) FF_ECD_GATHER(9) FF_ECD_GATHER(10) FF_ECD_GATHER(11) FF_ECD_GATHER(12)
-    FF_ECD_GATHER(13) FF_ECD_GATHER(14) FF_ECD_GATHER(15) FF_ECD_GATHER(16)
-#undef FF_ECD_GATHER
-    default:
-      return gather_rows<0>(out, W, x, T, table, n, d, b0, b1, check_index);
-  }
+  return with_width(d, [&](auto D) { return gather_rows<decltype(D)::value>(out, W, x, T, table, n, d, b0, b1, check_index); });
 }
 
 // Keys covering stream elements [e0, e1): keys[e - base] for e in range, base = 8 * floor(e0 / 8).
@@ -92,7 +102,7 @@ void forward_impl(const int64_t* x, const std::vector<const scalar_t*>& tables, 
   const uint32_t threshold = drop ? dropout_threshold(p) : 0;
   const acc_t scale = static_cast<acc_t>(drop ? dropout_scale(p) : 1.0);
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(D, 1));
-  // locals: the row copies write through char pointers, after which vector members would be reloaded
+  // plain pointers for the hot loops (the vectors' members are not reloaded after each row copy)
   const int64_t *rows = L.rows.data(), *dims = L.dims.data(), *offs = L.offs.data();
   const scalar_t* const* tabs = tables.data();
   at::parallel_for(0, B, rows_per_block, [&](int64_t b0, int64_t b1) {
@@ -121,8 +131,8 @@ struct Item {
 };
 
 // Rows [b0, b1) of one item: acc[x_b * d + k] += g[b * gstride + k] for k < w, in ascending b. W > 0 makes the
-// width a compile-time constant (the tables' columns are 2..16 wide, where a runtime-length loop costs more
-// than its adds); __restrict lets the compiler keep the item's constants in registers and vectorise the adds.
+// width a compile-time constant (with_width); __restrict lets the compiler keep the item's constants in registers
+// and vectorise the adds.
 template <int W, typename scalar_t, typename acc_t>
 inline void add_row(acc_t* a, const scalar_t* s, int64_t w) {
   const int64_t width = W > 0 ? W : w;
@@ -156,19 +166,9 @@ void sum_rows(acc_t* __restrict acc, int64_t d, const scalar_t* __restrict g, in
 template <typename scalar_t, typename acc_t>
 void sum_rows_any(acc_t* acc, int64_t d, const scalar_t* g, int64_t gstride, const int64_t* x, int64_t T, int64_t n,
                   int64_t b0, int64_t b1, int64_t w) {
-  switch (w) {
-#define FF_ECD_CASE(W) \
-  case W:              \
-    return sum_rows<W>(acc, d, g, gstride, x, T, n, b0, b1, w);
-    FF_ECD_CASE(1) FF_ECD_CASE(2) FF_ECD_CASE(3) FF_ECD_CASE(4) FF_ECD_CASE(5) FF_ECD_CASE(6) FF_ECD_CASE(7)
-    FF_ECD_CASE(8) FF_ECD_CASE(9) FF_ECD_CASE(10) FF_ECD_CASE(11) FF_ECD_CASE(12) FF_ECD_CASE(13) FF_ECD_CASE(14)
-    FF_ECD_CASE(15) FF_ECD_CASE(16)
-#undef FF_ECD_CASE
-    default:
-      return sum_rows<0>(acc, d, g, gstride, x, T, n, b0, b1, w);
-  }
+  with_width(w, [&](auto W) { sum_rows<decltype(W)::value>(acc, d, g, gstride, x, T, n, b0, b1, w); });
 }
-static_assert(kSliceCols == 16, "sum_rows_any has a case for every width up to kSliceCols");
+static_assert(kSliceCols <= kMaxFixedWidth, "every backward item's width has a compile-time case");
 
 template <typename scalar_t>
 void backward_impl(const scalar_t* grad, const int64_t* x, const TableLayout& L, int64_t B, int64_t W,
@@ -280,7 +280,7 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
 
 // ---- with the continuous columns' BatchNorm1d in the same call ------------------------------------------------
 // The eager CPU path of fastfuse.embedding_concat_dropout(..., x_cont, bn_cont) (python/fastfuse/ops/
-// embedding_concat_dropout.py, _EagerWithBn): one C++ call forward and one backward instead of a batch norm op,
+// embedding_concat_dropout.py, _with_bn_fast): one C++ call forward and one backward instead of a batch norm op,
 // its autograd node and its Python around the embedding op (at Rossmann sizes those cost more than the kernels).
 // The batch norm and the running statistics go through cpu/bn_module.h: the same bits as the unfused path
 // (tests/test_embedding_concat_dropout.py compares them). Its autograd is C++ too:
