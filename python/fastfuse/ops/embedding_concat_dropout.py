@@ -222,9 +222,9 @@ def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
         return None
     # the tables are checked in C++ (check_tables in csrc/embedding_concat_dropout.h: _validate's errors)
     p = p if training else 0.0
-    key, offset = (None, None) if p > 0 else (0, 0)  # None: the op draws them as _rng.new_seed() would
     x_cat = x_cat if x_cat.dtype == torch.int64 and x_cat.is_contiguous() else x_cat.to(torch.int64).contiguous()
-    return torch.ops.fastfuse_C.embedding_concat_dropout_bn(x_cat, weights, p, key, offset, cont, weight, bias,
+    # seed None: for p > 0 the op draws it as _rng.new_seed() would (csrc/cpu/seed.h)
+    return torch.ops.fastfuse_C.embedding_concat_dropout_bn(x_cat, weights, p, None, None, cont, weight, bias,
                                                             *bn_args, check_index)[0]
 
 
