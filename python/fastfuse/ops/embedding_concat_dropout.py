@@ -211,10 +211,10 @@ def _with_bn_fast(x_cat, weights, p, training, cont, bn, check_index):
     eager cpp backend, the usual dtypes); None otherwise, and the caller takes the general path. Arguments and
     checks are module_batch_norm's (ops/_bn_module.py) and _validate's (the tables' in C++), so errors and
     semantics are the same."""
-    if (not _use_fast_path() or p >= 1 or not weights or x_cat.device.type != "cpu" or cont.dim() != 2
+    if (not _use_fast_path() or p >= 1 or not weights or not x_cat.is_cpu or not cont.is_cpu or cont.dim() != 2
             or cont.shape[0] == 0 or not cont.is_contiguous() or _backends.select(x_cat) != "cpp"):
         return None
-    bn_args = cpp_bn_args(bn, cont, training)  # batch_norm()'s checks first, as on the general path
+    bn_args = cpp_bn_args(bn, cont.shape, cont.dtype, training)  # batch_norm()'s checks first, as on the general path
     if bn_args is None:
         return None
     *bn_args, weight, bias = bn_args
@@ -247,8 +247,13 @@ def embedding_concat_dropout(x_cat: torch.Tensor, weights, p: float = 0.0, train
     weights: T tables (tensors or nn.Embedding). Codes outside [0, n_t) raise IndexError naming the column
     and the value; check_index=False skips that check (it costs a device sync on GPUs), and such codes then
     give zero rows and no gradient."""
-    p = _rng.check_p(p)
     weights = [w.weight if isinstance(w, torch.nn.Embedding) else w for w in weights]
+    return tensor_tables_forward(x_cat, weights, p, training, x_cont, bn_cont, check_index)
+
+
+def tensor_tables_forward(x_cat, weights, p, training, x_cont, bn_cont, check_index):
+    """embedding_concat_dropout with `weights` a list of tensors (fastfuse.nn.TabularEmbedding's entry)."""
+    p = _rng.check_p(p)
     if x_cont is not None and not isinstance(x_cont, torch.Tensor):
         raise TypeError(f"embedding_concat_dropout: x_cont must be a tensor or None, got {type(x_cont).__name__}")
     _validate(x_cat, weights, x_cont, tables=False)
