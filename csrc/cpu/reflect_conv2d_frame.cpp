@@ -55,7 +55,8 @@ void correct_frame_direct(const at::Tensor& x, const at::Tensor& w, at::Tensor& 
     if (rows_ok && reg.rows() > len) axis = 1, len = reg.rows();
     // images split into even pieces of about kTaskRows pixels (never by thread count)
     const int64_t px = g.N * reg.rows() * reg.cols();
-    const int64_t pieces = axis == 2 ? 1 : std::min<int64_t>(g.N, std::max<int64_t>(1, (px + kTaskRows - 1) / kTaskRows));
+    const int64_t pieces =
+        axis == 2 ? 1 : std::min<int64_t>(g.N, std::max<int64_t>(1, (px + kTaskRows - 1) / kTaskRows));
     for (int64_t k = 0; k < pieces; ++k) tasks.push_back({i, k * g.N / pieces, (k + 1) * g.N / pieces, axis});
   }
   std::stable_sort(tasks.begin(), tasks.end(), [&](const FrameTask& a, const FrameTask& b) {
