@@ -1,0 +1,65 @@
+// The CPU ops of reflect_conv2d: the forward's design per shape, and the registration. The designs are in
+// reflect_conv2d_{frame,gemm,split,backward}.cpp (see cpu/reflect_conv2d_cpu.h).
+#include <torch/library.h>
+
+#include "cpu/reflect_conv2d_cpu.h"
+
+namespace fastfuse {
+namespace {
+
+using rconv::Geom;
+
+// Forward designs (the algo values): (b) frame, (a) gemm, (c) split, and (c) without the block ("fold": every
+// pixel by the folded GEMM, i.e. (a) with folded frame taps). Backward knows (a) and (b) only; the others run
+// (b)'s backward.
+constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
+
+// algo 0 picks by shape alone (so the bits never depend on the run or the thread count). Measured on
+// ResNet-34's shapes (README): (b) where its correction adds under 3% to the multiply-adds (56x56 stride 1,
+// both 56x56 inputs, the stem) or the GEMM rows would be short (Cg*KH*KW < 32); (c) up to 12% where the
+// stride divides the padding (28x28 and 14x14 stride 1: the valid conv runs at oneDNN's speed, only the
+// frame at MKL's); past that, or at stride 2, the folded GEMM everywhere (7x7 outputs, where the frame is half
+// the pixels; stride-2 28x28 and 14x14 inputs). (a) was not faster than "fold" (fewer MACs) on any of them.
+// (c) at 56x56 stride 1 ran 1.11x the zero-padded conv on a quiet machine against (b)'s 1.04-1.08x (but 0.93x
+// in a benchmark run with the cores shared, where (b) ran 1.12x in another: one parallel region against two).
+int pick_forward(const Geom& g, int64_t algo) {
+  if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
+  if (algo != 0) return kFrame;
+  const double share = rconv::correction_share(g);
+  if (g.Cg * g.KH * g.KW < 32 || share < 0.03) return kFrame;
+  if (share <= 0.12 && g.ph % g.sh == 0 && g.pw % g.sw == 0) return kSplit;
+  return kFold;
+}
+
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                       int64_t algo) {
+  const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
+  const int design = pick_forward(g, algo);
+  if (design >= kSplit) return rconv_cpu::forward_split(x, w, bias, g, stride, dilation, design == kSplit);
+  if (design == kGemm) return rconv_cpu::forward_gemm(x, w, bias, g);
+  return rconv_cpu::forward_frame(x, w, bias, g, stride, padding, dilation, groups);
+}
+
+}  // namespace
+
+at::Tensor reflect_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups, int64_t algo) {
+  TORCH_CHECK(x.device().is_cpu(), "fastfuse reflect_conv2d_cpu: expected CPU tensors, got ", x.device());
+  return forward_cpu(x, w, bias, stride, padding, dilation, groups, algo);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cpu(
+    const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo) {
+  TORCH_CHECK(x.device().is_cpu(), "fastfuse reflect_conv2d_backward_cpu: expected CPU tensors, got ", x.device());
+  return rconv_cpu::backward_cpu(go, x, w, stride, padding, dilation, groups, mask, algo);
+}
+
+TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
+  m.impl("reflect_conv2d", &reflect_conv2d_cpu);
+  m.impl("reflect_conv2d_backward", &reflect_conv2d_backward_cpu);
+}
+
+}  // namespace fastfuse
