@@ -45,3 +45,16 @@ def test_small_outputs_bypass_the_cache():
     y = fastfuse.dropout(torch.randn(100, 100), 0.5)
     del y
     assert idle() == 0
+
+
+def test_batch_norm_partials_go_back_to_the_cache():
+    """The rows-layout statistics' per-block partials (2 x blocks x C doubles, 4 MB here) come from the cache, so
+    empty_cpu_cache() returns them too; the result does not depend on where they came from."""
+    x = torch.randn(4096, 1000)
+    fastfuse.empty_cpu_cache()
+    ref = torch.ops.fastfuse_C.bn_stats(x, False)
+    assert idle() >= 2 * (4096 // 16) * 1000 * 8  # freed after the call, held for the next one
+    again = torch.ops.fastfuse_C.bn_stats(x, False)
+    assert all(torch.equal(a, b) for a, b in zip(ref, again))
+    fastfuse.empty_cpu_cache()
+    assert idle() == 0

@@ -74,14 +74,20 @@ void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
   }
   // rows of C: fixed blocks of rows give per-block partials [block][C], then a fixed-order sum over blocks
   const int64_t R = g.numel / g.C, rpb = std::max<int64_t>(1, 4 * kChunk / g.C), nb = (R + rpb - 1) / rpb;
-  // the blocks' partials, reused from call to call up to 16 MB: a fresh vector of a few MB page-faults on every call
-  // (3 of the 4 ms of bn_stats at (4096, 1000) here). Every entry is written before it is read.
-  static thread_local std::vector<double> kept;
-  std::vector<double> fresh;
-  const size_t need = static_cast<size_t>(2 * nb * g.C);
-  std::vector<double>& partials = need * sizeof(double) <= (size_t(16) << 20) ? kept : fresh;
-  if (partials.size() < need) partials.resize(need);
-  double* p1 = partials.data();
+  // the blocks' partials (every entry is written before it is read). Big ones come from the output cache (cpu/alloc.h;
+  // fastfuse.empty_cpu_cache() frees them): a fresh vector of a few MB page-faults on every call (3 of the 4 ms of
+  // bn_stats at (4096, 1000) here). Small ones stay in a per-thread vector: an allocation cost 3 us at (64, 1000).
+  const int64_t need = 2 * nb * g.C;
+  static thread_local std::vector<double> small;
+  at::Tensor big;
+  double* p1;
+  if (need * static_cast<int64_t>(sizeof(double)) < kCachedOutputBytes) {
+    if (small.size() < static_cast<size_t>(need)) small.resize(need);
+    p1 = small.data();
+  } else {
+    big = empty_cached({need}, at::kDouble);
+    p1 = big.mutable_data_ptr<double>();
+  }
   double* p2 = p1 + nb * g.C;
   at::parallel_for(0, nb, grain_for(nb, rpb * g.C, F::kKeys), [&](int64_t b0, int64_t b1) {
     std::vector<uint16_t> buf(rpb * g.C + kKeyPad);
