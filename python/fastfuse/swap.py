@@ -1,4 +1,8 @@
-"""fuse(model): swap torch layers for their fastfuse twins in place, keeping parameters, buffers and mode."""
+"""fuse(model): swap torch layers, and fastai's blocks, for their fastfuse twins in place, keeping parameters,
+buffers, state_dict keys and mode."""
+import sys
+from collections import OrderedDict
+
 import torch
 
 from . import nn as ffnn
@@ -39,10 +43,55 @@ _SWAPS = {torch.nn.Dropout: _fused_dropout,
           torch.nn.Conv2d: _fused_reflect_conv2d}
 
 
+# ---- blocks: fastai's LinBnDrop / ConvLayer / TabularModel (and fastfuse's eager twins of them) ----------------
+# The fused block takes over the very same children (so parameters, buffers, state_dict keys and optimizers stay
+# valid); only the class, and with it the forward, changes.
+def _as_block(cls):
+    def make(m):
+        new = cls.__new__(cls)
+        torch.nn.Sequential.__init__(new, OrderedDict(m._modules))  # same children under the same names
+        new.train(m.training)
+        return fuse(new)  # its BatchNorm / Dropout / Conv2d children: the fused block needs the fused layers
+    return make
+
+
+def _fused_tabular(m):
+    from .models import TabularModel
+    new = TabularModel.__new__(TabularModel)
+    torch.nn.Module.__init__(new)
+    for name in ("embeds", "emb_drop", "bn_cont", "layers"):  # fastai's order: the same state_dict
+        setattr(new, name, getattr(m, name))
+    new.n_emb, new.n_cont = m.n_emb, m.n_cont
+    new.train(m.training)
+    return fuse(new)
+
+
+def _block_swaps():
+    """Exact block types -> makers. fastai's classes only when fastai is imported (a fastai model means it is)."""
+    from .models import tabular
+    swaps = {tabular._EagerLinBnDrop: _as_block(ffnn.LinBnDrop), tabular.EagerTabularModel: _fused_tabular}
+    layers, model = sys.modules.get("fastai.layers"), sys.modules.get("fastai.tabular.model")
+    for mod, name, make in ((layers, "LinBnDrop", _as_block(ffnn.LinBnDrop)),
+                            (layers, "ConvLayer", _as_block(ffnn.ConvLayer)),
+                            (model, "TabularModel", _fused_tabular)):
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type):
+            swaps[cls] = make
+    return swaps
+
+
 def fuse(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every swappable layer of `model` (in place) and return it."""
+    """Replace every swappable layer of `model` in place and return the model. Layers: torch's Dropout,
+    BatchNorm1d/2d/3d and Conv2d(padding_mode='reflect'). Blocks: fastai's LinBnDrop, ConvLayer and TabularModel
+    become fastfuse.nn.LinBnDrop, fastfuse.nn.ConvLayer and fastfuse.models.TabularModel over the same children
+    (the fused input layer, one-call LinBnDrop, fused BN -> ReLU). When `model` itself is such a block, the
+    returned model is its fused twin (sharing its parameters): `learn.model = fastfuse.fuse(learn.model)`."""
+    blocks = _block_swaps()
+    make = blocks.get(type(model))
+    if make is not None:
+        return make(model)
     for name, child in list(model.named_children()):
-        make = _SWAPS.get(type(child))
+        make = _SWAPS.get(type(child)) or blocks.get(type(child))
         if make is not None:
             setattr(model, name, make(child))
         else:
