@@ -298,7 +298,7 @@ inline double correction_share(const Geom& g) {
 }
 
 // algo: 0 = pick per shape, 1 = vendor convolution + frame correction (b), 2 = reflected im2col GEMM (a);
-// 3 and 4 are CPU forward designs (cpu/reflect_conv2d_split.cpp; pick_forward in cpu/reflect_conv2d_cpu.cpp
+// 3 and 4 are CPU forward designs (cpu/reflect_conv2d_split.cpp; pick_forward in cpu/reflect_conv2d_kernel.cpp
 // makes the CPU forward's automatic choice): their backward, and everything on CUDA, is (b).
 // Forward and backward choose independently (each is a complete computation of its own outputs; the choice
 // is a pure function of the shape, so the bits still do not depend on the run or the thread count).

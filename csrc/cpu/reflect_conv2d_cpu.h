@@ -3,7 +3,7 @@
 // reflect_conv2d_gemm.cpp: (a) a reflected im2col GEMM, and the gathered correction (b) falls back to;
 // reflect_conv2d_backward.cpp: the backward of both) and two forward-only ones (reflect_conv2d_split.cpp:
 // (c) oneDNN's unpadded convolution on the interior plus a folded-tap GEMM on the frame, and that GEMM
-// everywhere). reflect_conv2d_cpu.cpp picks one per shape and registers the ops.
+// everywhere). reflect_conv2d_kernel.cpp picks one per shape and registers the ops.
 //
 // The work is cut into fixed tasks (about kTaskRows GEMM rows of one region; whole images for (a)), run in
 // ONE parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
