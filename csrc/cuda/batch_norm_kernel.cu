@@ -116,6 +116,8 @@ template <typename scalar_t, bool kGrad, int kMask>
 at::Tensor channel_sums(const at::Tensor& x, const at::Tensor& go, const at::Tensor& out, const at::Tensor& ref,
                         bool pre, const DropArgs& d) {
   const BnGeom g = bn_geometry(x);
+  // no elements: zero sums, without dividing by C below or launching an empty grid
+  if (g.numel == 0) return at::zeros({g.C, 2}, x.options().dtype(at::kDouble));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = go.defined() ? go.const_data_ptr<scalar_t>() : xp;

@@ -1,5 +1,5 @@
 // embedding_concat_dropout on CUDA.
-// Forward: one thread per Philox group (4 consecutive elements of the (B, D) embedding block), gathering
+// Forward: one thread per Philox group (8 consecutive elements of the (B, D) embedding block), gathering
 // each element's table row and applying the mask, written straight into the (B, D + C) output.
 // Backward, deterministic and contention-free (no atomics): the (b, t) lookups are keyed by their global
 // row (row offset of table t + code), stable-sorted, cut into segments of equal key and those into chunks of
@@ -144,6 +144,7 @@ at::Tensor embedding_concat_dropout_cuda(const at::Tensor& x_cat, at::TensorList
                                          int64_t offset, const c10::optional<at::Tensor>& cont, bool check_index) {
   check_embedding_inputs(x_cat, weights, cont);
   TORCH_CHECK(x_cat.is_cuda(), "embedding_concat_dropout_cuda: expected CUDA tensors");
+  check_tables(x_cat, weights);  // the kernel dereferences every table's raw pointer on x_cat's device
   TORCH_CHECK(p >= 0 && p < 1, "embedding_concat_dropout kernel: p must be in [0, 1), got ", p);
   (void)check_index;  // codes are checked by the router before launch; the kernel guards every read anyway
   const c10::cuda::CUDAGuard guard(x_cat.device());
@@ -178,16 +179,21 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cuda(const at::Tensor&
                   grad.scalar_type() == weights[0].scalar_type(),
               "embedding_concat_dropout_backward_cuda: grad_output must be a contiguous CUDA tensor of the tables' dtype");
   TORCH_CHECK(p >= 0 && p < 1, "embedding_concat_dropout kernel: p must be in [0, 1), got ", p);
+  check_tables(x_cat, weights);
   const c10::cuda::CUDAGuard guard(x_cat.device());
   const TableLayout L = table_layout(weights);
   const int64_t B = x_cat.size(0), T = x_cat.size(1), D = L.width, W = grad.size(1), N = B * T;
+  // the kernels read grad[b * W + j] for b < B, j < D (the CPU kernel checks the same)
+  TORCH_CHECK(grad.size(0) == B && W >= D, "embedding_concat_dropout_backward: grad_output must be (B, D + C) = (",
+              B, ", >= ", D, "), got ", grad.sizes());
   std::vector<at::Tensor> grads;
   std::vector<int64_t> ptrs;
   for (const auto& w : weights) {
     grads.push_back(at::zeros_like(w));
     ptrs.push_back(reinterpret_cast<int64_t>(grads.back().data_ptr()));
   }
-  if (N == 0) return grads;
+  // nothing to sum; D == 0 would also launch blocks of 0 threads (an invalid configuration)
+  if (N == 0 || D == 0) return grads;
   at::Tensor meta = meta_tensor(ptrs, L, x_cat.device());
   const auto dev = x_cat.device();
   const auto i64 = x_cat.options();
