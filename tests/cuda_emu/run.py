@@ -4,7 +4,7 @@ is_cpu(), no op registration), compiled with stand-ins for the CUDA headers (inc
 the module ffemu, and tests/test_cuda_kernels.py is run with its tensors on the CPU and the "cuda" backend
 routed to ffemu (emu_patch.py), against the real C++ CPU kernels.
 
-    python tools/cuda_emu/run.py [pytest args]     (from the repository root, fastfuse._C built in place)
+    python tests/cuda_emu/run.py [pytest args]     (from the repository root, fastfuse._C built in place)
 
 It checks host code, index arithmetic, launch configurations and tails, not the GPU: no memory model, warps,
 cuDNN/cuBLAS numerics, device-vs-host pointer mix-ups or speed. The test over 2^31 elements is left out."""
@@ -53,7 +53,7 @@ def test_module():
     for a, b in subs:
         assert a in s, f"tests/test_cuda_kernels.py changed: {a!r} not found"
         s = s.replace(a, b)
-    path = os.path.join(BUILD, "test_emu_cuda.py")
+    path = os.path.join(BUILD, "emu_cuda_tests.py")  # not test_*.py: `pytest tests` must not collect it
     open(path, "w").write(s)
     return path
 

@@ -1,4 +1,4 @@
-// Stand-in for c10/cuda/CUDAGuard.h in the CPU emulation (tools/cuda_emu).
+// Stand-in for c10/cuda/CUDAGuard.h in the CPU emulation (tests/cuda_emu).
 #pragma once
 #include <c10/core/Device.h>
 namespace c10 {

@@ -1,4 +1,4 @@
-// Stand-in for ATen/cuda/CUDAContext.h in the CPU emulation (tools/cuda_emu).
+// Stand-in for ATen/cuda/CUDAContext.h in the CPU emulation (tests/cuda_emu).
 #pragma once
 #include "cuda_emu_runtime.h"
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() \
