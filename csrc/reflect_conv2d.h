@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -314,11 +315,17 @@ inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward) {
 
 }  // namespace rconv
 
-at::Tensor reflect_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups, int64_t algo);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cpu(
-    const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo);
+#define FASTFUSE_RCONV_DECLARE(dev)                                                                            \
+  at::Tensor reflect_conv2d_##dev(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, \
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,       \
+                                  int64_t groups, int64_t algo);                                                   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_##dev(                                   \
+      const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,                     \
+      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo);
+
+FASTFUSE_RCONV_DECLARE(cpu)
+#ifdef FASTFUSE_WITH_CUDA
+FASTFUSE_RCONV_DECLARE(cuda)
+#endif
 
 }  // namespace fastfuse

@@ -4,15 +4,6 @@
 #include "embedding_concat_dropout.h"
 #include "batch_norm.h"
 #include "reflect_conv2d.h"
-namespace fastfuse {  // not declared in reflect_conv2d.h
-at::Tensor reflect_conv2d_cuda(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups, int64_t algo);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cuda(
-    const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo);
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fastfuse;
   m.def("dropout", &dropout_cuda);
