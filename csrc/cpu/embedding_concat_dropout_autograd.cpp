@@ -7,24 +7,17 @@
 #include <torch/library.h>
 
 #include "embedding_concat_dropout.h"
+#include "cpu/bn_node.h"
 #include "cpu/seed.h"
 
 namespace fastfuse {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = c10::optional<at::Tensor>;
-
-// The op's non-differentiable arguments, in one value so that autograd does not take the running statistics
-// (updated in place, never differentiated) for inputs.
+// The op's non-differentiable arguments, in one value (see BnModuleArgs)
 struct EcdBnArgs {
   double p;
   int64_t seed, offset;  // drawn already where the caller gave none
-  OptTensor running_mean, running_var, num_batches_tracked;
-  bool batch_stats, update;
-  c10::optional<double> momentum;
-  double eps;
+  BnModuleArgs bn;
   bool check_index;
 };
 
@@ -35,8 +28,8 @@ struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
                                const OptTensor& bn_weight, const OptTensor& bn_bias, at::TensorList weights,
                                const EcdBnArgs& a) {
     auto [out, mean, var] = embedding_concat_dropout_bn_cpu(
-        x_cat, weights, a.p, a.seed, a.offset, cont, bn_weight, bn_bias, a.running_mean, a.running_var,
-        a.num_batches_tracked, a.batch_stats, a.update, a.momentum, a.eps, a.check_index);
+        x_cat, weights, a.p, a.seed, a.offset, cont, bn_weight, bn_bias, a.bn.running_mean, a.bn.running_var,
+        a.bn.num_batches_tracked, a.bn.batch_stats, a.bn.update, a.bn.momentum, a.bn.eps, a.check_index);
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false);
     const at::Tensor w = bn_weight.has_value() ? *bn_weight : at::Tensor();
@@ -47,10 +40,9 @@ struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
     ctx->saved_data["p"] = a.p;
     ctx->saved_data["seed"] = a.seed;
     ctx->saved_data["offset"] = a.offset;
-    ctx->saved_data["batch_stats"] = a.batch_stats;
-    ctx->saved_data["eps"] = a.eps;
-    ctx->saved_data["has_w"] = bn_weight.has_value();
-    ctx->saved_data["bias"] = bn_bias.has_value() ? c10::IValue(bn_bias->scalar_type()) : c10::IValue();
+    ctx->saved_data["batch_stats"] = a.bn.batch_stats;
+    ctx->saved_data["eps"] = a.bn.eps;
+    save_bn_params(ctx, bn_weight, bn_bias);
     return {out, mean, var};
   }
 
@@ -58,26 +50,22 @@ struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x_cat = saved[0], &cont = saved[1], &w = saved[2], &mean = saved[3], &var = saved[4];
     const std::vector<at::Tensor> weights = ctx->saved_data["weights"].toTensorVector();
-    const bool has_w = ctx->saved_data["has_w"].toBool();
-    const c10::IValue bias = ctx->saved_data["bias"];
     const int64_t T = static_cast<int64_t>(weights.size());
     // edges: x_cat (never requires grad), cont, then bn_weight and bn_bias where given, then the tables
-    int64_t e = 1;
-    const bool need_gi = ctx->needs_input_grad(e++);
-    const bool need_gw = has_w && ctx->needs_input_grad(e++);
-    const bool need_gb = !bias.isNone() && ctx->needs_input_grad(e++);
+    const bool need_gi = ctx->needs_input_grad(1);
+    const BnParamGrads bn = bn_param_grads(ctx, 2);
     bool need_tables = false;
-    for (int64_t t = 0; t < T; ++t) need_tables = need_tables || ctx->needs_input_grad(e + t);
+    for (int64_t t = 0; t < T; ++t) need_tables = need_tables || ctx->needs_input_grad(bn.next_edge + t);
     variable_list res(4 + T + 1);  // x_cat, cont, bn_weight, bn_bias, tables, args
     if (!grads[0].defined()) return res;  // the output was not used
     const auto g = embedding_concat_dropout_bn_backward_cpu(
         grads[0], x_cat, weights, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),
-        ctx->saved_data["offset"].toInt(), cont, has_w ? OptTensor(w) : OptTensor(), mean, var,
-        ctx->saved_data["batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(), need_tables, need_gi, need_gw,
-        need_gb);
+        ctx->saved_data["offset"].toInt(), cont, bn.has_w ? OptTensor(w) : OptTensor(), mean, var,
+        ctx->saved_data["batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(), need_tables, need_gi, bn.need_w,
+        bn.need_b);
     if (need_gi) res[1] = g[g.size() - 3];
-    if (need_gw) res[2] = g[g.size() - 2];
-    if (need_gb) res[3] = g[g.size() - 1].to(bias.toScalarType());
+    if (bn.need_w) res[2] = g[g.size() - 2];
+    if (bn.need_b) res[3] = g[g.size() - 1].to(bn.bias.toScalarType());
     if (need_tables)
       for (int64_t t = 0; t < T; ++t) res[4 + t] = g[t];
     return res;
@@ -100,8 +88,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_autog
   if (!tables.empty()) weights = tables;
   // no seed given: drawn here, before the forward, so that the node keeps it for the backward's mask
   const auto [key, off] = seed_or_draw(seed, offset, p);
-  const EcdBnArgs args{p,           key,    off,      present(running_mean), present(running_var),
-                       present(num_batches_tracked), batch_stats, update, momentum, eps, check_index};
+  const EcdBnArgs args{p, key, off,
+                       {present(running_mean), present(running_var), present(num_batches_tracked), batch_stats, update,
+                        momentum, eps},
+                       check_index};
   auto r = EcdBnFunction::apply(x_cat, cont, present(bn_weight), present(bn_bias), weights, args);
   return {r[0], r[1], r[2]};
 }
