@@ -51,7 +51,7 @@ def _as_block(cls):
         new = cls.__new__(cls)
         torch.nn.Sequential.__init__(new, OrderedDict(m._modules))  # same children under the same names
         new.train(m.training)
-        return fuse(new)  # its BatchNorm / Dropout / Conv2d children: the fused block needs the fused layers
+        return new  # fuse() then swaps its children: the fused block needs the fused BatchNorm / Dropout / Conv2d
     return make
 
 
@@ -63,7 +63,7 @@ def _fused_tabular(m):
         setattr(new, name, getattr(m, name))
     new.n_emb, new.n_cont = m.n_emb, m.n_cont
     new.train(m.training)
-    return fuse(new)
+    return new
 
 
 def _block_swaps():
@@ -88,12 +88,15 @@ def fuse(model: torch.nn.Module) -> torch.nn.Module:
     returned model is its fused twin (sharing its parameters): `learn.model = fastfuse.fuse(learn.model)`."""
     blocks = _block_swaps()
     make = blocks.get(type(model))
-    if make is not None:
-        return make(model)
+    return _fuse(model if make is None else make(model), {**_SWAPS, **blocks})
+
+
+def _fuse(model, swaps):
+    """Swap model's children by their exact type (swaps: type -> maker), then the children's children."""
     for name, child in list(model.named_children()):
-        make = _SWAPS.get(type(child)) or blocks.get(type(child))
+        make = swaps.get(type(child))
         if make is not None:
-            setattr(model, name, make(child))
-        else:
-            fuse(child)
+            child = make(child)
+            setattr(model, name, child)
+        _fuse(child, swaps)
     return model
