@@ -84,7 +84,7 @@ def build_extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math lets GCC turn `keep ? x * s : 0` into a vector select (results are unchanged)
     # -fopenmp: at::parallel_for is header code that only runs in parallel when the caller has OpenMP
-    cxx = opt + ["-fno-trapping-math", "-fopenmp", f'-DFASTFUSE_TORCH_VERSION="{torch.__version__}"']
+    cxx = opt + ["-fno-trapping-math", "-ffp-contract=off", "-fopenmp", f'-DFASTFUSE_TORCH_VERSION="{torch.__version__}"']
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = {}
     if use_cuda:

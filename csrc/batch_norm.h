@@ -85,8 +85,9 @@ void with_mask_kind(bool post_relu, double p, Fn fn) {
 
 FASTFUSE_BN_DECLARE(cpu)
 
-// CPU only: training forward / backward of a contiguous (N, C, *) tensor, one channel at a time (see
-// cpu/batch_norm_impl.h). weight and bias are given (ones / zeros when the module has none).
+// CPU only: training forward / backward of a contiguous (N, C, *) tensor, one channel at a time, and the backward
+// of a rows tensor with few rows, a block of channels at a time (see cpu/batch_norm_impl.h). weight and bias are
+// given for planes (ones / zeros when the module has none); rows take an undefined weight for none.
 #define FASTFUSE_BN_PLANES_DECLARE                                                                            \
   Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,          \
                               const c10::optional<at::Tensor>& residual, double eps, bool pre_relu,          \
@@ -95,8 +96,19 @@ FASTFUSE_BN_DECLARE(cpu)
                                        const c10::optional<at::Tensor>& out, const at::Tensor& weight,       \
                                        const at::Tensor& mean, const at::Tensor& var, double eps,            \
                                        bool pre_relu, bool post_relu, double p, int64_t seed, int64_t offset, \
-                                       bool need_g);
+                                       bool need_g);                                                          \
+  Tensor4 bn_train_rows_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,                        \
+                                     const c10::optional<at::Tensor>& out, const at::Tensor& weight,         \
+                                     const at::Tensor& mean, const at::Tensor& var, double eps, bool pre_relu, \
+                                     bool post_relu, double p, int64_t seed, int64_t offset, bool need_gw,   \
+                                     bool need_gb, bool need_g);
 FASTFUSE_BN_PLANES_DECLARE
+// Whether a training backward on x can take bn_train_rows_backward (a rows tensor with at most a few hundred rows
+// and 256 columns or more; cpu/batch_norm_impl.h), given the bytes one element brings into cache:
+bool bn_rows_route_cpu(const at::Tensor& x, int64_t bytes_per_elem);
+inline int64_t bn_rows_backward_bytes(const at::Tensor& x, bool post_relu, double p) {
+  return x.element_size() * (post_relu ? 3 : 2) + (p > 0 && !post_relu ? 2 : 0);  // x, grad_out (out; keys)
+}
 #ifdef FASTFUSE_WITH_CUDA
 FASTFUSE_BN_DECLARE(cuda)
 #endif

@@ -382,3 +382,37 @@ def test_one_read_planes_path_matches_two_pass(monkeypatch, dtype, combo):
     for a, e in zip(results[True], results[False]):
         torch.testing.assert_close(a, e, **tol)
     assert torch.equal(results[True][0] == 0, results[False][0] == 0)  # the same dropout masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 300), (8, 520), (3, 257)], ids=str)
+@pytest.mark.parametrize("combo", [dict(pre_act="relu", dropout_p=0.3), dict(dropout_p=0.1),
+                                   dict(residual=True, post_act="relu", dropout_p=0.2), dict(affine=False)], ids=str)
+def test_rows_backward_route_matches_two_pass(monkeypatch, dtype, shape, combo):
+    """Rows tensors with few rows and 256+ columns (these shapes) take bn_train_rows_backward on cpp: one task per
+    block of columns, dropout keys drawn once. It must give the four two-pass primitives' bits (fp32, fp64; bf16 to
+    its tolerance, where the primitives' coefficients below come from ATen ops), dropout masks included."""
+    bn_ops = importlib.import_module("fastfuse.ops.batch_norm")
+    C = shape[1]
+    x = torch.randn(shape).to(dtype) + 3
+    w, b = (None, None) if combo.get("affine") is False else (torch.rand(C) + 0.5, torch.randn(C))
+    res = torch.randn(shape).to(dtype) if combo.get("residual") else None
+    kw = {k: v for k, v in combo.items() if k not in ("residual", "affine")}
+    g = torch.randn(shape).to(dtype)
+    results = {}
+    for route in ("cpp", "primitives"):
+        if route == "primitives":  # the Python composition of the same C++ primitives (ops/batch_norm.py)
+            monkeypatch.setattr(bn_ops._backends, "select", lambda t: "primitives")
+            monkeypatch.setattr(bn_ops, "_kernels", lambda backend: torch.ops.fastfuse_C)
+        ins = [t.detach().clone().requires_grad_() for t in (x, w, b, res) if t is not None]
+        rm, rv = torch.zeros(C), torch.ones(C)
+        torch.manual_seed(5)
+        y = fastfuse.batch_norm(ins[0], rm, rv, *(ins[1:3] if w is not None else (None, None)), True,
+                                residual=ins[-1] if res is not None else None, **kw)
+        results[route] = (y, *torch.autograd.grad(y, ins, g), rm, rv)
+    for a, e in zip(results["cpp"], results["primitives"]):
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(a, e, **TOL[dtype])
+        else:
+            assert torch.equal(bits(a), bits(e))
+    assert torch.equal(results["cpp"][0] == 0, results["primitives"][0] == 0)  # the same dropout masks

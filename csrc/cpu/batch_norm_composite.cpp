@@ -124,6 +124,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     auto z = [&](bool need, const at::Tensor& t) { return need ? at::zeros_like(t) : empty; };
     return {z(need_gi, x), z(need_gw, mean).to(wdt), z(need_gb, mean).to(wdt), z(need_gr, x)};
   }
+  // few rows (a tabular model's hidden layer): one parallel region, a block of channels per task
+  if (training && need_gi && p < 1 && bn_rows_route_cpu(x, bn_rows_backward_bytes(x, post_relu, p))) {
+    auto [gi, gw, gb, gr] =
+        bn_train_rows_backward_cpu(grad_out, x, out, has_w ? contiguous_as(*weight, acc) : at::Tensor(),
+                                   mean.contiguous(), var.contiguous(), eps, pre_relu, post_relu, p, seed, offset,
+                                   need_gw, need_gb, need_gr);
+    return {gi, gw.to(wdt), gb.to(wdt), need_gr ? gr : empty};
+  }
   // Dropout without a post-ReLU: both passes below would regenerate the mask's Philox keys (the costly part at
   // cache-sized shapes); drop out grad_out once instead and run them mask-free. The same bits where grad_out
   // holds the accumulation type (dropped-out values are not rounded in between). Cache-sized only (up to 2 MB): a

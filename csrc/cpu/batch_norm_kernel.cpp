@@ -72,6 +72,19 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
                                                   seed, offset, need_g);
 }
 
+Tensor4 bn_train_rows_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                   const c10::optional<at::Tensor>& out, const at::Tensor& weight,
+                                   const at::Tensor& mean, const at::Tensor& var, double eps, bool pre_relu,
+                                   bool post_relu, double p, int64_t seed, int64_t offset, bool need_gw, bool need_gb,
+                                   bool need_g) {
+  return FF_BN_PICK(bn_train_rows_backward_cpu)(grad_out, x, out, weight, mean, var, eps, pre_relu, post_relu, p,
+                                                seed, offset, need_gw, need_gb, need_g);
+}
+
+bool bn_rows_route_cpu(const at::Tensor& x, int64_t bytes_per_elem) {
+  return x.dim() >= 2 && x.numel() > 0 && base::col_blocks(bn_geometry(x), bytes_per_elem).width > 0;
+}
+
 TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
   m.impl("bn_train_planes", &bn_train_planes_cpu);
   m.impl("bn_train_planes_backward", &bn_train_planes_backward_cpu);

@@ -1,6 +1,8 @@
 // Dropout keys on the CPU: AVX-512 / AVX2 when the CPU has them (chosen once at run time), scalar otherwise.
 #include "cpu/philox_cpu.h"
 
+#include <cstring>
+
 #include "philox.h"
 #include "cpu/philox_simd.h"
 
@@ -51,6 +53,18 @@ void philox_keys(uint16_t* keys, uint64_t g0, int64_t ngroups, uint64_t seed, ui
       simd::philox_words16(words + 4 * j, g, o0, o1, k0, k1);
     else
       simd::philox_words8(words + 4 * j, g, o0, o1, k0, k1);
+  }
+  if (width && j < ngroups) {  // a short tail: one more SIMD step into scratch (scalar Philox costs ~3x a group)
+    const uint64_t g = g0 + static_cast<uint64_t>(j);
+    if ((g >> 32) == ((g + width - 1) >> 32)) {
+      alignas(64) uint32_t tmp[4 * simd::kAvx512Groups];
+      if (isa == Isa::kAvx512)
+        simd::philox_words16(tmp, g, o0, o1, k0, k1);
+      else
+        simd::philox_words8(tmp, g, o0, o1, k0, k1);
+      std::memcpy(keys + kKeysPerGroup * j, tmp, static_cast<size_t>(ngroups - j) * kKeysPerGroup * sizeof(uint16_t));
+      j = ngroups;
+    }
   }
 #endif
   for (; j < ngroups; ++j) {
