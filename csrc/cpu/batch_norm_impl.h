@@ -384,6 +384,31 @@ void init_grad(F& f, const at::Tensor& grad_out, const c10::optional<at::Tensor>
   f.ds = static_cast<acc_t>(p > 0 ? dropout_scale(p) : 1.0);
 }
 
+// The training backward's two functors (reduce, then apply with coefficients k1..k3 that the caller fills in
+// between), on the same inputs. gout: the residual's gradient, written when kG.
+template <typename scalar_t, int kMask, bool kG, typename acc_t = at::opmath_type<scalar_t>>
+std::pair<GradReduceOp<scalar_t, kMask>, GradApplyOp<scalar_t, kMask, true, kG>> grad_ops(
+    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& out, const acc_t* mean,
+    const std::vector<acc_t>& k1, const std::vector<acc_t>& k2, const std::vector<acc_t>& k3, at::Tensor& gi,
+    at::Tensor& gout, bool pre_relu, double p, int64_t seed, int64_t offset) {
+  GradReduceOp<scalar_t, kMask> fr;
+  init_grad<decltype(fr), scalar_t>(fr, grad_out, out, p, seed, offset);
+  fr.x = x.const_data_ptr<scalar_t>();
+  fr.mean = mean;
+  fr.pre = pre_relu;
+  GradApplyOp<scalar_t, kMask, true, kG> fa;
+  init_grad<decltype(fa), scalar_t>(fa, grad_out, out, p, seed, offset);
+  fa.x = fr.x;
+  fa.mean = mean;
+  fa.k1 = k1.data();
+  fa.k2 = k2.data();
+  fa.k3 = k3.data();
+  fa.gi = gi.mutable_data_ptr<scalar_t>();
+  fa.gout = kG ? gout.mutable_data_ptr<scalar_t>() : nullptr;
+  fa.pre = pre_relu;
+  return {fr, fa};
+}
+
 void check_grad_inputs(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& out,
                        bool post_relu) {
   check_input(x);
@@ -537,21 +562,8 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
     std::vector<acc_t> k1(g.C), k2(g.C), k3(g.C);
     auto run = [&](auto mask_c, auto g_c) {
       constexpr int kMask = decltype(mask_c)::value;
-      GradReduceOp<scalar_t, kMask> fr;
-      init_grad<decltype(fr), scalar_t>(fr, grad_out, out, p, seed, offset);
-      fr.x = x.const_data_ptr<scalar_t>();
-      fr.mean = mp;
-      fr.pre = pre_relu;
-      GradApplyOp<scalar_t, kMask, true, decltype(g_c)::value> fa;
-      init_grad<decltype(fa), scalar_t>(fa, grad_out, out, p, seed, offset);
-      fa.x = fr.x;
-      fa.mean = mp;
-      fa.k1 = k1.data();
-      fa.k2 = k2.data();
-      fa.k3 = k3.data();
-      fa.gi = gi.mutable_data_ptr<scalar_t>();
-      fa.gout = need_g ? gout.mutable_data_ptr<scalar_t>() : nullptr;
-      fa.pre = pre_relu;
+      const auto [fr, fa] = grad_ops<scalar_t, kMask, decltype(g_c)::value>(grad_out, x, out, mp, k1, k2, k3, gi,
+                                                                            gout, pre_relu, p, seed, offset);
       at::parallel_for(0, g.C, grain_for(g.C, g.numel / g.C, p > 0), [&](int64_t c0, int64_t c1) {
         std::vector<uint16_t> buf(kChunk + kKeyPad);
         auto r = fr;
@@ -674,22 +686,9 @@ Tensor4 bn_train_rows_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
     std::vector<acc_t> k1(g.C), k2(g.C), k3(g.C);
     auto run = [&](auto mask_c, auto g_c) {
       constexpr int kMask = decltype(mask_c)::value;
-      GradReduceOp<scalar_t, kMask> fr;
-      init_grad<decltype(fr), scalar_t>(fr, grad_out, out, p, seed, offset);
-      fr.x = x.const_data_ptr<scalar_t>();
-      fr.mean = mp;
-      fr.pre = pre_relu;
-      GradApplyOp<scalar_t, kMask, true, decltype(g_c)::value> fa;
-      init_grad<decltype(fa), scalar_t>(fa, grad_out, out, p, seed, offset);
-      fa.x = fr.x;
-      fa.mean = mp;
-      fa.k1 = k1.data();
-      fa.k2 = k2.data();
-      fa.k3 = k3.data();
-      fa.gi = gi.mutable_data_ptr<scalar_t>();
-      fa.gout = need_g ? gout.mutable_data_ptr<scalar_t>() : nullptr;
-      fa.pre = pre_relu;
-      constexpr bool kKeys = decltype(fr)::kKeys;
+      const auto [fr, fa] = grad_ops<scalar_t, kMask, decltype(g_c)::value>(grad_out, x, out, mp, k1, k2, k3, gi,
+                                                                            gout, pre_relu, p, seed, offset);
+      constexpr bool kKeys = GradReduceOp<scalar_t, kMask>::kKeys;
       const int64_t kstride = cb.width + kKeyPad;
       at::parallel_for(0, cb.ntasks, grain_for(cb.ntasks, cb.R * cb.width, kKeys), [&](int64_t t0, int64_t t1) {
         RowsScratch<acc_t> s(cb.width, kKeys ? cb.R * kstride : 0);
