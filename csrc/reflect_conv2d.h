@@ -229,7 +229,9 @@ inline at::MemoryFormat conv_format(const at::Tensor& x, const at::Tensor& w) {
              : at::MemoryFormat::Contiguous;
 }
 
-inline int64_t chunk_images(const Geom& g) { return std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, g.OH * g.OW)); }
+inline int64_t chunk_images(const Geom& g) {
+  return std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, g.OH * g.OW));
+}
 
 template <typename Dev>
 at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,

@@ -172,7 +172,8 @@ def test_module_dropin():
 
 
 def test_fuse_swaps_dropout_and_keeps_weights():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1), torch.nn.Sequential(torch.nn.Dropout(0.2)))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1),
+                                torch.nn.Sequential(torch.nn.Dropout(0.2)))
     w = model[0].weight.clone()
     fastfuse.fuse(model)
     assert type(model[1]) is fastfuse.nn.Dropout and model[1].p == 0.1

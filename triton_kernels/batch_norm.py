@@ -209,8 +209,8 @@ def _grad_apply_kernel(go_ptr, x_ptr, out_ptr, gi_ptr, g_ptr, mean_ptr, k1_ptr, 
         c = offs % C if ROWS else (offs // S) % C
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xp = _relu(v) if PRE else v
-        r = tl.load(k1_ptr + c, mask=mask) * g + tl.load(k2_ptr + c, mask=mask) * (xp - tl.load(mean_ptr + c, mask=mask)) \
-            + tl.load(k3_ptr + c, mask=mask)
+        xc = xp - tl.load(mean_ptr + c, mask=mask)
+        r = tl.load(k1_ptr + c, mask=mask) * g + tl.load(k2_ptr + c, mask=mask) * xc + tl.load(k3_ptr + c, mask=mask)
         if PRE:
             r = tl.where(v > 0, r, 0.0)
         tl.store(gi_ptr + offs, fp32_to(r, gi_ptr.dtype.element_ty), mask=mask)

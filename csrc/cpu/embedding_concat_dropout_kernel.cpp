@@ -54,7 +54,8 @@ static_assert(kMaxFixedWidth == 16, "with_width has a case for every width up to
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t)
       TORCH_CHECK_INDEX(x[b * T + t] >= 0 && x[b * T + t] < rows[t], "embedding_concat_dropout: x_cat column ", t,
-                        " has code ", x[b * T + t], " (row ", b, "), outside [0, ", rows[t], ") of its embedding table");
+                        " has code ", x[b * T + t], " (row ", b, "), outside [0, ", rows[t],
+                        ") of its embedding table");
   TORCH_CHECK(false, "embedding_concat_dropout: internal error, no bad code found");
 }
 
@@ -81,7 +82,9 @@ bool gather_rows(scalar_t* out, int64_t W, const int64_t* x, int64_t T, const sc
 template <typename scalar_t>
 bool gather_table(scalar_t* out, int64_t W, const int64_t* x, int64_t T, const scalar_t* table, int64_t n, int64_t d,
                   int64_t b0, int64_t b1, bool check_index) {
-  return with_width(d, [&](auto D) { return gather_rows<decltype(D)::value>(out, W, x, T, table, n, d, b0, b1, check_index); });
+  return with_width(d, [&](auto D) {
+    return gather_rows<decltype(D)::value>(out, W, x, T, table, n, d, b0, b1, check_index);
+  });
 }
 
 // Keys covering stream elements [e0, e1): keys[e - base] for e in range, base = 8 * floor(e0 / 8).

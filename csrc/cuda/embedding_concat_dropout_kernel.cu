@@ -177,7 +177,8 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cuda(const at::Tensor&
   check_embedding_inputs(x_cat, weights, c10::nullopt);
   TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous() &&
                   grad.scalar_type() == weights[0].scalar_type(),
-              "embedding_concat_dropout_backward_cuda: grad_output must be a contiguous CUDA tensor of the tables' dtype");
+              "embedding_concat_dropout_backward_cuda: grad_output must be a contiguous CUDA tensor of the tables' "
+              "dtype");
   TORCH_CHECK(p >= 0 && p < 1, "embedding_concat_dropout kernel: p must be in [0, 1), got ", p);
   check_tables(x_cat, weights);
   const c10::cuda::CUDAGuard guard(x_cat.device());

@@ -153,8 +153,8 @@ def run(cases, device: str, progress: bool = True):
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    jobs = [(c, b, "fwd") for c in cases for b in ("copy_", "clone") if getattr(c, b.rstrip("_"))] + [(c, p, m) for c in cases for p, modes in c.providers.items()
-                                               for m in modes]
+    jobs = [(c, b, "fwd") for c in cases for b in ("copy_", "clone") if getattr(c, b.rstrip("_"))]
+    jobs += [(c, p, m) for c in cases for p, modes in c.providers.items() for m in modes]
     bar = tqdm(total=len(jobs), desc="fastfuse.bench", disable=not progress) if tqdm else None
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     try:
@@ -162,8 +162,9 @@ def run(cases, device: str, progress: bool = True):
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    meta = dict(device=device, device_name=dev_name, torch=torch.__version__, triton=triton_version, fastfuse=fastfuse.__version__,
-                commit=_commit(), timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
+    meta = dict(device=device, device_name=dev_name, torch=torch.__version__, triton=triton_version,
+                fastfuse=fastfuse.__version__, commit=_commit(),
+                timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     rows, timed = [], {}
     for case in cases:  # CPU: all jobs of one case interleaved; CUDA: one job after the other
         key = id(case)
@@ -212,4 +213,6 @@ def print_table(rows):
               f"{r['ms_p50']:9.3f} {r['gbps']:7.1f} {r['pct_copy']:6.1f} {fmt(r['speedup_eager'], '8.2f')} "
               f"{fmt(r['speedup_compile'], '10.2f')}")
     if rows:
-        print(f"device: {rows[0]['device_name']}, torch {rows[0]['torch']}, triton {rows[0]['triton']}, fastfuse {rows[0]['fastfuse']}, commit {rows[0]['commit']}")
+        r = rows[0]
+        print(f"device: {r['device_name']}, torch {r['torch']}, triton {r['triton']}, fastfuse {r['fastfuse']}, "
+              f"commit {r['commit']}")
