@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -63,6 +64,21 @@ void with_mask_kind(bool post_relu, double p, Fn fn) {
     fn(std::integral_constant<int, kMaskDrop>());
   else
     fn(std::integral_constant<int, kMaskNone>());
+}
+
+// The training backward's coefficients of one channel from its gradient sums sg = sum(g), sgx = sum(g (x' - mean))
+// (rounded to the accumulation type T) over n values: grad_x = k1 g + k2 (x' - mean) + k3, k1 = invstd * weight
+// (w: the weight, or null for none). Every CPU route computes them here, op for op, so all give the same bits.
+template <typename T>
+struct BnGradCoeffs {
+  T invstd, k1, k2, k3;
+};
+
+template <typename T>
+inline BnGradCoeffs<T> bn_grad_coeffs(T var, const T* w, T eps, T sg, T sgx, T n) {
+  const T invstd = T(1) / std::sqrt(var + eps);
+  const T k1 = w ? invstd * *w : invstd;
+  return {invstd, k1, -k1 * invstd * invstd * sgx / n, -k1 * sg / n};
 }
 
 // x86-64 with GCC/Clang: the CPU kernels are also built for AVX2 + FMA and picked at run time.

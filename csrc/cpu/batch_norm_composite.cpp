@@ -68,15 +68,15 @@ ChannelCoeffs channel_coeffs(const at::Tensor& var_in, const c10::optional<at::T
     T *scale = ptr(r.scale), *k1 = ptr(r.k1), *k2 = ptr(r.k2), *k3 = ptr(r.k3), *gw = ptr(r.gw);
     const T e = static_cast<T>(eps), nn = static_cast<T>(n);
     for (int64_t c = 0; c < C; ++c) {
-      const T invstd = T(1) / std::sqrt(v[c] + e);
-      const T a = wp ? invstd * wp[c] : invstd;
-      if (scale) scale[c] = a;
+      const BnGradCoeffs<T> q = bn_grad_coeffs(v[c], wp ? wp + c : nullptr, e, sg ? sg[c] : T(0),
+                                               sgx ? sgx[c] : T(0), nn);
+      if (scale) scale[c] = q.k1;  // the forward's scale is the backward's k1 (its k2, k3 go unused)
       if (k1) {
-        k1[c] = a;
-        k2[c] = batch_grad ? -a * invstd * invstd * sgx[c] / nn : T(0);
-        k3[c] = batch_grad ? -a * sg[c] / nn : T(0);
+        k1[c] = q.k1;
+        k2[c] = batch_grad ? q.k2 : T(0);
+        k3[c] = batch_grad ? q.k3 : T(0);
       }
-      if (gw) gw[c] = sgx[c] * invstd;
+      if (gw) gw[c] = sgx[c] * q.invstd;
     }
   });
   return r;

@@ -21,6 +21,10 @@ inline int64_t grain_for(int64_t n, int64_t each, bool keys = false) {
 }
 constexpr int kLanes = 16;        // independent accumulators: lets the compiler vectorise the sums
 
+// Rows per block of a rows tensor's channel sums (float within a block, double across blocks): every route that
+// reduces rows uses this one split, which the bits depend on.
+inline int64_t sum_rows_per_block(int64_t C) { return std::max<int64_t>(1, 4 * kChunk / C); }
+
 template <typename acc_t>
 inline acc_t relu(acc_t v) { return v < acc_t(0) ? acc_t(0) : v; }  // NaN stays NaN, as in torch.relu
 
@@ -73,7 +77,7 @@ void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
     return;
   }
   // rows of C: fixed blocks of rows give per-block partials [block][C], then a fixed-order sum over blocks
-  const int64_t R = g.numel / g.C, rpb = std::max<int64_t>(1, 4 * kChunk / g.C), nb = (R + rpb - 1) / rpb;
+  const int64_t R = g.numel / g.C, rpb = sum_rows_per_block(g.C), nb = (R + rpb - 1) / rpb;
   // the blocks' partials (every entry is written before it is read). Big ones come from the output cache (cpu/alloc.h;
   // fastfuse.empty_cpu_cache() frees them): a fresh vector of a few MB page-faults on every call (3 of the 4 ms of
   // bn_stats at (4096, 1000) here). Small ones stay in a per-thread vector: an allocation cost 3 us at (64, 1000).
@@ -573,10 +577,8 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
           plane_sums<acc_t>(g, r, buf.data(), c, d1, d2);
           sg[c] = static_cast<acc_t>(d1);
           sgx[c] = static_cast<acc_t>(d2);
-          const acc_t invstd = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps));
-          k1[c] = invstd * wp[c];
-          k2[c] = -k1[c] * invstd * invstd * sgx[c] / static_cast<acc_t>(n);
-          k3[c] = -k1[c] * sg[c] / static_cast<acc_t>(n);
+          const auto q = bn_grad_coeffs(vp[c], wp + c, static_cast<acc_t>(eps), sg[c], sgx[c], static_cast<acc_t>(n));
+          k1[c] = q.k1, k2[c] = q.k2, k3[c] = q.k3;
           plane_apply(g, a, buf.data(), c);
         }
       });
@@ -595,8 +597,8 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
 // block's per-channel arithmetic and applies, while the block is still in cache (col_blocks sizes it to 256 KB).
 // 73 -> 55 us at (64, 1000), 67 -> 54 at (128, 512) here; more rows do not fit and keep the two-pass route (a
 // forward the same way was no faster: Philox and the apply dominate it). Each channel's sums run in channel_sums'
-// order (float within rpb-row blocks, double across them) and the per-channel arithmetic is
-// batch_norm_composite.cpp's (channel_coeffs), so the bits are the two-pass route's.
+// order (float within sum_rows_per_block-row blocks, double across them) and the per-channel arithmetic is
+// bn_grad_coeffs (batch_norm.h) as on the two-pass route, so the bits are the two-pass route's.
 
 namespace {
 
@@ -629,7 +631,7 @@ inline ColBlocks col_blocks(const BnGeom& g, int64_t bytes_per_elem) {
 template <typename acc_t, typename F>
 void column_sums(const BnGeom& g, F& f, int64_t R, int64_t c0, int64_t w, uint16_t* keys, int64_t kstride,
                  acc_t* l1, acc_t* l2, double* d1, double* d2) {
-  const int64_t rpb = std::max<int64_t>(1, 4 * kChunk / g.C);
+  const int64_t rpb = sum_rows_per_block(g.C);
   std::fill(d1, d1 + w, 0.0);
   std::fill(d2, d2 + w, 0.0);
   for (int64_t r0 = 0; r0 < R; r0 += rpb) {
@@ -698,15 +700,12 @@ Tensor4 bn_train_rows_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
           const int64_t c0 = cb.c0(t), w = cb.cols(t);
           column_sums<acc_t>(g, r, cb.R, c0, w, s.keys.data(), kstride, s.l1.data(), s.l2.data(), s.d1.data(),
                              s.d2.data());
-          for (int64_t j = 0; j < w; ++j) {  // channel_coeffs' arithmetic, on the sums rounded as bn_grad_reduce's
+          for (int64_t j = 0; j < w; ++j) {  // on the sums rounded as bn_grad_reduce's
             const int64_t c = c0 + j;
             const acc_t sg = static_cast<acc_t>(s.d1[j]), sgx = static_cast<acc_t>(s.d2[j]);
-            const acc_t invstd = acc_t(1) / std::sqrt(vp[c] + e);
-            const acc_t k = wp ? invstd * wp[c] : invstd;
-            k1[c] = k;
-            k2[c] = -k * invstd * invstd * sgx / nn;
-            k3[c] = -k * sg / nn;
-            if (gwp) gwp[c] = sgx * invstd;
+            const auto q = bn_grad_coeffs(vp[c], wp ? wp + c : nullptr, e, sg, sgx, nn);
+            k1[c] = q.k1, k2[c] = q.k2, k3[c] = q.k3;
+            if (gwp) gwp[c] = sgx * q.invstd;
             if (gbp) gbp[c] = sg;
           }
           for (int64_t row = 0; row < cb.R; ++row) {

@@ -46,24 +46,21 @@ void philox_keys(uint16_t* keys, uint64_t g0, int64_t ngroups, uint64_t seed, ui
 #ifdef FASTFUSE_X86_SIMD
   uint32_t* words = reinterpret_cast<uint32_t*>(keys);  // written only by SIMD stores, which may alias
   const int64_t width = isa == Isa::kAvx512 ? simd::kAvx512Groups : isa == Isa::kAvx2 ? simd::kAvx2Groups : 0;
-  for (; width && j + width <= ngroups; j += width) {
+  auto step = [&](uint32_t* dst, uint64_t g) {  // the words of groups g .. g + width - 1
+    if (isa == Isa::kAvx512)
+      simd::philox_words16(dst, g, o0, o1, k0, k1);
+    else
+      simd::philox_words8(dst, g, o0, o1, k0, k1);
+  };
+  for (; width && j < ngroups; j += width) {
     const uint64_t g = g0 + static_cast<uint64_t>(j);
     if ((g >> 32) != ((g + width - 1) >> 32)) break;  // counter word 1 changes inside the vector: go scalar
-    if (isa == Isa::kAvx512)
-      simd::philox_words16(words + 4 * j, g, o0, o1, k0, k1);
-    else
-      simd::philox_words8(words + 4 * j, g, o0, o1, k0, k1);
-  }
-  if (width && j < ngroups) {  // a short tail: one more SIMD step into scratch (scalar Philox costs ~3x a group)
-    const uint64_t g = g0 + static_cast<uint64_t>(j);
-    if ((g >> 32) == ((g + width - 1) >> 32)) {
+    if (j + width <= ngroups) {
+      step(words + 4 * j, g);
+    } else {  // a short tail: one more step into scratch (scalar Philox costs ~3x a group)
       alignas(64) uint32_t tmp[4 * simd::kAvx512Groups];
-      if (isa == Isa::kAvx512)
-        simd::philox_words16(tmp, g, o0, o1, k0, k1);
-      else
-        simd::philox_words8(tmp, g, o0, o1, k0, k1);
+      step(tmp, g);
       std::memcpy(keys + kKeysPerGroup * j, tmp, static_cast<size_t>(ngroups - j) * kKeysPerGroup * sizeof(uint16_t));
-      j = ngroups;
     }
   }
 #endif
