@@ -167,7 +167,9 @@ def test_gradcheck_float64(training, combo):
         return torch.ops.fastfuse.batch_norm(x, w, b, rm, rv, r[0] if r else None, training, 1e-5,
                                              bool(combo.get("pre_act")), bool(combo.get("post_act")),
                                              combo.get("p", 0.0), seed)[0]
-    assert torch.autograd.gradcheck(f, (x, w, b) + ((res,) if res is not None else ()))
+    inputs = (x, w, b) + ((res,) if res is not None else ())
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)  # create_graph=True: through the reference (_double_backward)
 
 
 def test_opcheck():

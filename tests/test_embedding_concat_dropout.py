@@ -180,6 +180,8 @@ def test_gradcheck_float64():
     x, ws, xc = _data([(4, 3), (3, 2)], 6, 2, torch.float64)
     inputs = [w.requires_grad_() for w in ws] + [xc.requires_grad_()]
     assert torch.autograd.gradcheck(lambda w0, w1, c: ecd(x, [w0, w1], 0.4, SEED, c), inputs)
+    # create_graph=True: through the reference (_double_backward); squared, so the second derivative is not 0
+    assert torch.autograd.gradgradcheck(lambda w0, w1, c: ecd(x, [w0, w1], 0.4, SEED, c) ** 2, inputs)
 
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")

@@ -146,6 +146,9 @@ def test_gradcheck_float64(cfg, algo, monkeypatch):
     b = torch.randn(OC, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: fastfuse.reflect_conv2d(x, w, b, s, p, d, g), (x, w, b),
                                     fast_mode=True)
+    # create_graph=True: through the reference (_double_backward)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: fastfuse.reflect_conv2d(x, w, b, s, p, d, g), (x, w, b),
+                                        fast_mode=True)
 
 
 def test_opcheck():

@@ -8,6 +8,7 @@
 
 #include "embedding_concat_dropout.h"
 #include "cpu/bn_node.h"
+#include "cpu/double_backward.h"
 #include "cpu/seed.h"
 
 namespace fastfuse {
@@ -46,6 +47,45 @@ struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
     return {out, mean, var};
   }
 
+  // create_graph=True (cpu/double_backward.h): [drop(tables' rows) | bn(cont)] again in ATen ops; the BN bias only
+  // shifts the output, so zeros stand in for it. Codes outside a table (check_index=False) give zero rows.
+  static variable_list reference_grads(AutogradContext* ctx, const at::Tensor& grad,
+                                       const std::vector<at::Tensor>& weights, const BnParamGrads& bn,
+                                       bool need_tables, bool need_gi) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x_cat = saved[0], &mean = saved[3], &var = saved[4];
+    const int64_t T = static_cast<int64_t>(weights.size()), B = x_cat.size(0);
+    int64_t D = 0;
+    for (const auto& w : weights) D += w.size(1);
+    const at::Tensor factor = dropout_factor(B, D, mean.scalar_type(), ctx->saved_data["p"].toDouble(),
+                                             ctx->saved_data["seed"].toInt(), ctx->saved_data["offset"].toInt());
+    const bool batch_stats = ctx->saved_data["batch_stats"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    auto forward = [&](const std::vector<at::Tensor>& in) {  // in: cont, bn weight, bn bias, tables
+      std::vector<at::Tensor> cols;
+      for (int64_t t = 0; t < T; ++t) {
+        const at::Tensor idx = x_cat.select(1, t), ok = (idx >= 0).logical_and(idx < in[3 + t].size(0));
+        cols.push_back(at::embedding(in[3 + t], at::where(ok, idx, 0)) * ok.unsqueeze(1));
+      }
+      at::Tensor block = at::cat(cols, 1);
+      if (factor.defined()) block = block * factor;
+      const at::Tensor z = bn_rows_reference(in[0], in[1], in[2], mean, var, batch_stats, eps);
+      return at::cat({block.to(in[0].scalar_type()), z.to(in[0].scalar_type())}, 1);
+    };
+    std::vector<at::Tensor> inputs{saved[1], bn.has_w ? saved[2] : at::Tensor(),
+                                   bn.need_b ? at::zeros_like(mean) : at::Tensor()};
+    std::vector<bool> need{need_gi, bn.need_w, bn.need_b};
+    for (int64_t t = 0; t < T; ++t) {
+      inputs.push_back(weights[t]);
+      need.push_back(need_tables && ctx->needs_input_grad(bn.next_edge + t));
+    }
+    const auto g = fastfuse::reference_grads(forward, inputs, grad, need);
+    variable_list res(4 + T + 1);  // x_cat, cont, bn_weight, bn_bias, tables, args
+    res[1] = g[0], res[2] = g[1], res[3] = g[2];
+    for (int64_t t = 0; t < T; ++t) res[4 + t] = g[3 + t];
+    return res;
+  }
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x_cat = saved[0], &cont = saved[1], &w = saved[2], &mean = saved[3], &var = saved[4];
@@ -58,6 +98,7 @@ struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
     for (int64_t t = 0; t < T; ++t) need_tables = need_tables || ctx->needs_input_grad(bn.next_edge + t);
     variable_list res(4 + T + 1);  // x_cat, cont, bn_weight, bn_bias, tables, args
     if (!grads[0].defined()) return res;  // the output was not used
+    if (double_backward_wanted()) return reference_grads(ctx, grads[0], weights, bn, need_tables, need_gi);
     const auto g = embedding_concat_dropout_bn_backward_cpu(
         grads[0], x_cat, weights, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),
         ctx->saved_data["offset"].toInt(), cont, bn.has_w ? OptTensor(w) : OptTensor(), mean, var,

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/bn_node.h"
+#include "cpu/double_backward.h"
 #include "cpu/lin_bn_drop.h"
 #include "cpu/seed.h"
 
@@ -40,6 +41,28 @@ struct LinBnDropFunction : torch::autograd::Function<LinBnDropFunction> {
     return {out, y, mean, var};
   }
 
+  // create_graph=True (cpu/double_backward.h): drop(bn(pre(x W^T))) again in ATen ops; the BN bias only shifts the
+  // output, so zeros stand in for it.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reference_grads(
+      AutogradContext* ctx, const at::Tensor& grad, const variable_list& s, const BnParamGrads& bn, bool need_gx,
+      bool need_gw) {
+    const bool pre_relu = ctx->saved_data["pre_relu"].toBool(), batch_stats = ctx->saved_data["batch_stats"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const at::Tensor factor = dropout_factor(
+        grad.size(0), grad.size(1), s[4].scalar_type(), ctx->saved_data["p"].toDouble(),
+        ctx->saved_data["seed"].toInt(), ctx->saved_data["offset"].toInt());
+    const at::Tensor mean = s[4], var = s[5];
+    auto forward = [&](const std::vector<at::Tensor>& in) {
+      const at::Tensor h = at::linear(in[0], in[1]);
+      const at::Tensor z = bn_rows_reference(pre_relu ? at::relu(h) : h, in[2], in[3], mean, var, batch_stats, eps);
+      return (factor.defined() ? z * factor : z).to(in[0].scalar_type());
+    };
+    const at::Tensor bias = bn.need_b ? at::zeros_like(s[4]) : at::Tensor();
+    auto g = fastfuse::reference_grads(forward, {s[0], s[1], bn.has_w ? s[3] : at::Tensor(), bias}, grad,
+                                       {need_gx, need_gw, bn.need_w, bn.need_b});
+    return {g[0], g[1], g[2], g[3]};
+  }
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     // edges: x, weight, then bn_weight and bn_bias where given
@@ -47,11 +70,14 @@ struct LinBnDropFunction : torch::autograd::Function<LinBnDropFunction> {
     const BnParamGrads bn = bn_param_grads(ctx, 2);
     variable_list res(5);  // x, weight, bn_weight, bn_bias, args
     if (!grads[0].defined()) return res;  // the output was not used
-    auto [gx, gw, gbw, gbb] = lin_bn_drop_backward_cpu(
-        grads[0], s[0], s[1], s[2], bn.has_w ? OptTensor(s[3]) : OptTensor(), s[4], s[5],
-        ctx->saved_data["batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(),
-        ctx->saved_data["pre_relu"].toBool(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),
-        ctx->saved_data["offset"].toInt(), need_gx, need_gw, bn.need_w, bn.need_b);
+    auto [gx, gw, gbw, gbb] =
+        double_backward_wanted()
+            ? reference_grads(ctx, grads[0], s, bn, need_gx, need_gw)
+            : lin_bn_drop_backward_cpu(grads[0], s[0], s[1], s[2], bn.has_w ? OptTensor(s[3]) : OptTensor(), s[4],
+                                       s[5], ctx->saved_data["batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(),
+                                       ctx->saved_data["pre_relu"].toBool(), ctx->saved_data["p"].toDouble(),
+                                       ctx->saved_data["seed"].toInt(), ctx->saved_data["offset"].toInt(), need_gx,
+                                       need_gw, bn.need_w, bn.need_b);
     if (need_gx) res[0] = gx;
     if (need_gw) res[1] = gw;
     if (bn.need_w) res[2] = gbw;

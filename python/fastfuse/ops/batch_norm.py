@@ -11,7 +11,7 @@ import types
 
 import torch
 
-from .. import _backends, _layout, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
+from .. import _backends, _double_backward, _layout, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
 
 
 def _cuda(name):
@@ -161,14 +161,39 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, mean, var, out if post_relu else None, seed)
 
 
+def _reference_grads(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, mask):
+    """Gradients for create_graph=True (see _double_backward): the forward again in torch ops from the saved
+    tensors. The bias and the residual only shift the output, so zeros stand in for them (their gradients do not
+    depend on their values); the post-ReLU and dropout masks are the forward's (its output, its seed)."""
+    acc, dims = _rng.acc_dtype(x.dtype), [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xd = _layout.channel_dense(x)  # the dropout mask follows its memory order, as in the forward
+    factor = reference._bn_grad(torch.ones_like(xd, dtype=acc), xd, out, post_relu, p, *_rng.seed_ints(seed))
+
+    def forward(x, weight, bias, residual):
+        xa = x.to(acc).clamp_min(0) if pre_relu else x.to(acc)
+        mu, sigma2 = (xa.mean(dims), xa.var(dims, correction=0)) if training else (mean, var)
+        z = (xa - mu.view(shape)) * torch.rsqrt(sigma2 + eps).view(shape)
+        z = z * weight.to(acc).view(shape) if weight is not None else z
+        z = z + bias.view(shape) if bias is not None else z
+        return ((z + residual if residual is not None else z) * factor).to(x.dtype)
+
+    stand_in = [x.new_zeros(x.shape[1], dtype=acc) if mask[2] else None, torch.zeros_like(x, dtype=acc) if mask[3]
+                else None]
+    return _double_backward.grads(forward, [x, weight, *stand_in], grad_out, mask)
+
+
 def _autograd_backward(ctx, grad_out, _grad_mean, _grad_var, backward_op=None):
     x, weight, mean, var, out, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2], need[5]]
     if grad_out is None or not any(mask):
         return (None,) * 12
-    backward_op = backward_op or torch.ops.fastfuse.batch_norm_backward
-    gi, gw, gb, gr = backward_op(grad_out, x, weight, mean, var, out, *ctx.args, seed, mask)
+    if _double_backward.wanted() and x.numel() > 0 and ctx.args[4] < 1:  # (else the output was constant)
+        gi, gw, gb, gr = _reference_grads(grad_out, x, weight, mean, var, out, *ctx.args, seed, mask)
+    else:
+        backward_op = backward_op or torch.ops.fastfuse.batch_norm_backward
+        gi, gw, gb, gr = backward_op(grad_out, x, weight, mean, var, out, *ctx.args, seed, mask)
     pick = lambda t, m: t if m else None  # noqa: E731
     gb = gb.to(ctx.bias_dtype) if mask[2] else None
     return pick(gi, mask[0]), pick(gw, mask[1]), gb, None, None, pick(gr, mask[3]), *(None,) * 6

@@ -11,7 +11,7 @@ Dropout indexing: element (b, j) of the (B, D) embedding block is element b*D + 
 (see reference.embedding_concat_keep_mask), identical on every backend."""
 import torch
 
-from .. import _backends, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
+from .. import _backends, _double_backward, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
 from ._bn_module import cpp_bn_args
 from .batch_norm import module_batch_norm
 
@@ -158,11 +158,24 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x_cat, seed, *weights)  # weights only for their shapes; seed regenerates the mask
 
 
+def _table_grads(grad, x_cat, weights, p, seed, need, backward_op):
+    """The tables' gradients: by the op, or differentiable under create_graph=True (see _double_backward)."""
+    if not _double_backward.wanted():
+        return backward_op(grad, x_cat, weights, p, seed)
+    key, offset = _rng.seed_ints(seed)
+    width = sum(w.shape[1] for w in weights)
+    return _double_backward.grads(lambda *ws: reference.embedding_concat_dropout(x_cat, list(ws), p, key, offset),
+                                  weights, grad[:, :width], need)
+
+
 def _backward(ctx, grad):
     x_cat, seed, *weights = ctx.saved_tensors
     grad_weights, grad_cont = [None] * len(weights), None  # a list either way: torch.library checks the structure
-    if _any(ctx.needs_input_grad[1]):
-        grad_weights = torch.ops.fastfuse.embedding_concat_dropout_backward(grad, x_cat, weights, ctx.p, seed)
+    need = ctx.needs_input_grad[1]
+    if _any(need):
+        need = list(need) if isinstance(need, (list, tuple)) else [need] * len(weights)
+        grad_weights = _table_grads(grad, x_cat, weights, ctx.p, seed, need,
+                                    torch.ops.fastfuse.embedding_concat_dropout_backward)
     if ctx.has_cont and ctx.needs_input_grad[4]:
         grad_cont = grad[:, ctx.width:]
     return None, grad_weights, None, None, grad_cont, None
@@ -191,7 +204,8 @@ class _EagerFunction(torch.autograd.Function):
         x_cat, seed, *weights = ctx.saved_tensors
         grad_weights = [None] * len(weights)
         if any(ctx.needs_input_grad[5:]):
-            grad_weights = _route_backward(grad, x_cat, weights, ctx.p, seed)
+            grad_weights = _table_grads(grad, x_cat, weights, ctx.p, seed, list(ctx.needs_input_grad[5:]),
+                                        _route_backward)
         grad_cont = grad[:, ctx.width:] if ctx.has_cont and ctx.needs_input_grad[4] else None
         return (None, None, None, None, grad_cont, *grad_weights)
 

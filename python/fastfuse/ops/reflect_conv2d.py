@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .. import _backends, _library, reference  # noqa: F401  (_library defines the schemas)
+from .. import _backends, _double_backward, _library, reference  # noqa: F401  (_library defines the schemas)
 
 _MAX_TAPS = 64  # csrc/reflect_conv2d.h kMaxTaps: larger kernels run on the reference
 
@@ -180,7 +180,12 @@ def _backward(ctx, grad):
     mask = [need[0], need[1], ctx.has_bias and need[2]]
     if not any(mask):
         return None, None, None, None, None, None, None
-    gi, gw, gb = torch.ops.fastfuse.reflect_conv2d_backward(grad, x, w, *ctx.args, mask)
+    if _double_backward.wanted():  # create_graph=True: differentiable gradients (see _double_backward)
+        b = w.new_zeros(w.shape[0]) if mask[2] else None  # the gradients do not depend on the bias's value
+        gi, gw, gb = _double_backward.grads(lambda x, w, b: reference.reflect_conv2d(x, w, b, *ctx.args), [x, w, b],
+                                            grad, mask)
+    else:
+        gi, gw, gb = torch.ops.fastfuse.reflect_conv2d_backward(grad, x, w, *ctx.args, mask)
     return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None
 
 
