@@ -42,7 +42,8 @@ void linear_forward(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight
     return;
   }
   at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
-    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    // worker threads inherit neither the caller's grad mode nor its inference mode (y may be an inference tensor)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c0 = i ? h : 0, n = i ? out - h : h;
       at::Tensor yi = y.narrow(1, c0, n);
@@ -82,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_backward_
   // GEMMs ran 3-8% faster here than one after the other on two threads. The split is fixed: the same bits every run.
   // (Only one of them: that one on all threads.)
   at::parallel_for(0, 2, need_gw && need_gx ? 1 : 2, [&](int64_t i0, int64_t i1) {
-    at::NoGradGuard no_grad;  // worker threads do not inherit the backward's grad mode; x and W require grad
+    // worker threads inherit neither the backward's grad mode (x and W require grad) nor an inference mode
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t i = i0; i < i1; ++i) {
       if (i == 0 && need_gw) at::mm_out(gw, gy.t(), x);
       if (i == 1 && need_gx) at::mm_out(gx, gy, weight);
