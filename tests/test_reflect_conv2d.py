@@ -203,6 +203,22 @@ def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last,
             assert torch.equal(bits(a), bits(b))
 
 
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_autocast_as_torch_conv(backend):
+    """Under torch.autocast the drop-in runs in the autocast dtype, as nn.Conv2d does; gradients reach the fp32
+    parameters in fp32."""
+    m = fastfuse.nn.ReflectConv2d(3, 4, 3, padding=1)
+    t = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    t.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 6, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastfuse.use_backend(backend):
+        y, y_ref = m(x), t(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, **TOL[torch.bfloat16])
+    y.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32 and m.bias.grad.dtype == torch.float32
+
+
 def test_unbatched_and_strided_inputs():
     m, x = _conv(CONFIGS[0])
     torch.testing.assert_close(fastfuse.reflect_conv2d(x[0], m.weight, m.bias, 1, 1), m(x[0]))
