@@ -3,6 +3,7 @@ children as one fastfuse.batch_norm call. Children, order and state_dict are exa
 fastai blocks (LinBnDrop, ConvLayer) keep their keys; anything else runs as usual."""
 import torch
 
+from ._hooks import hooked
 from .batch_norm import is_fused_bn
 from .dropout import Dropout
 
@@ -14,6 +15,10 @@ def _is_relu(m):
 
 
 def fused_forward(mods, x):
+    if hooked(mods):  # the children one by one, so that their hooks run (see _hooks)
+        for m in mods:
+            x = m(x)
+        return x
     i, n = 0, len(mods)
     while i < n:
         pre = None

@@ -1,10 +1,10 @@
 import torch
-from torch.nn.modules import module as _mm
 
 from .. import _backends
 from ..ops._bn_module import cpp_bn_args
 from .batch_norm import BatchNorm1d, is_fused_bn
 from .dropout import Dropout
+from ._hooks import hooked
 from .fused_sequential import FusedSequential
 
 _DROPOUTS = (torch.nn.Dropout, Dropout)
@@ -30,15 +30,6 @@ class LinBnDrop(FusedSequential):
     def forward(self, input):
         out = _fused_cpu(list(self), input)
         return super().forward(input) if out is None else out
-
-
-def _hooked(m):
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def _global_hooks():
-    return bool(_mm._global_forward_hooks or _mm._global_forward_pre_hooks or _mm._global_backward_hooks
-                or _mm._global_backward_pre_hooks)
 
 
 _FLOATS = (torch.float32, torch.float64)
@@ -79,7 +70,7 @@ def _fused_cpu(mods, x):
             p = drop.p
     if p >= 1 or x.shape[1] != weight.shape[1] or _backends.select(x) != "cpp":
         return None
-    if any(_hooked(m) for m in mods) or _global_hooks():
+    if hooked(mods):
         return None  # the children's own calls run their hooks
     bn_args = cpp_bn_args(bn, (x.shape[0], weight.shape[0]), x.dtype, bn.training, "relu" if pre else None)
     if bn_args is None:

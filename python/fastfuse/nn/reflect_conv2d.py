@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.reflect_conv2d import reflect_conv2d
+from ._hooks import hooked
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, is_fused_bn
 
 
@@ -127,6 +128,8 @@ class ConvLayer(nn.Sequential):
 
     def forward(self, x):
         mods = list(self)
+        if hooked(mods):  # the children one by one, so that their hooks run (see _hooks)
+            return super().forward(x)
         x = mods[0](x)
         i = 1
         while i < len(mods):

@@ -3,6 +3,7 @@ running as one fastfuse.embedding_concat_dropout call."""
 import torch
 
 from ..ops.embedding_concat_dropout import tensor_tables_forward
+from ._hooks import hooked
 
 
 def trunc_normal_(x: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
@@ -41,8 +42,18 @@ class TabularEmbedding(torch.nn.Module):
             raise ValueError(f"{type(self).__name__} has {self.n_cont} continuous columns: pass x_cont")
         if self.n_emb == 0:  # continuous columns only (x_cat may be (B, 0) or None)
             return self.bn_cont(x_cont) if self.bn_cont is not None else x_cont
+        if hooked([*self.embeds._modules.values(), self.emb_drop, self.bn_cont]):
+            return self._children_forward(x_cat, x_cont)  # so that their hooks run (see _hooks)
         return tensor_tables_forward(x_cat, self._tables(), self.emb_drop.p, self.training,
                                      x_cont if self.n_cont != 0 else None, self.bn_cont, True)
+
+    def _children_forward(self, x_cat, x_cont):
+        """fastai's TabularModel.forward up to the head, through the children's own calls (torch's dropout mask)."""
+        x = self.emb_drop(torch.cat([e(x_cat[:, i]) for i, e in enumerate(self.embeds)], 1))
+        if self.n_cont != 0:
+            x_cont = self.bn_cont(x_cont) if self.bn_cont is not None else x_cont
+            x = torch.cat([x, x_cont.to(x.dtype)], 1)
+        return x
 
     def _tables(self):
         # an Embedding's weight straight from its _parameters: 24 Module.__getattr__ calls cost ~20 us, as much as
