@@ -140,6 +140,32 @@ def _quiet_rounds(samples):
     return [r for r in range(rounds) if load[r] <= cut]
 
 
+# Memory: what a training step keeps from forward to backward. A fused op saves fewer tensors for its backward
+# (BN -> ReLU -> dropout keeps its input and output and a seed, not the intermediate results and a mask), so the
+# same model fits a bigger batch. Measured with saved-tensor hooks on one call, each storage counted once, leaf
+# tensors that require grad (parameters, the benchmark's input) left out: the same for every provider, and
+# deterministic, unlike timings. None where the hooks do not apply (compiled graphs may refuse them).
+SAVED_MODES = ("fwd+bwd", "step")
+
+
+def saved_mb(fn):
+    """MB of the distinct storages that autograd saves for backward during one call of fn."""
+    seen = {}
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    except Exception:  # noqa: BLE001  (torch.compile may reject the hooks; the timing is what matters there)
+        return None
+    return sum(seen.values()) / 2 ** 20
+
+
 def _commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -183,6 +209,8 @@ def run(cases, device: str, progress: bool = True):
                 bar.update(len(case_jobs))
     if bar:
         bar.close()
+    saved = {(id(c), p, m): saved_mb(fn) for c in cases for p, modes in c.providers.items()
+             for m, fn in modes.items() if m in SAVED_MODES}
     for case in cases:
         key = id(case)
         copy_gbps = case.bytes_fwd / timed[(key, "copy_", "fwd")][0] / 1e6
@@ -198,20 +226,20 @@ def run(cases, device: str, progress: bool = True):
                                  pct_copy=100 * gbps / copy_gbps,
                                  speedup_eager=ref("eager") / p50 if ref("eager") else None,
                                  speedup_compile=ref("compile") / p50 if ref("compile") else None,
-                                 copy_gbps=copy_gbps, **meta))
+                                 copy_gbps=copy_gbps, saved_mb=saved.get((key, prov, mode)), **meta))
     return rows
 
 
 def print_table(rows):
     fmt = lambda v, f: format("-" if v is None else v, f if v is not None else ">" + f.split(".")[0])  # noqa: E731
     head = f"{'op':10} {'shape':14} {'dtype':9} {'provider':10} {'mode':8} {'ms':>9} {'GB/s':>7} {'%copy':>6} " \
-           f"{'vs eager':>8} {'vs compile':>10}"
+           f"{'vs eager':>8} {'vs compile':>10} {'saved MB':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['op']:10} {r['shape']:14} {r['dtype']:9} {r['provider']:10} {r['mode']:8} "
               f"{r['ms_p50']:9.3f} {r['gbps']:7.1f} {r['pct_copy']:6.1f} {fmt(r['speedup_eager'], '8.2f')} "
-              f"{fmt(r['speedup_compile'], '10.2f')}")
+              f"{fmt(r['speedup_compile'], '10.2f')} {fmt(r.get('saved_mb'), '8.2f')}")
     if rows:
         r = rows[0]
         print(f"device: {r['device_name']}, torch {r['torch']}, triton {r['triton']}, fastfuse {r['fastfuse']}, "
