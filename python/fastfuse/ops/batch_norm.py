@@ -11,7 +11,8 @@ import types
 
 import torch
 
-from .. import _backends, _double_backward, _layout, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
+# _library defines the schemas
+from .. import _backends, _double_backward, _layout, _library, _rng, reference  # noqa: F401
 
 
 def _cuda(name):
