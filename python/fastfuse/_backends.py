@@ -82,8 +82,8 @@ def use_backend(name: str):
 
 def select(x: torch.Tensor) -> str:
     """The backend for an op whose main input is x; raises if that backend cannot take x's device."""
-    name = _override() or ("cpp" if x.device.type == "cpu" else DEFAULT_CUDA)
     dev = x.device.type
+    name = _override() or ("cpp" if dev == "cpu" else DEFAULT_CUDA)
     if name == "cpp" and dev != "cpu":
         raise RuntimeError(f"fastfuse backend 'cpp' runs CPU tensors, got a {dev} tensor; use 'cuda' or 'triton'")
     if name == "cuda" and dev != "cuda":

@@ -35,7 +35,7 @@ def _kernels(backend):
 def _one_read(x):
     """The cpp backend's one-read training kernels (bn_train_planes*) take non-empty contiguous (N, C, *) tensors
     with planes of more than one element: they reduce and apply a channel while it is still in cache."""
-    return x.dim() > 2 and x.is_contiguous() and x.numel() > 0 and x[0, 0].numel() > 1
+    return x.dim() > 2 and x.is_contiguous() and x.numel() > x.shape[0] * x.shape[1]  # (x[0, 0], a view: ~10 us)
 
 
 def _train_planes(x, weight, bias, residual, eps, pre_relu, post_relu, p, seed):
