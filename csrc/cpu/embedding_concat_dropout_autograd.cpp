@@ -49,10 +49,9 @@ struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
 
   // create_graph=True (cpu/double_backward.h): [drop(tables' rows) | bn(cont)] again in ATen ops; the BN bias only
   // shifts the output, so zeros stand in for it. Codes outside a table (check_index=False) give zero rows.
-  static variable_list reference_grads(AutogradContext* ctx, const at::Tensor& grad,
+  static variable_list reference_grads(AutogradContext* ctx, const at::Tensor& grad, const variable_list& saved,
                                        const std::vector<at::Tensor>& weights, const BnParamGrads& bn,
                                        bool need_tables, bool need_gi) {
-    const auto saved = ctx->get_saved_variables();
     const at::Tensor &x_cat = saved[0], &mean = saved[3], &var = saved[4];
     const int64_t T = static_cast<int64_t>(weights.size()), B = x_cat.size(0);
     int64_t D = 0;
@@ -98,7 +97,7 @@ struct EcdBnFunction : torch::autograd::Function<EcdBnFunction> {
     for (int64_t t = 0; t < T; ++t) need_tables = need_tables || ctx->needs_input_grad(bn.next_edge + t);
     variable_list res(4 + T + 1);  // x_cat, cont, bn_weight, bn_bias, tables, args
     if (!grads[0].defined()) return res;  // the output was not used
-    if (double_backward_wanted()) return reference_grads(ctx, grads[0], weights, bn, need_tables, need_gi);
+    if (double_backward_wanted()) return reference_grads(ctx, grads[0], saved, weights, bn, need_tables, need_gi);
     const auto g = embedding_concat_dropout_bn_backward_cpu(
         grads[0], x_cat, weights, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),
         ctx->saved_data["offset"].toInt(), cont, bn.has_w ? OptTensor(w) : OptTensor(), mean, var,
