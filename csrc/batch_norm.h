@@ -25,6 +25,13 @@ inline bool bn_channels_inner(const at::Tensor& x) {
   return x.permute(perm).is_contiguous();
 }
 
+// _layout.channel_dense: the layouts the per-channel kernels take; x itself when contiguous or channels-inner, else
+// a contiguous copy
+inline at::Tensor bn_channel_dense(const at::Tensor& x) {
+  if (x.is_contiguous() || x.dim() < 3) return x.contiguous();
+  return bn_channels_inner(x) ? x : x.contiguous();
+}
+
 // The dtype of the statistics and per-channel vectors: double for double input, float otherwise.
 inline at::ScalarType bn_acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

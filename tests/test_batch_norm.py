@@ -418,3 +418,57 @@ def test_rows_backward_route_matches_two_pass(monkeypatch, dtype, shape, combo):
         else:
             assert torch.equal(bits(a), bits(e))
     assert torch.equal(results["cpp"][0] == 0, results["primitives"][0] == 0)  # the same dropout masks
+
+
+NODE_COMBOS = [dict(), dict(pre_act="relu", dropout_p=0.3), dict(residual=True, post_act="relu", dropout_p=0.2)]
+
+
+def _module_steps(m, x, combo, module_path):
+    """Two training steps and one eval step of BatchNorm module m on x, through the module's call (module_path) or
+    through module_batch_norm (fastfuse.batch_norm, the registered op's path): outputs, every gradient, buffers."""
+    from fastfuse.ops.batch_norm import module_batch_norm
+    kw = {k: v for k, v in combo.items() if k != "residual"}
+    got = []
+    for step, training in enumerate((True, True, False)):
+        m.train(training)
+        xi = (x + step).requires_grad_()
+        ins = [xi] + ([m.weight, m.bias] if m.affine else [])
+        res = None
+        if combo.get("residual"):
+            res = (x * 0.5 - step).requires_grad_()
+            ins.append(res)
+        torch.manual_seed(11 + step)
+        y = m(xi, residual=res, **kw) if module_path else module_batch_norm(m, xi, training, residual=res, **kw)
+        if module_path and training:  # the path under test: one C++ node, not the op's autograd.Function
+            assert "BnModuleFunction" in y.grad_fn.name()
+        got += [y, *torch.autograd.grad(y, ins, torch.cos(y))]
+    return got + [t.clone() for t in m.buffers()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind,shape,cl", LAYOUTS)
+@pytest.mark.parametrize("combo", NODE_COMBOS, ids=str)
+def test_module_node_gives_the_op_paths_bits(kind, shape, cl, dtype, combo):
+    """The modules' eager CPU path (fastfuse_C::bn_module: the kernels, dropout masks and running-statistics ops of
+    fastfuse.batch_norm in one C++ autograd node) gives exactly the bits of fastfuse.batch_norm, the path that
+    torch.compile traces: outputs, gradients, running statistics, on the planes, channels-inner and rows routes."""
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32  # bf16 input: float32 module, as under autocast
+    m = getattr(fastfuse.nn, KINDS[kind])(shape[1]).to(pdt)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    twin = getattr(fastfuse.nn, KINDS[kind])(shape[1]).to(pdt)
+    twin.load_state_dict(m.state_dict())
+    x = _input(shape, cl, dtype)
+    for a, e in zip(_module_steps(m, x, combo, True), _module_steps(twin, x, combo, False)):
+        assert a.stride() == e.stride() and torch.equal(bits(a), bits(e))
+
+
+@pytest.mark.parametrize("kw", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False)], ids=str)
+@pytest.mark.parametrize("cl", [False, True])
+def test_module_node_options_give_the_op_paths_bits(kw, cl):
+    m = fastfuse.nn.BatchNorm2d(5, **kw)
+    twin = fastfuse.nn.BatchNorm2d(5, **kw)
+    x = _input((3, 5, 4, 6), cl, torch.float32)
+    combo = NODE_COMBOS[2]
+    for a, e in zip(_module_steps(m, x, combo, True), _module_steps(twin, x, combo, False)):
+        assert torch.equal(bits(a), bits(e))

@@ -23,12 +23,6 @@ at::Tensor like_strides(const at::Tensor& t, const at::Tensor& x) {
   return at::empty_strided(t.sizes(), x.strides(), t.options()).copy_(t);
 }
 
-// _layout.channel_dense: contiguous or channels-inner, else a contiguous copy
-at::Tensor channel_dense(const at::Tensor& x) {
-  if (x.is_contiguous() || x.dim() < 3) return x.contiguous();
-  return bn_channels_inner(x) ? x : x.contiguous();
-}
-
 // The per-channel vectors of both directions, computed as the ATen expressions in the comments compute them on
 // CPU: a scalar operand is first rounded to the tensor's dtype, rsqrt is 1 / sqrt (correctly rounded, as
 // ATen's vectorised rsqrt divides by sqrt), and no step is fused (no multiply-add pattern to contract).
@@ -87,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_cpu(
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     const c10::optional<at::Tensor>& residual, bool training, double eps, bool pre_relu, bool post_relu, double p,
     int64_t seed, int64_t offset) {
-  const at::Tensor x = channel_dense(x_in);
+  const at::Tensor x = bn_channel_dense(x_in);
   const auto acc = bn_acc_type(x);
   const int64_t C = x.size(1);
   at::Tensor mean, var;
@@ -111,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& out_in, bool training,
     double eps, bool pre_relu, bool post_relu, double p, int64_t seed, int64_t offset, bool need_gi, bool need_gw,
     bool need_gb, bool need_gr) {
-  const at::Tensor x = channel_dense(x_in);
+  const at::Tensor x = bn_channel_dense(x_in);
   const at::Tensor grad_out = like_strides(grad_out_in, x);
   c10::optional<at::Tensor> out;
   if (out_in.has_value() && out_in->defined()) out = like_strides(*out_in, x);

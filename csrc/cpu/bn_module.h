@@ -16,26 +16,29 @@ using OptTensor = c10::optional<at::Tensor>;
 // p, seed, offset) -> (out, mean, var)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bn_forward(
     const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
-    const OptTensor& running_var, bool training, double eps, bool pre_relu, double p, int64_t seed, int64_t offset) {
+    const OptTensor& running_var, bool training, double eps, bool pre_relu, double p, int64_t seed, int64_t offset,
+    const OptTensor& residual = c10::nullopt, bool post_relu = false) {
   using Fn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, const OptTensor&,
                                                               const OptTensor&, const OptTensor&, const OptTensor&,
                                                               bool, double, bool, bool, double, int64_t, int64_t);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastfuse_C::bn_forward", "").typed<Fn>();
-  return op.call(x, weight, bias, running_mean, running_var, c10::nullopt, training, eps, pre_relu, false, p, seed,
+  return op.call(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu, post_relu, p, seed,
                  offset);
 }
 
-// fastfuse_C::bn_backward(...) -> (grad_input, grad_weight, grad_bias, grad_residual); no post-ReLU, no residual
+// fastfuse_C::bn_backward(...) -> (grad_input, grad_weight, grad_bias, grad_residual); out: the forward's output,
+// needed with a post-ReLU only
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bn_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const OptTensor& weight, const at::Tensor& mean,
     const at::Tensor& var, bool training, double eps, bool pre_relu, double p, int64_t seed, int64_t offset,
-    bool need_gi, bool need_gw, bool need_gb) {
+    bool need_gi, bool need_gw, bool need_gb, const OptTensor& out = c10::nullopt, bool post_relu = false,
+    bool need_gr = false) {
   using Fn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
       bool, double, bool, bool, double, int64_t, int64_t, bool, bool, bool, bool);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastfuse_C::bn_backward", "").typed<Fn>();
-  return op.call(grad_out, x, weight, mean, var, c10::nullopt, training, eps, pre_relu, false, p, seed, offset,
-                 need_gi, need_gw, need_gb, false);
+  return op.call(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, offset, need_gi,
+                 need_gw, need_gb, need_gr);
 }
 
 // batch_norm()'s running-statistics update (python/fastfuse/ops/batch_norm.py), op for op. n: values per channel.
@@ -57,5 +60,22 @@ inline void update_running_stats(const at::Tensor& running_mean, const at::Tenso
     running_var.lerp_(unbiased, factor);
   }
 }
+
+// fastfuse_C::bn_module (cpu/bn_module_kernel.cpp): a BatchNorm module's whole forward on CPU, with the neighbours
+// fastfuse.batch_norm fuses (pre-ReLU, residual, post-ReLU, dropout), in one call: the kernels that
+// ops/batch_norm.py's _forward picks for the cpp backend, then the running statistics as batch_norm() updates them.
+// (out, mean, var). Its C++ autograd node is cpu/bn_module_autograd.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_module_cpu(
+    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& num_batches_tracked, const OptTensor& residual, bool batch_stats,
+    bool update, c10::optional<double> momentum, double eps, bool pre_relu, bool post_relu, double p, int64_t seed,
+    int64_t offset);
+
+// Its backward, the kernels ops/batch_norm.py's _backward picks: (grad_input, grad_weight, grad_bias,
+// grad_residual), each undefined or empty where not asked for. out: the forward's output (post-ReLU only).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_module_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const OptTensor& weight, const at::Tensor& mean,
+    const at::Tensor& var, const OptTensor& out, bool batch_stats, double eps, bool pre_relu, bool post_relu,
+    double p, int64_t seed, int64_t offset, bool need_gi, bool need_gw, bool need_gb, bool need_gr);
 
 }  // namespace fastfuse
