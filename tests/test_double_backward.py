@@ -64,6 +64,26 @@ def test_lin_bn_drop_cpp_node(training):
 
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,cl", [((5, 3, 2, 3), False), ((5, 3, 2, 3), True), ((9, 3), False)], ids=str)
+@pytest.mark.parametrize("combo", [dict(pre_act="relu", dropout_p=0.3), dict(post_act="relu", dropout_p=0.2)],
+                         ids=str)
+def test_batch_norm_module_cpp_node(training, shape, cl, combo):
+    """The BatchNorm modules' C++ node (fastfuse_C::bn_module) on the planes, channels-inner and rows routes."""
+    kind = fastfuse.nn.BatchNorm2d if len(shape) == 4 else fastfuse.nn.BatchNorm1d
+    m = kind(3).double().train(training)
+    x = torch.randn(shape, dtype=f64) + 0.5
+    x = (x.to(memory_format=torch.channels_last) if cl else x).requires_grad_()
+    res = torch.randn_like(x).requires_grad_()
+
+    def f(x, w, b, r):
+        m.reset_running_stats()
+        return torch.func.functional_call(m, {"weight": w, "bias": b}, (x,), dict(residual=r, **combo))
+    assert "BnModule" in _fixed_rng(f)(x, m.weight, m.bias, res).grad_fn.name()
+    assert torch.autograd.gradgradcheck(_fixed_rng(f), (x, m.weight, m.bias, res))
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
 def test_tabular_embedding_cpp_node():
     m = fastfuse.nn.TabularEmbedding([(4, 3), (3, 2)], 3, embed_p=0.3).double()
     x = torch.stack([torch.randint(0, 4, (9,)), torch.randint(0, 3, (9,))], 1)
