@@ -7,18 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import fastfuse
-from fastfuse.bench import Case
+from fastfuse.bench import StepCase
 from fastfuse.models import EagerTabularModel, TabularModel
 from fastfuse.models.synthetic import rossmann_batch, rossmann_model
 
 OP = "tab_step"
 # (device, batch) -> (min speedup vs eager, min speedup vs compile or None)
 TARGETS = {("cpu", 512): (1.25, None), ("cpu", 64): (1.5, None), ("cuda", 4096): (2.0, 1.2)}
-
-
-class StepCase(Case):
-    def bytes(self, mode):  # a step has no meaningful byte count: report parameter bytes
-        return self.bytes_fwd
 
 
 def _step_fn(model, x_cat, x_cont, y, forward=None):

@@ -27,6 +27,13 @@ class Case:
         return {"fwd": self.bytes_fwd, "bwd": self.bytes_bwd, "fwd+bwd": self.bytes_fwd + self.bytes_bwd}[mode]
 
 
+class StepCase(Case):
+    """A whole training step (mode "step"), which moves no meaningful byte count: reports parameter bytes."""
+
+    def bytes(self, mode):
+        return self.bytes_fwd
+
+
 def autograd_modes(fn, x, grad):
     """{"fwd", "bwd", "fwd+bwd"} zero-arg callables timing fn on x (bwd re-runs backward on one graph)."""
     xr = x.detach().requires_grad_()
