@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastfuse
-from fastfuse.bench import StepCase
+from fastfuse.bench import StepCase, sgd_step
 
 OP = "cnn_step"
 
@@ -38,17 +38,7 @@ def small_resnet(n_classes=10):
 
 
 def _step(model, x, y, forward=None):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    forward = model if forward is None else forward
-
-    def step():
-        loss = F.cross_entropy(forward(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return {"step": step}
+    return sgd_step(model, (x,), lambda out: F.cross_entropy(out, y), 1e-3, forward)
 
 
 def cases(device, quick):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastfuse
-from fastfuse.bench import StepCase
+from fastfuse.bench import StepCase, sgd_step
 from fastfuse.models import EagerTabularModel, TabularModel
 from fastfuse.models.synthetic import rossmann_batch, rossmann_model
 
@@ -17,17 +17,7 @@ TARGETS = {("cpu", 512): (1.25, None), ("cpu", 64): (1.5, None), ("cuda", 4096):
 
 
 def _step_fn(model, x_cat, x_cont, y, forward=None):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    forward = model if forward is None else forward
-
-    def step():
-        loss = F.mse_loss(forward(x_cat, x_cont), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return {"step": step}
+    return sgd_step(model, (x_cat, x_cont), lambda out: F.mse_loss(out, y), 1e-4, forward)
 
 
 def cases(device, quick):

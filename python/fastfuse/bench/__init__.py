@@ -34,6 +34,22 @@ class StepCase(Case):
         return self.bytes_fwd
 
 
+def sgd_step(model, args, loss, lr, forward=None):
+    """{"step": callable}: one training step of model: forward(*args) (forward: model, or a compiled model),
+    loss(output), backward, an SGD step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    forward = model if forward is None else forward
+
+    def step():
+        value = loss(forward(*args))
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        return value
+
+    return {"step": step}
+
+
 def autograd_modes(fn, x, grad):
     """{"fwd", "bwd", "fwd+bwd"} zero-arg callables timing fn on x (bwd re-runs backward on one graph)."""
     xr = x.detach().requires_grad_()
