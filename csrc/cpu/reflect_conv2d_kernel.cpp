@@ -23,9 +23,20 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 // the pixels; stride-2 28x28 and 14x14 inputs). (a) was not faster than "fold" (fewer MACs) on any of them.
 // (c) at 56x56 stride 1 ran 1.11x the zero-padded conv on a quiet machine against (b)'s 1.04-1.08x (but 0.93x
 // in a benchmark run with the cores shared, where (b) ran 1.12x in another: one parallel region against two).
+//
+// Three input channels (an RGB image) are oneDNN's slow case here: its zero-padded 7x7 stride-2 stem ran at ~90
+// GFLOP/s and a 3x3 stride-1 convolution at ~26, while its unpadded convolution and MKL's GEMM ran far faster. So
+// the stem takes (c) (its block's input starts one pixel in, a cheap copy at 3 channels): 0.62-0.69x the
+// zero-padded conv against (b)'s 1.01-1.02x, (16, 3, 224, 224) -> 64; and 3x3 stride 1 takes "fold": 0.60x and
+// 0.87x against (b)'s 1.00x and 1.10x, (16, 3, 224, 224) -> 64 and -> 32. (Other small-channel shapes measured
+// no such rule: one input channel, 5x5 kernels and 3x3 stride 2 each had another best design, or (b).)
 int pick_forward(const Geom& g, int64_t algo) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
+  if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
+    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return kSplit;
+    if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
+  }
   const double share = rconv::correction_share(g);
   if (g.Cg * g.KH * g.KW < 32 || share < 0.03) return kFrame;
   if (share <= 0.12 && g.ph % g.sh == 0 && g.pw % g.sw == 0) return kSplit;

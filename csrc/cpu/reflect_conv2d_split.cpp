@@ -45,17 +45,23 @@ std::vector<AxisRun> axis_runs(int64_t out, int64_t in, int64_t k, int64_t s, in
   return runs;
 }
 
-// The outputs [b0, b1) along one axis that a convolution without padding of the whole input gives (output o
-// reads o*s - p + t*d = o'*s + t*d with o' = o - p/s): only where s divides p; else none. (Narrowing the input
-// to start the block elsewhere makes oneDNN copy it, and ran slower than the other designs at stride 2.)
-std::pair<int64_t, int64_t> block_range(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
-  const int64_t span = d * (k - 1) + 1;
-  if (p % s != 0 || in < span) return {0, 0};
-  return {p / s, p / s + (in - span) / s + 1};
+// The outputs [b0, b1) along one axis that a convolution without padding gives, and the input offset i0 it starts
+// at: output o reads o*s - p + t*d = (o - b0)*s + i0 + t*d from the first o whose window starts inside the input.
+// Where s divides p, i0 = 0 and the convolution reads x in place; else it reads x narrowed by i0, which oneDNN
+// copies first: slower than the other designs at ResNet's stride-2 3x3 shapes (README), but cheap for a
+// 3-channel stem.
+struct BlockRange {
+  int64_t b0 = 0, b1 = 0, i0 = 0;
+};
+BlockRange block_range(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+  const int64_t span = d * (k - 1) + 1, b0 = (p + s - 1) / s, i0 = b0 * s - p;
+  if (in - i0 < span) return {};
+  return {b0, b0 + (in - i0 - span) / s + 1, i0};
 }
 
 struct SplitPlan {
   int64_t r0 = 0, r1 = 0, c0 = 0, c1 = 0;  // the convolution's block of the output; empty: no convolution
+  int64_t ri = 0, ci = 0;                  // where in x its input starts (row, column)
   std::vector<Region> regions;             // the rest; taps = one representative per folded class
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> folds;  // per region tap: (kh mask, kw mask) summed
   bool has_block() const { return r1 > r0 && c1 > c0; }
@@ -64,9 +70,10 @@ struct SplitPlan {
 SplitPlan split_plan(const Geom& g, bool use_block) {
   SplitPlan sp;
   if (use_block) {
-    std::tie(sp.r0, sp.r1) = block_range(g.H, g.KH, g.sh, g.ph, g.dh);
-    std::tie(sp.c0, sp.c1) = block_range(g.W, g.KW, g.sw, g.pw, g.dw);
-    if (!sp.has_block()) sp.r0 = sp.r1 = sp.c0 = sp.c1 = 0;
+    const BlockRange r = block_range(g.H, g.KH, g.sh, g.ph, g.dh);
+    const BlockRange c = block_range(g.W, g.KW, g.sw, g.pw, g.dw);
+    sp.r0 = r.b0, sp.r1 = r.b1, sp.ri = r.i0, sp.c0 = c.b0, sp.c1 = c.b1, sp.ci = c.i0;
+    if (!sp.has_block()) sp.r0 = sp.r1 = sp.c0 = sp.c1 = sp.ri = sp.ci = 0;
   }
   const auto rows = axis_runs(g.OH, g.H, g.KH, g.sh, g.ph, g.dh, sp.r0, sp.r1);
   const auto cols = axis_runs(g.OW, g.W, g.KW, g.sw, g.pw, g.dw, sp.c0, sp.c1);
@@ -291,8 +298,9 @@ at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::op
         [&](Scratch& sc, int64_t i) {
           if (i < chunks) {  // the largest tasks first
             const int64_t n0 = i * g.N / chunks, n = (i + 1) * g.N / chunks - n0;
-            inner.narrow(0, n0, n).copy_(
-                at::convolution(x.narrow(0, n0, n), w, bias, stride, {0, 0}, dilation, false, {0, 0}, g.G));
+            inner.narrow(0, n0, n).copy_(at::convolution(x.narrow(0, n0, n).narrow(2, sp.ri, g.H - sp.ri)
+                                                             .narrow(3, sp.ci, g.W - sp.ci),
+                                                         w, bias, stride, {0, 0}, dilation, false, {0, 0}, g.G));
             return;
           }
           const GroupTask& tk = tasks[i - chunks];
