@@ -17,7 +17,7 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 
 // algo 0 picks by shape alone (so the bits never depend on the run or the thread count). Measured on
 // ResNet-34's shapes (README): (b) where its correction adds under 3% to the multiply-adds (56x56 stride 1,
-// both 56x56 inputs, the stem) or the GEMM rows would be short (Cg*KH*KW < 32); (c) up to 12% where the
+// both 56x56 inputs) or the GEMM rows would be short (Cg*KH*KW < 32); (c) up to 12% where the
 // stride divides the padding (28x28 and 14x14 stride 1: the valid conv runs at oneDNN's speed, only the
 // frame at MKL's); past that, or at stride 2, the folded GEMM everywhere (7x7 outputs, where the frame is half
 // the pixels; stride-2 28x28 and 14x14 inputs). (a) was not faster than "fold" (fewer MACs) on any of them.
