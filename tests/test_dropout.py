@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastfuse
-from fastfuse import reference
+from fastfuse import _rng, reference
 
 from conftest import CPP, CPU_BACKENDS, bits
 
@@ -54,7 +54,8 @@ def test_saved_tensors_are_o1():
 
     x = torch.randn(64, 1024, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fastfuse.dropout(x, 0.5).sum().backward()
+        fastfuse.dropout(x, 0.5).sum().backward()  # the eager C++ node keeps the seed as two numbers: no tensor
+        torch.ops.fastfuse.dropout(x, 0.5, torch.tensor([1, 2])).sum().backward()  # the registered op: a seed
     assert sizes and max(sizes) <= 2, sizes
     sizes.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -151,6 +152,14 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: torch.ops.fastfuse.dropout(t, 0.4, seed), (x,))
     assert torch.autograd.gradgradcheck(lambda t: torch.ops.fastfuse.dropout(t, 0.4, seed), (x,))
 
+    def eager(t):  # the eager C++ node (fastfuse_C::dropout_module), the same mask on every call
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            return fastfuse.dropout(t, 0.4)
+    assert "DropoutFunction" in eager(x).grad_fn.name()
+    assert torch.autograd.gradcheck(eager, (x,))
+    assert torch.autograd.gradgradcheck(eager, (x,))
+
 
 @pytest.mark.parametrize("args", [((5, 7), torch.float32, 0.5), ((2, 3, 4, 4), torch.float64, 0.2),
                                   ((0, 4), torch.float32, 0.5), ((9,), torch.bfloat16, 0.7)])
@@ -178,3 +187,25 @@ def test_fuse_swaps_dropout_and_keeps_weights():
     fastfuse.fuse(model)
     assert type(model[1]) is fastfuse.nn.Dropout and model[1].p == 0.1
     assert type(model[2][0]) is fastfuse.nn.Dropout and torch.equal(model[0].weight, w)
+
+
+@pytest.mark.parametrize("shape,cl", [((64, 100), False), ((2, 3, 5, 7), True), ((6, 10), "t"), ((6, 10), "strided")],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_eager_cpu_node_gives_the_op_paths_bits(shape, cl, dtype):
+    """fastfuse.dropout on CPU in eager mode runs one C++ node (fastfuse_C::dropout_module); it must give the bits of
+    the registered op that torch.compile traces: the seed it draws, the mask, the output and the gradient, whatever
+    the layouts of the input and of the incoming gradient."""
+    x = torch.randn(shape, dtype=dtype)
+    layouts = {True: lambda: x.to(memory_format=torch.channels_last), "t": x.t, "strided": lambda: x[:, ::2]}
+    x = layouts.get(cl, lambda: x)()
+    g = torch.randn(x.shape, dtype=dtype)
+    got = []
+    for eager in (True, False):
+        xr = x.detach().clone().requires_grad_()
+        torch.manual_seed(3)
+        y = fastfuse.dropout(xr, 0.3) if eager else torch.ops.fastfuse.dropout(xr, 0.3, _rng.new_seed())
+        assert ("DropoutFunction" in y.grad_fn.name()) == eager
+        got.append((y, *torch.autograd.grad(y, xr, g)))
+    for a, e in zip(*got):
+        assert a.stride() == e.stride() and torch.equal(bits(a), bits(e))

@@ -4,7 +4,7 @@ Path of a call: dropout() -> torch.ops.fastfuse.dropout -> _route() -> the backe
 backward -> torch.ops.fastfuse.dropout_backward -> the same kernel on the gradient (same seed, same mask)."""
 import torch
 
-from .. import _backends, _layout, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
+from .. import _backends, _extension, _layout, _library, _rng, reference  # noqa: F401  (_library: the schemas)
 
 
 def _run_cpp(x, p, key, offset):
@@ -58,6 +58,14 @@ for _name in ("fastfuse::dropout", "fastfuse::dropout_backward"):
     torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
 
 
+def _eager_cpp(x, p):
+    """Eager, a CPU tensor on the cpp backend, p < 1 (p == 1 is x * 0): fastfuse_C::dropout_module, the same kernel,
+    seed and mask in one C++ autograd node (csrc/cpu/dropout_autograd.cpp). Through the registered op's generated
+    autograd the Python cost ~120 us per forward+backward, which made small layers slower than torch's dropout."""
+    return (type(x) is torch.Tensor and x.is_cpu and p < 1 and not torch.compiler.is_compiling()
+            and _backends._override() in (None, "cpp") and _extension.available())
+
+
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """Drop-in for torch.nn.functional.dropout: zeroes each element with probability p and scales survivors
     by 1/(1-p). The mask is Philox(seed, i) over the tensor's memory order, the same on every backend and
@@ -69,6 +77,9 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
         raise TypeError(f"dropout(): expected a floating-point tensor, got {input.dtype}")
     if not training or p == 0 or input.numel() == 0:
         return input
-    out = torch.ops.fastfuse.dropout(input, p, _rng.new_seed())
+    if _eager_cpp(input, p):
+        out = torch.ops.fastfuse_C.dropout_module(input, p)  # draws the seed as _rng.new_seed() would
+    else:
+        out = torch.ops.fastfuse.dropout(input, p, _rng.new_seed())
     # In place keeps torch's semantics (the input holds the result); it does not save memory.
     return input.copy_(out) if inplace else out
