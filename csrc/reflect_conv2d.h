@@ -309,10 +309,19 @@ inline double correction_share(const Geom& g) {
 // oneDNN's backward is slower than MKL GEMMs on an im2col here, so (a) wins wherever the im2col rows are long
 // enough (Cg*KH*KW >= 256) except where (b)'s correction is tiny (<= 3%, the 56x56 stride-1 case), and (b)
 // keeps the stem (3 input channels: K = 147 makes poor GEMMs).
-inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward) {
+// Beyond ResNet-34's batch-16 channels_last shapes (measured below 1.0x of oneDNN there), (a)'s im2col gathers
+// decide: in NCHW every gathered element is a strided read, and (a) ran 1.1-4.4x (b)'s time at stride 1 on 16x16
+// to 32x32 planes ((4-16, 32-128, H, H) inputs) but 0.6-0.7x on 8x8 planes; in channels_last, K = Cg*KH*KW = 288 lost
+// to (b) (0.91-0.97 against 0.75-0.83 of the zero-padded fwd+bwd) while K >= 576 mostly won. channels_last: the
+// input's layout as the convolution takes it (conv_format).
+inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last = true) {
   if (algo != 0) return algo == 2;
   if (!cpu || !backward) return false;
-  return g.Cg * g.KH * g.KW >= 256 && (correction_share(g) > 0.03 || g.sh * g.sw > 1);
+  const int64_t K = g.Cg * g.KH * g.KW;
+  if (K < 256) return false;
+  if (g.sh * g.sw > 1) return channels_last || K >= 512;
+  if (correction_share(g) <= 0.03) return false;
+  return channels_last ? K >= 512 : g.OH * g.OW <= 64;
 }
 
 }  // namespace rconv

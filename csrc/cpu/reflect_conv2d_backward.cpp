@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                                             int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const bool gemm = rconv::pick_gemm(g, algo, true, true);
+  const bool gemm = rconv::pick_gemm(g, algo, true, true, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);
   const auto acc = rconv::acc_type(x.scalar_type());
   at::Tensor gi, gw, gb;
   if (gemm) {

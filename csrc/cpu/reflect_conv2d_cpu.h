@@ -33,6 +33,8 @@ using rconv::reflect;
 using rconv::Region;
 
 constexpr int64_t kTaskRows = 512;
+// Images per task of (c)'s convolution (see forward_split)
+constexpr int64_t kConvImages = 8;
 // Gathered elements per task / chunk at most (4 MB of fp32): keeps (a)'s im2col, whose rows are Cg*KH*KW
 // long, about cache-sized.
 constexpr int64_t kTaskElems = int64_t(1) << 20;

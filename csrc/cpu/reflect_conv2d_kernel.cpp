@@ -30,7 +30,12 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 // zero-padded conv against (b)'s 1.01-1.02x, (16, 3, 224, 224) -> 64; and 3x3 stride 1 takes "fold": 0.60x and
 // 0.87x against (b)'s 1.00x and 1.10x, (16, 3, 224, 224) -> 64 and -> 32. (Other small-channel shapes measured
 // no such rule: one input channel, 5x5 kernels and 3x3 stride 2 each had another best design, or (b).)
-int pick_forward(const Geom& g, int64_t algo) {
+//
+// Small batches and NCHW (measured on (4-16, 16-128, H, H) inputs, 3x3): (c) runs its convolution in chunks of
+// kConvImages images, one thread each, so with one chunk (N <= 8) the other thread idles: 1.7-1.9x the zero-padded
+// conv against (b)'s 1.2-1.5x; those take (b). In NCHW, (b)'s correction gathers with strided reads and (c) won
+// wherever it had two chunks (0.50-1.22x against (b)'s 1.14-2.08x), so NCHW takes (c) there even below 3%.
+int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
   if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
@@ -38,8 +43,11 @@ int pick_forward(const Geom& g, int64_t algo) {
     if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
   }
   const double share = rconv::correction_share(g);
-  if (g.Cg * g.KH * g.KW < 32 || share < 0.03) return kFrame;
-  if (share <= 0.12 && g.ph % g.sh == 0 && g.pw % g.sw == 0) return kSplit;
+  const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0, chunks = g.N > rconv_cpu::kConvImages;
+  if (g.Cg * g.KH * g.KW < 32) return kFrame;
+  if (!channels_last && divides && chunks && share <= 0.12) return kSplit;
+  if (share < 0.03) return kFrame;
+  if (share <= 0.12 && divides) return chunks ? kSplit : kFrame;
   return kFold;
 }
 
@@ -47,7 +55,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const int design = pick_forward(g, algo);
+  const int design = pick_forward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);
   if (design >= kSplit) return rconv_cpu::forward_split(x, w, bias, g, stride, dilation, design == kSplit);
   if (design == kGemm) return rconv_cpu::forward_gemm(x, w, bias, g);
   return rconv_cpu::forward_frame(x, w, bias, g, stride, padding, dilation, groups);

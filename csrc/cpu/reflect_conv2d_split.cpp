@@ -210,9 +210,6 @@ std::vector<std::vector<int>> tap_groups(const SplitPlan& sp) {
   return groups;
 }
 
-// Images per task of (c)'s convolution (see forward_split).
-constexpr int64_t kConvImages = 8;
-
 struct GroupTask {
   int64_t group, q0, q1;  // rows [q0, q1) of the group's regions' GEMM rows, one region after the other
 };
