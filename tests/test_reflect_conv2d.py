@@ -149,6 +149,25 @@ def test_gradcheck_float64(cfg, algo, monkeypatch):
     # create_graph=True: through the reference (_double_backward)
     assert torch.autograd.gradgradcheck(lambda x, w, b: fastfuse.reflect_conv2d(x, w, b, s, p, d, g), (x, w, b),
                                         fast_mode=True)
+    # the registered op's own autograd (what torch.compile traces; eager CPU calls run the C++ node above)
+    op = lambda x, w, b: torch.ops.fastfuse.reflect_conv2d(x, w, b, [s, s], [p, p], [d, d], g)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(op, (x, w, b), fast_mode=True)
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_eager_cpu_node_gives_the_op_paths_bits(cfg, channels_last):
+    """fastfuse.reflect_conv2d on CPU in eager mode runs one C++ node (fastfuse_C::reflect_conv2d_module); it must give
+    the registered op's bits (the path torch.compile traces): output, every gradient, and their layouts."""
+    m, x = _conv(cfg, channels_last=channels_last)
+    args = ([m.stride[0], m.stride[1]], [m.padding[0], m.padding[1]], [m.dilation[0], m.dilation[1]], m.groups)
+    node = _fwd_bwd(m, x, _ours(m))
+    op = _fwd_bwd(m, x, lambda x, w, b: torch.ops.fastfuse.reflect_conv2d(x, w, b, *args))
+    assert "RconvFunction" in _ours(m)(x.requires_grad_(), m.weight, m.bias).grad_fn.name()
+    for a, e in zip([node[0], *node[1]], [op[0], *op[1]]):
+        assert a.stride() == e.stride() and torch.equal(bits(a), bits(e))
 
 
 def test_opcheck():
