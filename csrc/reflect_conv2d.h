@@ -314,9 +314,21 @@ inline double correction_share(const Geom& g) {
 // to 32x32 planes ((4-16, 32-128, H, H) inputs) but 0.6-0.7x on 8x8 planes; in channels_last, K = Cg*KH*KW = 288 lost
 // to (b) (0.91-0.97 against 0.75-0.83 of the zero-padded fwd+bwd) while K >= 576 mostly won. channels_last: the
 // input's layout as the convolution takes it (conv_format).
+// Small problems (a few hundred output pixels in all, at most ~33M multiply-adds) take (a) in both directions: its
+// GEMMs on the whole output have fewer fixed costs than the vendor call plus a correction (a 6-layer ConvLayer net
+// at batch 4 on 32x32 images: forward 0.55-0.95x and backward 0.5-1.0x of (b)'s time per layer); beyond, NCHW's
+// strided gathers lose again, and ResNet-34's 7x7 outputs at batch 16 (784 pixels, 1.8G multiply-adds) keep the
+// designs measured for them.
+inline bool small_conv(const Geom& g, bool channels_last, bool backward) {
+  const int64_t pixels = g.N * g.OH * g.OW;
+  const int64_t macs = pixels * g.Cg * g.KH * g.KW * g.OC;
+  return pixels <= (backward && !channels_last ? 256 : 1024) && macs <= (int64_t(1) << 25);
+}
+
 inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last = true) {
   if (algo != 0) return algo == 2;
   if (!cpu || !backward) return false;
+  if (small_conv(g, channels_last, true)) return true;
   const int64_t K = g.Cg * g.KH * g.KW;
   if (K < 256) return false;
   if (g.sh * g.sw > 1) return channels_last || K >= 512;

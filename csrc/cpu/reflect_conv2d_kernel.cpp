@@ -42,6 +42,7 @@ int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
     if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return kSplit;
     if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
   }
+  if (rconv::small_conv(g, channels_last, false)) return kGemm;
   const double share = rconv::correction_share(g);
   const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0, chunks = g.N > rconv_cpu::kConvImages;
   if (g.Cg * g.KH * g.KW < 32) return kFrame;
