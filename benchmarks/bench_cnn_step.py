@@ -1,7 +1,10 @@
-"""A whole training step (forward, cross-entropy, backward, SGD step) of a small torchvision-style ResNet
-(BasicBlocks of Conv2d -> BatchNorm2d -> ReLU with residual adds; 4 stages, 32 to 256 channels), as a user who
-calls fastfuse.fuse(model) gets it: fastfuse's BatchNorm2d swapped in, the zero-padded convolutions kept. Against
-the same model unfused (eager) and torch.compile of it. Small inputs, where per-call overhead shows."""
+"""Whole training steps (forward, cross-entropy, backward, SGD step) of two small CNNs, against the same model in
+plain torch (eager) and torch.compile of that, on small inputs where per-call overhead shows:
+- cnn_step: a torchvision-style ResNet (BasicBlocks of Conv2d -> BatchNorm2d -> ReLU with residual adds; 4 stages,
+  32 to 256 channels), as a user who calls fastfuse.fuse(model) gets it: fastfuse's BatchNorm2d swapped in, the
+  zero-padded convolutions kept;
+- convlayer_step: six fastai-style ConvLayers with reflection padding (fastfuse.nn.ConvLayer: reflect_conv2d, then
+  one fused BN -> ReLU), three of them stride 2, against nn.Conv2d(padding_mode='reflect') -> BatchNorm2d -> ReLU."""
 import copy
 
 import torch
@@ -41,19 +44,41 @@ def _step(model, x, y, forward=None):
     return sgd_step(model, (x,), lambda out: F.cross_entropy(out, y), 1e-3, forward)
 
 
+def _eager_conv_layer(ni, nf, stride=1):
+    return nn.Sequential(nn.Conv2d(ni, nf, 3, stride, 1, bias=False, padding_mode="reflect"), nn.BatchNorm2d(nf),
+                         nn.ReLU())
+
+
+def conv_layer_net(layer, n_classes=10):
+    return nn.Sequential(layer(3, 32, stride=2), layer(32, 32), layer(32, 64, stride=2), layer(64, 64),
+                         layer(64, 128, stride=2), layer(128, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, n_classes))
+
+
+def _models(op):
+    """(fastfuse model, eager model) with the same weights."""
+    if op == OP:
+        eager = small_resnet()
+        return fastfuse.fuse(copy.deepcopy(eager)), eager
+    fused = conv_layer_net(lambda ni, nf, stride=1: fastfuse.nn.ConvLayer(ni, nf, 3, stride))
+    eager = conv_layer_net(_eager_conv_layer)
+    eager.load_state_dict(fused.state_dict())
+    return fused, eager
+
+
 def cases(device, quick):
     shapes = [(4, 32)] if quick else [(4, 32), (16, 64)]  # (batch, image side)
     out = []
-    for B, S in shapes:
-        torch.manual_seed(0)
-        eager = small_resnet().to(device).train()
-        fused = fastfuse.fuse(copy.deepcopy(eager))
-        twin = copy.deepcopy(eager)
-        x, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
-        provs = {"fastfuse": _step(fused, x, y), "eager": _step(eager, x, y),
-                 "compile": _step(twin, x, y, forward=torch.compile(twin))}
-        nbytes = sum(p.numel() * p.element_size() for p in eager.parameters())
-        dst = torch.empty_like(x)
-        out.append(StepCase(OP, (B, 3, S, S), torch.float32, nbytes, nbytes, provs,
-                            copy=lambda d=dst, s=x: d.copy_(s), clone=lambda s=x: s.clone()))
+    for op in (OP, "convlayer_step"):
+        for B, S in shapes:
+            torch.manual_seed(0)
+            fused, eager = (m.to(device).train() for m in _models(op))
+            twin = copy.deepcopy(eager)
+            x, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
+            provs = {"fastfuse": _step(fused, x, y), "eager": _step(eager, x, y),
+                     "compile": _step(twin, x, y, forward=torch.compile(twin))}
+            nbytes = sum(p.numel() * p.element_size() for p in eager.parameters())
+            dst = torch.empty_like(x)
+            out.append(StepCase(op, (B, 3, S, S), torch.float32, nbytes, nbytes, provs,
+                                copy=lambda d=dst, s=x: d.copy_(s), clone=lambda s=x: s.clone()))
     return out
