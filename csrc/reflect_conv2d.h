@@ -149,7 +149,8 @@ template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemm(const at::Tensor& go, const at::Tensor& x,
                                                              const at::Tensor& w, const Geom& g,
                                                              std::array<bool, 3> mask);
-inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward);
+// (defined below; channels_last: the input's layout as the convolution takes it)
+inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last = true);
 
 template <typename Dev>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
@@ -325,7 +326,7 @@ inline bool small_conv(const Geom& g, bool channels_last, bool backward) {
   return pixels <= (backward && !channels_last ? 256 : 1024) && macs <= (int64_t(1) << 25);
 }
 
-inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last = true) {
+inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last) {
   if (algo != 0) return algo == 2;
   if (!cpu || !backward) return false;
   if (small_conv(g, channels_last, true)) return true;
