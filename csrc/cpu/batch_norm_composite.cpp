@@ -11,17 +11,12 @@
 
 #include "batch_norm.h"
 #include "dropout.h"
+#include "layout.h"
 
 namespace fastfuse {
 namespace {
 
 constexpr int64_t kDropOnceBytes = int64_t(2) << 20;  // see bn_backward_cpu
-
-// _layout.to_strides: t with x's strides, a copy only when they differ
-at::Tensor like_strides(const at::Tensor& t, const at::Tensor& x) {
-  if (t.strides() == x.strides() || t.numel() <= 1) return t;
-  return at::empty_strided(t.sizes(), x.strides(), t.options()).copy_(t);
-}
 
 // The per-channel vectors of both directions, computed as the ATen expressions in the comments compute them on
 // CPU: a scalar operand is first rounded to the tensor's dtype, rsqrt is 1 / sqrt (correctly rounded, as
@@ -95,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward_cpu(
   const at::Tensor scale = channel_coeffs(var, weight, eps, {}, {}, 0, false, false, false, false).scale;
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(acc) : at::zeros({C}, x.options().dtype(acc));
   c10::optional<at::Tensor> res;
-  if (residual.has_value() && residual->defined()) res = like_strides(*residual, x);
+  if (residual.has_value() && residual->defined()) res = to_strides(*residual, x.strides());
   at::Tensor out = bn_apply_cpu(x, mean, scale, b, res, pre_relu, post_relu, p, seed, offset);
   return {out, mean, var};
 }
@@ -106,9 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     double eps, bool pre_relu, bool post_relu, double p, int64_t seed, int64_t offset, bool need_gi, bool need_gw,
     bool need_gb, bool need_gr) {
   const at::Tensor x = bn_channel_dense(x_in);
-  const at::Tensor grad_out = like_strides(grad_out_in, x);
+  const at::Tensor grad_out = to_strides(grad_out_in, x.strides());
   c10::optional<at::Tensor> out;
-  if (out_in.has_value() && out_in->defined()) out = like_strides(*out_in, x);
+  if (out_in.has_value() && out_in->defined()) out = to_strides(*out_in, x.strides());
   const auto acc = bn_acc_type(x);
   const int64_t C = x.size(1);
   const bool has_w = weight.has_value() && weight->defined();

@@ -91,10 +91,8 @@ struct BnModuleFunction : torch::autograd::Function<BnModuleFunction> {
     if (!grads[0].defined() || !(need_gi || bn.need_w || bn.need_b || need_gr)) return res;
     const double p = ctx->saved_data["p"].toDouble();
     std::vector<at::Tensor> g(4);
-    if (s[0].numel() == 0 || p >= 1) {  // the output was all zeros: nothing flows back
-      g = {need_gi ? at::zeros_like(s[0]) : at::Tensor(), bn.need_w ? at::zeros_like(s[1]) : at::Tensor(),
-           bn.need_b ? at::zeros_like(s[2]) : at::Tensor(), need_gr ? at::zeros_like(s[0]) : at::Tensor()};
-    } else if (double_backward_wanted()) {
+    // (an empty input or p >= 1 made the output constant: bn_backward's zeros, as in ops/batch_norm.py)
+    if (double_backward_wanted() && s[0].numel() > 0 && p < 1) {
       g = reference_grads(ctx, grads[0], s, bn, need_gi, need_gr);
     } else {
       std::tie(g[0], g[1], g[2], g[3]) = bn_module_backward_cpu(

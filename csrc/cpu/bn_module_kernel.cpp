@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "batch_norm.h"
+#include "layout.h"
 #include "cpu/bn_module.h"
 #include "cpu/seed.h"
 
@@ -19,12 +20,6 @@ namespace {
 // planes of more than one element
 bool one_read(const at::Tensor& x) {
   return x.dim() > 2 && x.is_contiguous() && x.numel() > x.size(0) * x.size(1);
-}
-
-// _layout.to_strides: t with x's strides, a copy only when they differ
-at::Tensor with_strides(const at::Tensor& t, const at::Tensor& x) {
-  if (t.strides() == x.strides() || t.numel() <= 1) return t;
-  return at::empty_strided(t.sizes(), x.strides(), t.options()).copy_(t);
 }
 
 // _acc_vec: a per-channel vector in the accumulation dtype, or `fill` where the module has none
@@ -60,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_module_cpu(
   at::Tensor out, mean, var;
   if (batch_stats && p < 1 && one_read(x)) {
     OptTensor res;
-    if (residual.has_value() && residual->defined()) res = with_strides(*residual, x);
+    if (residual.has_value() && residual->defined()) res = to_strides(*residual, x.strides());
     std::tie(out, mean, var) = bn_train_planes_cpu(x, acc_vec(weight, x, 1.0), acc_vec(bias, x, 0.0), res, eps,
                                                    pre_relu, post_relu, p, seed, offset);
   } else {
@@ -81,10 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_module_backward_cp
     return call_bn_backward(grad_out, x, weight, mean, var, batch_stats, eps, pre_relu, p, seed, offset, need_gi,
                             need_gw, need_gb, out, post_relu, need_gr);
   OptTensor o;
-  if (out.has_value() && out->defined()) o = with_strides(*out, x);
+  if (out.has_value() && out->defined()) o = to_strides(*out, x.strides());
   auto [gi, gr, sum_g, sum_gxmu] =
-      bn_train_planes_backward_cpu(with_strides(grad_out, x), x, o, acc_vec(weight, x, 1.0), mean, var, eps, pre_relu,
-                                   post_relu, p, seed, offset, need_gr);
+      bn_train_planes_backward_cpu(to_strides(grad_out, x.strides()), x, o, acc_vec(weight, x, 1.0), mean, var, eps,
+                                   pre_relu, post_relu, p, seed, offset, need_gr);
   const auto wdt = weight.has_value() && weight->defined() ? weight->scalar_type() : bn_acc_type(x);
   const at::Tensor gw = need_gw ? planes_grad_weight(sum_gxmu, var, eps).to(wdt) : at::Tensor();
   const at::Tensor gb = need_gb ? sum_g.to(wdt) : at::Tensor();

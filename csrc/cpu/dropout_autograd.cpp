@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "dropout.h"
+#include "layout.h"
 #include "cpu/double_backward.h"
 #include "cpu/seed.h"
 
@@ -15,15 +16,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// _layout.dense: x itself when non-overlapping and dense (the kernel runs over its storage), else contiguous
-at::Tensor dense(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
-
-// _layout.to_strides: t laid out with the given strides (the mask lives in the output's storage order)
-at::Tensor with_strides(const at::Tensor& t, at::IntArrayRef strides) {
-  if (t.strides() == strides || t.numel() <= 1) return t;
-  return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
-}
 
 struct DropoutArgs {
   double p;
@@ -45,7 +37,8 @@ struct DropoutFunction : torch::autograd::Function<DropoutFunction> {
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return res;
     const double p = ctx->saved_data["p"].toDouble();
     const int64_t seed = ctx->saved_data["seed"].toInt(), offset = ctx->saved_data["offset"].toInt();
-    const at::Tensor g = with_strides(grads[0], ctx->saved_data["strides"].toIntVector());
+    // the mask lives in the output's storage order: the gradient laid out the same way
+    const at::Tensor g = to_strides(grads[0], ctx->saved_data["strides"].toIntVector());
     if (double_backward_wanted()) {  // create_graph=True: grad times the mask's factor, differentiable in grad
       res[0] = g * dropout_cpu(at::ones_like(g), p, seed, offset);
     } else {

@@ -68,6 +68,14 @@ def _override():
     return _check_name(env) if env else None
 
 
+def eager_cpp(x) -> bool:
+    """True when x is a plain CPU tensor that the cpp backend would run in eager mode (not under torch.compile): the
+    test of the ops' C++ autograd nodes, which skip the registered op's Python (csrc/cpu/*_autograd.cpp). Reads what
+    select() reads without its checks, as it runs on every call."""
+    return (type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling() and _override() in (None, "cpp")
+            and _extension.available())
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run fastfuse ops with this backend inside the block (thread-local, nestable)."""

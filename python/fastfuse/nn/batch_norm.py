@@ -2,7 +2,7 @@
 with a forward that runs fastfuse.batch_norm, and optional fused neighbours for FusedSequential."""
 import torch
 
-from .. import _backends, _extension
+from .. import _backends
 from ..ops._bn_module import _lean_args
 from ..ops.batch_norm import module_batch_norm
 
@@ -29,15 +29,14 @@ def _cpp_forward(bn, x, pre_act, residual, post_act, p):
     """The module's forward through fastfuse_C::bn_module where it applies (eager, a CPU tensor on the cpp backend,
     the common module configurations, valid options); None otherwise: module_batch_norm then runs it, or raises
     batch_norm()'s error."""
-    if (type(x) is not torch.Tensor or not x.is_cpu or pre_act not in _ACTS or post_act not in _ACTS
-            or type(p) not in (float, int) or not 0 <= p < 1 or torch.compiler.is_compiling()):
+    if (not _backends.eager_cpp(x) or pre_act not in _ACTS or post_act not in _ACTS or type(p) not in (float, int)
+            or not 0 <= p < 1):
         return None
     if residual is not None and (type(residual) is not torch.Tensor or residual.shape != x.shape
                                  or residual.dtype != x.dtype or not residual.is_cpu):
         return None
     C = x.shape[1]
-    # the cpp backend (select()'s answer for a CPU tensor without an override), read cheaply: this runs per call
-    if C == 0 or not x.is_floating_point() or _backends._override() not in (None, "cpp") or not _extension.available():
+    if C == 0 or not x.is_floating_point():
         return None
     args = _lean_args(bn, (x.numel() // C, C), x.dtype, bn.training)
     if args is None:

@@ -4,7 +4,7 @@ Path of a call: dropout() -> torch.ops.fastfuse.dropout -> _route() -> the backe
 backward -> torch.ops.fastfuse.dropout_backward -> the same kernel on the gradient (same seed, same mask)."""
 import torch
 
-from .. import _backends, _extension, _layout, _library, _rng, reference  # noqa: F401  (_library: the schemas)
+from .. import _backends, _layout, _library, _rng, reference  # noqa: F401  (_library defines the schemas)
 
 
 def _run_cpp(x, p, key, offset):
@@ -62,8 +62,7 @@ def _eager_cpp(x, p):
     """Eager, a CPU tensor on the cpp backend, p < 1 (p == 1 is x * 0): fastfuse_C::dropout_module, the same kernel,
     seed and mask in one C++ autograd node (csrc/cpu/dropout_autograd.cpp). Through the registered op's generated
     autograd the Python cost ~120 us per forward+backward, which made small layers slower than torch's dropout."""
-    return (type(x) is torch.Tensor and x.is_cpu and p < 1 and not torch.compiler.is_compiling()
-            and _backends._override() in (None, "cpp") and _extension.available())
+    return p < 1 and _backends.eager_cpp(x)
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .. import _backends, _double_backward, _extension, _library, reference  # noqa: F401  (_library: the schemas)
+from .. import _backends, _double_backward, _library, reference  # noqa: F401  (_library defines the schemas)
 
 _MAX_TAPS = 64  # csrc/reflect_conv2d.h kMaxTaps: larger kernels run on the reference
 
@@ -229,6 +229,4 @@ def _eager_cpp(x, w):
     """Eager, CPU tensors on the cpp backend, a kernel the C++ designs take: fastfuse_C::reflect_conv2d_module, the
     same kernels, picks and layouts in one C++ autograd node (csrc/cpu/reflect_conv2d_autograd.cpp). Through the
     registered op's generated autograd the Python cost ~160 us a forward, 6x a (1, 8, 4, 4) convolution's time."""
-    return (type(x) is torch.Tensor and x.is_cpu and type(w) in _PLAIN and w.shape[2] * w.shape[3] <= _MAX_TAPS
-            and not torch.compiler.is_compiling() and _backends._override() in (None, "cpp")
-            and _extension.available())
+    return type(w) in _PLAIN and w.shape[2] * w.shape[3] <= _MAX_TAPS and _backends.eager_cpp(x)
