@@ -6,6 +6,7 @@ from collections import OrderedDict
 import torch
 
 from . import nn as ffnn
+from .fuse_graph import fused_block
 
 
 def _fused_dropout(m: torch.nn.Dropout) -> torch.nn.Module:
@@ -80,15 +81,25 @@ def _block_swaps():
     return swaps
 
 
-def fuse(model: torch.nn.Module) -> torch.nn.Module:
+def fuse(model: torch.nn.Module, graphs: bool = True) -> torch.nn.Module:
     """Replace every swappable layer of `model` in place and return the model. Layers: torch's Dropout,
     BatchNorm1d/2d/3d and Conv2d(padding_mode='reflect'). Blocks: fastai's LinBnDrop, ConvLayer and TabularModel
     become fastfuse.nn.LinBnDrop, fastfuse.nn.ConvLayer and fastfuse.models.TabularModel over the same children
     (the fused input layer, one-call LinBnDrop, fused BN -> ReLU). When `model` itself is such a block, the
-    returned model is its fused twin (sharing its parameters): `learn.model = fastfuse.fuse(learn.model)`."""
+    returned model is its fused twin (sharing its parameters): `learn.model = fastfuse.fuse(learn.model)`.
+
+    With `graphs` (fastfuse.fuse_graph), the forward of every other block below `model` that has a batch norm
+    child is traced, and a batch norm followed by a ReLU, or by a residual add and a ReLU, becomes one fused call:
+    the block becomes a GraphModule over the same children (same name, state_dict keys and parameters), and a
+    plain nn.Sequential (`model` too) a FusedSequential, in place. Any other `model` keeps its own forward."""
     blocks = _block_swaps()
     make = blocks.get(type(model))
-    return _fuse(model if make is None else make(model), {**_SWAPS, **blocks})
+    model = _fuse(model if make is None else make(model), {**_SWAPS, **blocks})
+    if graphs:
+        _fuse_forwards(model)
+        if type(model) is torch.nn.Sequential:
+            fused_block(model)  # in place
+    return model
 
 
 def _fuse(model, swaps):
@@ -100,3 +111,13 @@ def _fuse(model, swaps):
             setattr(model, name, child)
         _fuse(child, swaps)
     return model
+
+
+def _fuse_forwards(model):
+    """fused_block for every module below model, children before their parents (a parent's GraphModule holds the
+    children as they are when it is made)."""
+    for name, child in list(model.named_children()):
+        _fuse_forwards(child)
+        new = fused_block(child)
+        if new is not None:
+            setattr(model, name, new)
