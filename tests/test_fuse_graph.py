@@ -146,7 +146,17 @@ class TwoUses(nn.Module):
         return F.relu(y) + y  # the norm's output is needed on its own
 
 
-@pytest.mark.parametrize("cls", [TrainBranch, DataBranch, TwoUses])
+class OptionalArg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x, mask=None):
+        y = F.relu(self.bn(x))
+        return y if mask is None else y * mask  # traced with a proxy, `mask is None` would be fixed to False
+
+
+@pytest.mark.parametrize("cls", [TrainBranch, DataBranch, TwoUses, OptionalArg])
 def test_blocks_that_cannot_be_rewritten_safely_are_kept(cls):
     net = nn.Sequential(cls())
     fastfuse.fuse(net)

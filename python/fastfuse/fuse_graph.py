@@ -4,7 +4,10 @@ does, and won. Here each block that has a batch norm child is traced with torch.
 batch norm whose only use is a ReLU, or a residual add and then a ReLU, becomes one call of the fused batch norm
 (its post_act and residual). The block becomes a GraphModule over the very same children (same names, order,
 state_dict keys, parameters); a plain nn.Sequential becomes a FusedSequential in place. A block is left as it is when its
-forward cannot be traced or traces differently in train and eval mode (it branches on self.training)."""
+forward cannot be traced, traces differently in train and eval mode (it branches on self.training) or takes
+optional arguments. The forward is traced when fuse() runs: plain attributes it reads (a flag, a scale) are fixed
+then."""
+import inspect
 import operator
 from collections import OrderedDict
 
@@ -65,8 +68,20 @@ class _OneLevel(fx.Tracer):
         return True
 
 
+def _plain_signature(module) -> bool:
+    """forward takes only required positional tensors: tracing turns `if mask is not None:` on an optional argument
+    into a fixed branch, which a call that leaves it out would then break."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
 def _trace(module):
     """module's forward graph, or None where it cannot be traced or depends on module.training."""
+    if not _plain_signature(module):
+        return None
     training = module.training
     graphs = []
     try:
