@@ -15,10 +15,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .nn._hooks import hooked
+from .nn._hooks import has_own_hooks, hooked
 from .nn.batch_norm import is_fused_bn
-from .nn.dropout import Dropout
-from .nn.fused_sequential import FusedSequential
+from .nn.fused_sequential import FusedSequential, fuses_any
 
 _RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -152,26 +151,16 @@ def _fuse_patterns(graph, root) -> bool:
     return changed
 
 
-def _sequential_fuses(mods) -> bool:
-    """FusedSequential would fuse something: a batch norm next to a ReLU or followed by a dropout."""
-    return any((is_fused_bn(a) and type(b) in (torch.nn.ReLU, torch.nn.Dropout, Dropout))
-               or (type(a) is torch.nn.ReLU and is_fused_bn(b)) for a, b in zip(mods, mods[1:]))
-
-
-def _own_hooks(m) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def fused_block(module):
     """module with its forward's patterns fused, as a GraphModule over the same children, parameters and buffers
     (an nn.Sequential becomes a FusedSequential in place); None where there is nothing to fuse or it cannot be done safely."""
     if type(module) is torch.nn.Sequential:
-        if not _sequential_fuses(list(module)):
+        if not fuses_any(list(module)):
             return None
         module.__class__ = SwappedSequential  # in place: a subclass that only changes forward
         return module
     cls = type(module)
-    if (cls.__module__.split(".")[0] in ("torch", "fastfuse") or _own_hooks(module)
+    if (cls.__module__.split(".")[0] in ("torch", "fastfuse") or has_own_hooks(module)
             or not any(is_fused_bn(c) for c in module.children())):
         return None  # torch's and fastfuse's own modules fuse at the layer level; a hooked block keeps its forward
     graph = _trace(module)

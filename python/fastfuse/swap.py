@@ -94,30 +94,23 @@ def fuse(model: torch.nn.Module, graphs: bool = True) -> torch.nn.Module:
     plain nn.Sequential (`model` too) a FusedSequential, in place. Any other `model` keeps its own forward."""
     blocks = _block_swaps()
     make = blocks.get(type(model))
-    model = _fuse(model if make is None else make(model), {**_SWAPS, **blocks})
-    if graphs:
-        _fuse_forwards(model)
-        if type(model) is torch.nn.Sequential:
-            fused_block(model)  # in place
+    model = _fuse(model if make is None else make(model), {**_SWAPS, **blocks}, graphs)
+    if graphs and type(model) is torch.nn.Sequential:
+        fused_block(model)  # in place
     return model
 
 
-def _fuse(model, swaps):
-    """Swap model's children by their exact type (swaps: type -> maker), then the children's children."""
+def _fuse(model, swaps, graphs):
+    """Swap model's children by their exact type (swaps: type -> maker), then the children's children; with
+    `graphs`, then each child's forward (fused_block), after its own children: a GraphModule holds the children
+    as they are when it is made."""
     for name, child in list(model.named_children()):
         make = swaps.get(type(child))
         if make is not None:
             child = make(child)
             setattr(model, name, child)
-        _fuse(child, swaps)
-    return model
-
-
-def _fuse_forwards(model):
-    """fused_block for every module below model, children before their parents (a parent's GraphModule holds the
-    children as they are when it is made)."""
-    for name, child in list(model.named_children()):
-        _fuse_forwards(child)
-        new = fused_block(child)
+        _fuse(child, swaps, graphs)
+        new = fused_block(child) if graphs else None
         if new is not None:
             setattr(model, name, new)
+    return model

@@ -11,8 +11,9 @@ def hooked(mods) -> bool:
     if (_mm._global_forward_hooks or _mm._global_forward_pre_hooks or _mm._global_backward_hooks
             or _mm._global_backward_pre_hooks):
         return True
-    for m in mods:
-        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                              or m._backward_pre_hooks):
-            return True
-    return False
+    return any(m is not None and has_own_hooks(m) for m in mods)
+
+
+def has_own_hooks(m) -> bool:
+    """True when module m itself (not the global registry) has a forward, forward-pre or backward hook."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)

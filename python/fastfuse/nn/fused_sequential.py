@@ -41,6 +41,12 @@ def fused_forward(mods, x):
     return x
 
 
+def fuses_any(mods) -> bool:
+    """fused_forward would fuse something in mods: a batch norm next to a ReLU or followed by a dropout."""
+    return any((is_fused_bn(a) and (_is_relu(b) or type(b) in _DROPOUTS)) or (_is_relu(a) and is_fused_bn(b))
+               for a, b in zip(mods, mods[1:]))
+
+
 class FusedSequential(torch.nn.Sequential):
     def forward(self, input):
         return fused_forward(list(self), input)
