@@ -3,6 +3,7 @@ run() times every provider and mode in one process on the same inputs, after war
 case interleaved in rounds, see time_interleaved)."""
 import dataclasses
 import datetime
+import platform
 import subprocess
 import time
 from typing import Callable, Dict
@@ -197,6 +198,18 @@ def _commit():
         return None
 
 
+def _cpu_name():
+    """'cpu (<model>, <ATen capability>, <n> threads)': sessions land on different CPUs (an AVX2 EPYC, an
+    AVX-512 Xeon), and a ratio means little without knowing which."""
+    model = platform.processor() or "unknown model"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"cpu ({model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+
+
 def run(cases, device: str, progress: bool = True):
     try:
         from tqdm import tqdm
@@ -205,7 +218,7 @@ def run(cases, device: str, progress: bool = True):
     jobs = [(c, b, "fwd") for c in cases for b in ("copy_", "clone") if getattr(c, b.rstrip("_"))]
     jobs += [(c, p, m) for c in cases for p, modes in c.providers.items() for m in modes]
     bar = tqdm(total=len(jobs), desc="fastfuse.bench", disable=not progress) if tqdm else None
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     try:
         import triton
         triton_version = triton.__version__
