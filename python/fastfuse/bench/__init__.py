@@ -13,6 +13,23 @@ import torch
 import fastfuse
 
 
+def _allow_recompiles():
+    """Every compiled module shares one code object (and so dynamo's cache), and each case compiles its own:
+    past recompile_limit (8) dynamo quietly runs the rest eagerly, so the "compile" rows of a run with more
+    than 8 compiled shapes timed eager. Lift the limits, and fail loudly if one is still hit."""
+    cfg = getattr(getattr(torch, "_dynamo", None), "config", None)
+    if cfg is None:
+        return
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 1024))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+
+
+_allow_recompiles()  # on import: the bench modules import Case, and build (and compile) their cases after
+
+
 @dataclasses.dataclass
 class Case:
     op: str
