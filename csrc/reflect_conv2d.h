@@ -11,6 +11,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Version.h>
 
 #include <algorithm>
 #include <array>
@@ -306,7 +307,8 @@ inline double correction_share(const Geom& g) {
 // makes the CPU forward's automatic choice): their backward, and everything on CUDA, is (b).
 // Forward and backward choose independently (each is a complete computation of its own outputs; the choice
 // is a pure function of the shape, so the bits still do not depend on the run or the thread count).
-// CPU backward, measured on ResNet-34's shapes (2 threads of a shared AVX2 EPYC, oneDNN 3.x, MKL; see README):
+// CPU backward, measured on ResNet-34's shapes (2 threads of a shared AVX2 EPYC, oneDNN 3.x, MKL; see README;
+// AVX-512 below):
 // oneDNN's backward is slower than MKL GEMMs on an im2col here, so (a) wins wherever the im2col rows are long
 // enough (Cg*KH*KW >= 256) except where (b)'s correction is tiny (<= 3%, the 56x56 stride-1 case), and (b)
 // keeps the stem (3 input channels: K = 147 makes poor GEMMs).
@@ -326,6 +328,13 @@ inline bool small_conv(const Geom& g, bool channels_last, bool backward) {
   return pixels <= (backward && !channels_last ? 256 : 1024) && macs <= (int64_t(1) << 25);
 }
 
+// Whether ATen runs its AVX-512 kernels here (ATEN_CPU_CAPABILITY can lower it): a property of the machine, so
+// a pick that reads it still gives the same bits on every run.
+inline bool cpu_avx512() {
+  static const bool v = at::get_cpu_capability() == "AVX512";
+  return v;
+}
+
 inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last) {
   if (algo != 0) return algo == 2;
   if (!cpu || !backward) return false;
@@ -333,7 +342,12 @@ inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool
   const int64_t K = g.Cg * g.KH * g.KW;
   if (K < 256) return false;
   if (g.sh * g.sw > 1) return channels_last || K >= 512;
-  if (correction_share(g) <= 0.03) return false;
+  const double share = correction_share(g);
+  if (share <= 0.03) return false;
+  // On an AVX-512 Xeon (2 cores of an Emerald Rapids VM) oneDNN's backward gains on MKL's GEMMs: at 28x28 stride 1
+  // (share 4.7%) (b) took 1.09-1.14x the zero-padded backward against (a)'s 1.15-1.27x in three runs; at 14x14
+  // (9.3%) and 7x7, (a) still won.
+  if (cpu_avx512() && share <= 0.07) return false;
   return channels_last ? K >= 512 : g.OH * g.OW <= 64;
 }
 
