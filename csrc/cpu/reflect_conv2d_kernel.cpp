@@ -35,11 +35,17 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 // kConvImages images, one thread each, so with one chunk (N <= 8) the other thread idles: 1.7-1.9x the zero-padded
 // conv against (b)'s 1.2-1.5x; those take (b). In NCHW, (b)'s correction gathers with strided reads and (c) won
 // wherever it had two chunks (0.50-1.22x against (b)'s 1.14-2.08x), so NCHW takes (c) there even below 3%.
+//
+// AVX-512 (2 cores of an Emerald Rapids Xeon VM; rconv::cpu_avx512): oneDNN's zero-padded convolution runs near
+// the cores' peak there, stem included, and (c)'s and "fold"'s GEMMs fall further behind it, so channels_last takes
+// (b) up to a 7% correction share: 28x28 stride 1 1.06-1.08x the zero-padded conv against (c)'s 1.10-1.13x (two
+// runs), 28x28 stride 2 1.12x against "fold"'s 1.22x, the stem 1.01x against (c)'s 1.19-1.21x.
 int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
+  const bool avx512 = rconv::cpu_avx512();
   if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
-    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return kSplit;
+    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return avx512 ? kFrame : kSplit;
     if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
@@ -47,7 +53,7 @@ int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
   const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0, chunks = g.N > rconv_cpu::kConvImages;
   if (g.Cg * g.KH * g.KW < 32) return kFrame;
   if (!channels_last && divides && chunks && share <= 0.12) return kSplit;
-  if (share < 0.03) return kFrame;
+  if (share < 0.03 || (avx512 && channels_last && share <= 0.07)) return kFrame;
   if (share <= 0.12 && divides) return chunks ? kSplit : kFrame;
   return kFold;
 }
