@@ -208,9 +208,13 @@ def saved_mb(fn):
 
 
 def _commit():
+    """HEAD's short hash, with "+dirty" when tracked files differ from it (the results are then not HEAD's)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=__file__.rsplit("/", 3)[0],
+                              timeout=5).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=__file__.rsplit("/", 3)[0], timeout=5).stdout.strip() or None
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
     except Exception:
         return None
 
