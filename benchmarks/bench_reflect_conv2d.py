@@ -87,3 +87,25 @@ def cases(device, quick):
     # ConvLayer (the issue's GPU target; on CPU too, as what a fastai model's conv blocks get)
     out += [_conv_layer_case(s, device, dtype) for s, _, k, st in shapes if k == 3 and st == 1]
     return out
+
+
+def check_targets(rows, device):
+    """Print the issue's speed targets against this run (never asserted in tests). CPU: forward and forward+backward
+    each at most 1.05x torch's zero-padded conv of the same shape. GPU: at least 1.0x F.pad + cuDNN ("eager"), and
+    1.3x where the pad dominates (read here as the 3-channel stem and the 64-channel inputs)."""
+    ms = {(r["shape"], r["mode"], r["provider"]): r for r in rows if r["op"] == "reflect_conv2d"}
+    for (shape, mode, prov), r in ms.items():
+        if prov not in ("cpp", "cuda", "triton"):
+            continue
+        if device == "cpu":
+            zeros = ms.get((shape, mode, "zeros"))
+            if zeros is None:
+                continue
+            got = r["ms_p50"] / zeros["ms_p50"]
+            print(f"target reflect_conv2d {shape} {prov} {mode} <= 1.05x the zero-padded conv: {got:.2f}x "
+                  f"({'met' if got <= 1.05 else 'NOT met'}; {r['speedup_eager'] or 0:.2f}x eager)")
+        else:
+            want = 1.3 if shape.split("x")[1] in ("3", "64") else 1.0
+            got = r["speedup_eager"] or 0.0
+            print(f"target reflect_conv2d {shape} {prov} {mode} >= {want}x F.pad + cuDNN: {got:.2f}x "
+                  f"({'met' if got >= want else 'NOT met'}; {r['speedup_compile'] or 0:.2f}x compile)")
