@@ -335,6 +335,10 @@ inline bool cpu_avx512() {
   return v;
 }
 
+// On AVX-512 CPUs, forward (pick_forward in cpu/reflect_conv2d_kernel.cpp) and backward keep (b) up to this
+// correction share in channels_last: oneDNN runs near the cores' peak there, and the other designs' GEMMs lose.
+constexpr double kAvx512FrameShare = 0.07;
+
 inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last) {
   if (algo != 0) return algo == 2;
   if (!cpu || !backward) return false;
@@ -347,7 +351,7 @@ inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool
   // On an AVX-512 Xeon (2 cores of an Emerald Rapids VM) oneDNN's backward gains on MKL's GEMMs: at 28x28 stride 1
   // (share 4.7%) (b) took 1.09-1.14x the zero-padded backward against (a)'s 1.15-1.27x in three runs; at 14x14
   // (9.3%) and 7x7, (a) still won.
-  if (cpu_avx512() && share <= 0.07) return false;
+  if (cpu_avx512() && share <= kAvx512FrameShare) return false;
   return channels_last ? K >= 512 : g.OH * g.OW <= 64;
 }
 

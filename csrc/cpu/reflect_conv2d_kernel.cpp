@@ -38,8 +38,9 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 //
 // AVX-512 (2 cores of an Emerald Rapids Xeon VM; rconv::cpu_avx512): oneDNN's zero-padded convolution runs near
 // the cores' peak there, stem included, and (c)'s and "fold"'s GEMMs fall further behind it, so channels_last takes
-// (b) up to a 7% correction share: 28x28 stride 1 1.06-1.08x the zero-padded conv against (c)'s 1.10-1.13x (two
-// runs), 28x28 stride 2 1.12x against "fold"'s 1.22x, the stem 1.01x against (c)'s 1.19-1.21x.
+// (b) up to a 7% correction share (rconv::kAvx512FrameShare): 28x28 stride 1 1.06-1.08x the zero-padded conv
+// against (c)'s 1.10-1.13x (two runs), 28x28 stride 2 1.12x against "fold"'s 1.22x. The stem takes (b) too: 1.01-1.05x
+// in three runs, where (c) swung from 0.92x to 1.39x.
 int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
@@ -53,7 +54,7 @@ int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
   const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0, chunks = g.N > rconv_cpu::kConvImages;
   if (g.Cg * g.KH * g.KW < 32) return kFrame;
   if (!channels_last && divides && chunks && share <= 0.12) return kSplit;
-  if (share < 0.03 || (avx512 && channels_last && share <= 0.07)) return kFrame;
+  if (share < 0.03 || (avx512 && channels_last && share <= rconv::kAvx512FrameShare)) return kFrame;
   if (share <= 0.12 && divides) return chunks ? kSplit : kFrame;
   return kFold;
 }
