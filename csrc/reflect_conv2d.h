@@ -303,8 +303,8 @@ inline double correction_share(const Geom& g) {
 }
 
 // algo: 0 = pick per shape, 1 = vendor convolution + frame correction (b), 2 = reflected im2col GEMM (a);
-// 3 and 4 are CPU forward designs (cpu/reflect_conv2d_split.cpp; pick_forward in cpu/reflect_conv2d_kernel.cpp
-// makes the CPU forward's automatic choice): their backward, and everything on CUDA, is (b).
+// 3 and 4 are CPU designs (cpu/reflect_conv2d_split*.cpp; pick_forward in cpu/reflect_conv2d_kernel.cpp and
+// pick_backward in cpu/reflect_conv2d_backward.cpp make the CPU's automatic choices); on CUDA they run (b).
 // Forward and backward choose independently (each is a complete computation of its own outputs; the choice
 // is a pure function of the shape, so the bits still do not depend on the run or the thread count).
 // CPU backward, measured on ResNet-34's shapes (2 threads of a shared AVX2 EPYC, oneDNN 3.x, MKL; see README;

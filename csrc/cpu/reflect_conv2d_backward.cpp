@@ -1,6 +1,7 @@
-// Backward on CPU of designs (a) and (b) (reflect_conv2d.h): (b) is oneDNN's zero-padded backward plus the
-// frame's outer products (grad_weight) and the frame's gradient folded back onto its reflected sources
-// (grad_input); (a) is the same over the whole output with every tap, from zeros. (c) and "fold" have (b)'s.
+// Backward on CPU: the pick per shape, and designs (a) and (b) (reflect_conv2d.h): (b) is oneDNN's zero-padded
+// backward plus the frame's outer products (grad_weight) and the frame's gradient folded back onto its reflected
+// sources (grad_input); (a) is the same over the whole output with every tap, from zeros. (c) and "fold" have their
+// own (reflect_conv2d_split_backward.cpp).
 #include <ATen/Dispatch.h>
 
 #include "cpu/reflect_conv2d_cpu.h"
@@ -8,37 +9,6 @@
 namespace fastfuse {
 namespace rconv_cpu {
 namespace {
-
-// Gr[gi, p - p0, oc] = go[n, gi*OCg + oc, r, c]
-template <typename scalar_t, typename acc_t>
-void gather_grad(const scalar_t* gp, at::IntArrayRef st, acc_t* Gr, const Geom& g, const Region& reg, int64_t p0,
-                 int64_t p1) {
-  const int64_t rows = p1 - p0;
-  for (int64_t p = p0; p < p1; ++p) {
-    const RowCoord rc = coord(reg, p);
-    const scalar_t* src = gp + rc.n * st[0] + rc.r * st[2] + rc.c * st[3];
-    for (int64_t gi = 0; gi < g.G; ++gi)
-      load_run(Gr + (gi * rows + p - p0) * g.OCg, src + gi * g.OCg * st[1], g.OCg, st[1]);
-  }
-}
-
-// gin[n, gi*Cg + cg, reflect(ih), reflect(iw)] += B[gi, p - p0, t*Cg + cg] for the rows of image n only
-template <typename scalar_t, typename acc_t>
-void fold_image(scalar_t* gp, at::IntArrayRef st, const acc_t* B, const Geom& g, const Region& reg, int64_t p0,
-                int64_t p1, int64_t n) {
-  const int64_t RC = reg.rows() * reg.cols(), T = reg.taps.n, K = T * g.Cg, rows = p1 - p0;
-  const int64_t b = std::max(p0, n * RC), e = std::min(p1, (n + 1) * RC);
-  for (int64_t p = b; p < e; ++p) {
-    const RowCoord rc = coord(reg, p);
-    for (int t = 0; t < T; ++t) {
-      const int64_t ih = reflect(rc.r * g.sh - g.ph + reg.taps.kh[t] * g.dh, g.H);
-      const int64_t iw = reflect(rc.c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
-      scalar_t* dst = gp + n * st[0] + ih * st[2] + iw * st[3];
-      for (int64_t gi = 0; gi < g.G; ++gi)
-        add_run(dst + gi * g.Cg * st[1], st[1], B + (gi * rows + p - p0) * K + t * g.Cg, g.Cg);
-    }
-  }
-}
 
 // Backward works on chunks of whole images, each covering every region: a chunk's grad_input fold then only
 // touches its own images, so it runs inside the chunk and the whole backward is ONE parallel region (a
@@ -50,6 +20,25 @@ void fold_image(scalar_t* gp, at::IntArrayRef st, const acc_t* B, const Geom& g,
 constexpr int64_t kSlots = 8;
 constexpr int64_t kChunkRows = 1024;
 
+// algo 0: rconv::pick_gemm's choice between (a) and (b), except on AVX-512 CPUs at stride 1 (rconv::cpu_avx512;
+// measured on 2 cores of an Emerald Rapids Xeon VM, ResNet-34's channels_last shapes at batch 16, the whole backward
+// against oneDNN's zero-padded one): there oneDNN's backward runs near the cores' peak and the designs that repeat the
+// reflected taps ((a): 10% more multiply-adds at 14x14, 22% at 7x7; (b): its correction on top) lose to the folded
+// ones, which have the zero-padded convolution's in-bounds multiply-adds and no more. Past the 7% correction share that
+// keeps (b) (28x28 and 56x56), (c) up to 12% (14x14: 1.15-1.25x against (a)'s 1.39-1.47x and (b)'s 1.33-1.50x, four
+// runs) and "fold" beyond (7x7, where the block is half the output: 1.01-1.19x against (a)'s 1.14-1.46x and (c)'s
+// 1.30-1.42x). Stride 2 keeps the old picks ((c) and "fold" measured 1.02-1.38x there, against 0.93-1.15x).
+int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
+  if (algo != 0) return algo == kSplit || algo == kFold ? int(algo) : (algo == kGemm ? kGemm : kFrame);
+  if (rconv::cpu_avx512() && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.Cg * g.KH * g.KW >= 256 &&
+      !rconv::small_conv(g, channels_last, true)) {
+    const double share = rconv::correction_share(g);
+    if (share > 0.12) return kFold;
+    if (share > rconv::kAvx512FrameShare) return kSplit;
+  }
+  return rconv::pick_gemm(g, algo, true, true, channels_last) ? kGemm : kFrame;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go, const at::Tensor& x,
@@ -57,7 +46,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                                             int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const bool gemm = rconv::pick_gemm(g, algo, true, true, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);
+  const int design = pick_backward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);
+  if (design == kSplit || design == kFold) return backward_split(go, x, w, g, stride, dilation, mask, design == kSplit);
+  const bool gemm = design == kGemm;
   const auto acc = rconv::acc_type(x.scalar_type());
   at::Tensor gi, gw, gb;
   if (gemm) {

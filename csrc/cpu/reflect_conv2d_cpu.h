@@ -1,9 +1,10 @@
 // Reflection-padded conv2d on CPU, shared by the design files: both designs of reflect_conv2d.h
 // (reflect_conv2d_frame.cpp: (b) oneDNN's zero-padded convolution plus the frame correction;
 // reflect_conv2d_gemm.cpp: (a) a reflected im2col GEMM, and the gathered correction (b) falls back to;
-// reflect_conv2d_backward.cpp: the backward of both) and two forward-only ones (reflect_conv2d_split.cpp:
-// (c) oneDNN's unpadded convolution on the interior plus a folded-tap GEMM on the frame, and that GEMM
-// everywhere). reflect_conv2d_kernel.cpp picks one per shape and registers the ops.
+// reflect_conv2d_backward.cpp: the backward of both, and the backward's pick) and two CPU-only ones
+// (reflect_conv2d_split.cpp and reflect_conv2d_split_backward.cpp: (c) oneDNN's unpadded convolution on the
+// interior plus a folded-tap GEMM on the frame, and "fold", that GEMM everywhere). reflect_conv2d_kernel.cpp picks
+// the forward's per shape and registers the ops.
 //
 // The work is cut into fixed tasks (about kTaskRows GEMM rows of one region; whole images for (a)), run in
 // ONE parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
@@ -31,6 +32,10 @@ namespace rconv_cpu {
 using rconv::Geom;
 using rconv::reflect;
 using rconv::Region;
+
+// The designs, as the algo argument names them (reflect_conv2d.h; 0 = pick per shape): (b) frame, (a) gemm, (c)
+// split, and (c) without the block, "fold" (every pixel by the folded GEMM).
+constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 
 constexpr int64_t kTaskRows = 512;
 // Images per task of (c)'s convolution (see forward_split)
@@ -135,6 +140,39 @@ void add_out(scalar_t* op, at::IntArrayRef st, const acc_t* corr, const Geom& g,
   }
 }
 
+// Gr[gi, p - p0, oc] = go[n, gi*OCg + oc, r, c] (group_rows as in gather_x)
+template <typename scalar_t, typename acc_t>
+void gather_grad(const scalar_t* gp, at::IntArrayRef st, acc_t* Gr, const Geom& g, const Region& reg, int64_t p0,
+                 int64_t p1, int64_t group_rows = -1) {
+  const int64_t rows = group_rows < 0 ? p1 - p0 : group_rows;
+  for (int64_t p = p0; p < p1; ++p) {
+    const RowCoord rc = coord(reg, p);
+    const scalar_t* src = gp + rc.n * st[0] + rc.r * st[2] + rc.c * st[3];
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      load_run(Gr + (gi * rows + p - p0) * g.OCg, src + gi * g.OCg * st[1], g.OCg, st[1]);
+  }
+}
+
+// gin[n, gi*Cg + cg, reflect(ih), reflect(iw)] += B[gi, p - p0, t*Cg + cg] for the rows of image n only
+// (group_rows as in gather_x)
+template <typename scalar_t, typename acc_t>
+void fold_image(scalar_t* gp, at::IntArrayRef st, const acc_t* B, const Geom& g, const Region& reg, int64_t p0,
+                int64_t p1, int64_t n, int64_t group_rows = -1) {
+  const int64_t RC = reg.rows() * reg.cols(), T = reg.taps.n, K = T * g.Cg;
+  const int64_t rows = group_rows < 0 ? p1 - p0 : group_rows;
+  const int64_t b = std::max(p0, n * RC), e = std::min(p1, (n + 1) * RC);
+  for (int64_t p = b; p < e; ++p) {
+    const RowCoord rc = coord(reg, p);
+    for (int t = 0; t < T; ++t) {
+      const int64_t ih = reflect(rc.r * g.sh - g.ph + reg.taps.kh[t] * g.dh, g.H);
+      const int64_t iw = reflect(rc.c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
+      scalar_t* dst = gp + n * st[0] + ih * st[2] + iw * st[3];
+      for (int64_t gi = 0; gi < g.G; ++gi)
+        add_run(dst + gi * g.Cg * st[1], st[1], B + (gi * rows + p - p0) * K + t * g.Cg, g.Cg);
+    }
+  }
+}
+
 // The weight as [OC, KH*KW, Cg] in the accumulation dtype: a view of a channels_last weight of that dtype, else
 // a copy into the output cache (a fresh 9 MB copy page-faults for longer than it copies).
 inline at::Tensor tap_major(const at::Tensor& w, const Geom& g) {
@@ -205,6 +243,11 @@ void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<
                   const Geom& g, bool gemm);
 at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const Geom& g, at::IntArrayRef stride, at::IntArrayRef dilation, bool use_block);
+// (c)'s backward (use_block) and "fold"'s (reflect_conv2d_split_backward.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& go, const at::Tensor& x,
+                                                              const at::Tensor& w, const Geom& g,
+                                                              at::IntArrayRef stride, at::IntArrayRef dilation,
+                                                              std::array<bool, 3> mask, bool use_block);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go, const at::Tensor& x,
                                                             const at::Tensor& w, at::IntArrayRef stride,
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,

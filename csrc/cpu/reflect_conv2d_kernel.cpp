@@ -9,11 +9,10 @@ namespace fastfuse {
 namespace {
 
 using rconv::Geom;
-
-// Forward designs (the algo values): (b) frame, (a) gemm, (c) split, and (c) without the block ("fold": every
-// pixel by the folded GEMM, i.e. (a) with folded frame taps). Backward knows (a) and (b) only; the others run
-// (b)'s backward.
-constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
+using rconv_cpu::kFold;
+using rconv_cpu::kFrame;
+using rconv_cpu::kGemm;
+using rconv_cpu::kSplit;
 
 // algo 0 picks by shape alone (so the bits never depend on the run or the thread count). Measured on
 // ResNet-34's shapes (README): (b) where its correction adds under 3% to the multiply-adds (56x56 stride 1,

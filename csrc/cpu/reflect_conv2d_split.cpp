@@ -1,4 +1,4 @@
-// Design (c) on CPU (forward only): the vendor's convolution without padding on the block of the output it
+// Design (c)'s forward on CPU: the vendor's convolution without padding on the block of the output it
 // gets right, our GEMM with every tap on the rest; and "fold", that GEMM on every pixel. (b) pays the
 // zero-padded conv plus the frame's reflected taps again (4.7% more multiply-adds at 28x28, 18% at 7x7); here
 // each output pixel is computed once. On the frame, taps that the reflection sends to one input pixel are
@@ -6,7 +6,7 @@
 // multiply-adds as the zero-padded conv's in-bounds taps.
 #include <ATen/Dispatch.h>
 
-#include "cpu/reflect_conv2d_cpu.h"
+#include "cpu/reflect_conv2d_split.h"
 
 namespace fastfuse {
 namespace rconv_cpu {
@@ -59,13 +59,7 @@ BlockRange block_range(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
   return {b0, b0 + (in - i0 - span) / s + 1, i0};
 }
 
-struct SplitPlan {
-  int64_t r0 = 0, r1 = 0, c0 = 0, c1 = 0;  // the convolution's block of the output; empty: no convolution
-  int64_t ri = 0, ci = 0;                  // where in x its input starts (row, column)
-  std::vector<Region> regions;             // the rest; taps = one representative per folded class
-  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> folds;  // per region tap: (kh mask, kw mask) summed
-  bool has_block() const { return r1 > r0 && c1 > c0; }
-};
+}  // namespace
 
 SplitPlan split_plan(const Geom& g, bool use_block) {
   SplitPlan sp;
@@ -97,95 +91,17 @@ SplitPlan split_plan(const Geom& g, bool use_block) {
   return sp;
 }
 
-// Weight runs of the regions: taps [t0, t0 + nt) of a region multiply nt consecutive [OC, Cg] slices, at
-// off in the tap-major weight [OC, KH*KW, Cg] (unfolded taps in tap order) or in the table of folded sums
-// [OC, E, Cg]; one GEMM per run and group, accumulating. The table holds each distinct sequence of
-// (kh mask, kw mask) taps once (top and bottom edges share theirs), so it costs a few weight-sized passes at
-// most instead of one per region (at 7x7, 512 channels, per-region copies took longer than the GEMMs).
-struct WeightRun {
-  int t0, nt;
-  bool table;
-  int64_t off;  // in slices
-};
-
-struct SplitWeights {
-  at::Tensor w_tap, table;
-  std::vector<std::vector<WeightRun>> runs;  // per region
-};
-
-template <typename acc_t>
-void fill_table(const at::Tensor& w_tap, at::Tensor& table, const Geom& g,
-                const std::vector<std::pair<uint64_t, uint64_t>>& entries) {
-  const int64_t KK = g.KH * g.KW, E = (int64_t)entries.size();
-  const acc_t* src = w_tap.const_data_ptr<acc_t>();
-  acc_t* dst = table.mutable_data_ptr<acc_t>();
-  // in parallel: serial, the 11 MB table of 7x7 with 512 channels took ~0.6 ms, ~3% of a quiet forward
-  at::parallel_for(0, g.OC, std::max<int64_t>(1, 65536 / (E * g.Cg)), [&](int64_t oc0, int64_t oc1) {
-  for (int64_t oc = oc0; oc < oc1; ++oc)
-    for (int64_t e = 0; e < E; ++e) {
-      acc_t* __restrict__ d = dst + (oc * E + e) * g.Cg;
-      bool first = true;
-      for (int kh = 0; kh < g.KH; ++kh)
-        for (int kw = 0; kw < g.KW; ++kw) {
-          if (!(entries[e].first >> kh & 1) || !(entries[e].second >> kw & 1)) continue;
-          const acc_t* __restrict__ s = src + (oc * KK + kh * g.KW + kw) * g.Cg;
-          if (first)
-            std::memcpy(d, s, g.Cg * sizeof(acc_t));
-          else
-            for (int64_t c = 0; c < g.Cg; ++c) d[c] += s[c];
-          first = false;
-        }
-    }
-  });
+at::Tensor run_weight(const SplitWeights& sw, const Geom& g, const WeightRun& run) {
+  const at::Tensor& src = run.table ? sw.table : sw.w_tap;  // [OC, slices, Cg]
+  const int64_t ld = src.size(1) * g.Cg;                    // slices [off, off + nt)
+  return src.as_strided({g.G, g.OCg, run.nt * g.Cg}, {g.OCg * ld, ld, 1}, src.storage_offset() + run.off * g.Cg);
 }
 
-template <typename acc_t>
-SplitWeights split_weights(const at::Tensor& w, const Geom& g, const SplitPlan& sp) {
-  SplitWeights sw;
-  sw.w_tap = tap_major(w, g);
-  std::vector<std::pair<uint64_t, uint64_t>> entries;
-  std::vector<std::pair<std::vector<std::pair<uint64_t, uint64_t>>, int64_t>> seqs;  // sequence -> its offset
-  for (size_t i = 0; i < sp.regions.size(); ++i) {
-    const auto& f = sp.folds[i];
-    const int n = sp.regions[i].taps.n;
-    int plain = 0;  // leading unfolded taps that are consecutive in the weight
-    auto tap_of = [&](int t) { return __builtin_ctzll(f[t].first) * g.KW + __builtin_ctzll(f[t].second); };
-    auto single = [&](int t) { return __builtin_popcountll(f[t].first) * __builtin_popcountll(f[t].second) == 1; };
-    while (plain < n && single(plain) && (plain == 0 || tap_of(plain) == tap_of(plain - 1) + 1)) ++plain;
-    std::vector<WeightRun> runs;
-    if (plain) runs.push_back({0, plain, false, tap_of(0)});
-    if (plain < n) {
-      std::vector<std::pair<uint64_t, uint64_t>> seq(f.begin() + plain, f.end());
-      auto it = std::find_if(seqs.begin(), seqs.end(), [&](const auto& q) { return q.first == seq; });
-      int64_t off;
-      if (it != seqs.end()) {
-        off = it->second;
-      } else {
-        off = (int64_t)entries.size();
-        entries.insert(entries.end(), seq.begin(), seq.end());
-        seqs.emplace_back(std::move(seq), off);
-      }
-      runs.push_back({plain, n - plain, true, off});
-    }
-    sw.runs.push_back(std::move(runs));
-  }
-  if (!entries.empty()) {
-    sw.table = empty_cached({g.OC, (int64_t)entries.size(), g.Cg}, sw.w_tap.scalar_type());
-    fill_table<acc_t>(sw.w_tap, sw.table, g, entries);
-  }
-  return sw;
-}
-
-// res = A [G, rows, T*Cg] times the region's weight runs (group gi's [OCg, T*Cg]), as [G, rows, OCg]: one
-// batched GEMM per run on strided views (no copies), the later ones accumulating.
 void region_gemm(const at::Tensor& A, at::Tensor& res, const Geom& g, const SplitWeights& sw,
                  const std::vector<WeightRun>& runs) {
   for (size_t r = 0; r < runs.size(); ++r) {
     const WeightRun& run = runs[r];
-    const at::Tensor& src = run.table ? sw.table : sw.w_tap;  // [OC, slices, Cg]
-    const int64_t ld = src.size(1) * g.Cg;  // [G, OCg, nt*Cg] view of slices [off, off + nt)
-    const at::Tensor b = src.as_strided({g.G, g.OCg, run.nt * g.Cg}, {g.OCg * ld, ld, 1},
-                                        src.storage_offset() + run.off * g.Cg);
+    const at::Tensor b = run_weight(sw, g, run);
     const at::Tensor a = A.narrow(2, run.t0 * g.Cg, run.nt * g.Cg);
     if (r == 0)
       at::bmm_out(res, a, b.transpose(1, 2));
@@ -194,9 +110,6 @@ void region_gemm(const at::Tensor& A, at::Tensor& res, const Geom& g, const Spli
   }
 }
 
-// Regions with the same folded taps (top and bottom edges, left and right, the four corners) share their
-// weight runs, so their rows go through one GEMM: MKL packs the weight once per GEMM call, and at 7x7 with 512
-// channels packing it per region and task took a sixth of the GEMM time.
 std::vector<std::vector<int>> tap_groups(const SplitPlan& sp) {
   std::vector<std::vector<int>> groups;
   for (int i = 0; i < (int)sp.regions.size(); ++i) {
@@ -209,6 +122,8 @@ std::vector<std::vector<int>> tap_groups(const SplitPlan& sp) {
   }
   return groups;
 }
+
+namespace {
 
 struct GroupTask {
   int64_t group, q0, q1;  // rows [q0, q1) of the group's regions' GEMM rows, one region after the other

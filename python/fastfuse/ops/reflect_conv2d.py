@@ -84,9 +84,9 @@ def _format(x, w):
 
 
 # C++ designs: "auto" picks per shape; "frame" = vendor convolution with zero padding + frame correction;
-# "gemm" = reflected im2col + GEMM; "split" (CPU forward) = vendor convolution without padding on the block it
-# gets right + folded-tap GEMM on the rest; "fold" (CPU forward) = the folded-tap GEMM everywhere. The last two
-# run "frame"'s backward (and "frame" on CUDA). FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
+# "gemm" = reflected im2col + GEMM; "split" (CPU) = vendor convolution without padding on the block it gets
+# right + folded-tap GEMM on the rest, forward and backward; "fold" (CPU) = the folded-tap GEMM everywhere. On
+# CUDA the last two run "frame". FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
 _ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4}
 
 
