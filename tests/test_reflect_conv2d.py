@@ -373,3 +373,22 @@ def test_triton_matches_reference_op():
         y = _ours(m)(x, m.weight, m.bias)
     torch.testing.assert_close(y, reference.reflect_conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation,
                                                            m.groups), **TOL[torch.float32])
+
+
+def test_auto_leaves_batched_designs_with_more_threads_than_tasks():
+    """(c) runs in tasks of 8 images: at batch 16 it is picked on up to 2 threads, and with more threads auto takes a
+    design that every thread works on ((b) here), rather than leave threads idle."""
+    x = torch.randn(16, 32, 14, 14).to(memory_format=torch.channels_last)
+    w = torch.randn(32, 32, 3, 3)
+    args = (x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    threads = torch.get_num_threads()
+    picked = {}
+    try:
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            auto = torch.ops.fastfuse_C.reflect_conv2d(*args, 0)
+            picked[n] = [a for a in ("frame", "split") if
+                         torch.equal(auto, torch.ops.fastfuse_C.reflect_conv2d(*args, rc_ops._ALGOS[a]))]
+    finally:
+        torch.set_num_threads(threads)
+    assert picked == {2: ["split"], 3: ["frame"]}

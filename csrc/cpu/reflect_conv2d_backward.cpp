@@ -31,7 +31,7 @@ constexpr int64_t kChunkRows = 1024;
 int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
   if (algo != 0) return algo == kSplit || algo == kFold ? int(algo) : (algo == kGemm ? kGemm : kFrame);
   if (rconv::cpu_avx512() && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.Cg * g.KH * g.KW >= 256 &&
-      !rconv::small_conv(g, channels_last, true)) {
+      !rconv::small_conv(g, channels_last, true) && chunks_fill_threads(g.N)) {
     const double share = rconv::correction_share(g);
     if (share > 0.12) return kFold;
     if (share > rconv::kAvx512FrameShare) return kSplit;

@@ -40,6 +40,14 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 constexpr int64_t kTaskRows = 512;
 // Images per task of (c)'s convolution (see forward_split)
 constexpr int64_t kConvImages = 8;
+// Whether design (c)'s tasks of kConvImages images (its forward's convolution, all of "fold"'s and (c)'s backward
+// frame work) keep every intra-op thread busy: two tasks at least, and one per thread. Only the automatic picks read
+// it: at batch 16 a 16-thread CPU would run those designs on two threads. So which design runs depends on the thread
+// count too (measured on 2 threads only); for a given thread count every run still gives the same bits.
+inline bool chunks_fill_threads(int64_t N) {
+  return (N + kConvImages - 1) / kConvImages >= std::max<int64_t>(2, at::get_num_threads());
+}
+
 // Gathered elements per task / chunk at most (4 MB of fp32): keeps (a)'s im2col, whose rows are Cg*KH*KW
 // long, about cache-sized.
 constexpr int64_t kTaskElems = int64_t(1) << 20;

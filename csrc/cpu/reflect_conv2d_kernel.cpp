@@ -31,9 +31,10 @@ using rconv_cpu::kSplit;
 // no such rule: one input channel, 5x5 kernels and 3x3 stride 2 each had another best design, or (b).)
 //
 // Small batches and NCHW (measured on (4-16, 16-128, H, H) inputs, 3x3): (c) runs its convolution in chunks of
-// kConvImages images, one thread each, so with one chunk (N <= 8) the other thread idles: 1.7-1.9x the zero-padded
-// conv against (b)'s 1.2-1.5x; those take (b). In NCHW, (b)'s correction gathers with strided reads and (c) won
-// wherever it had two chunks (0.50-1.22x against (b)'s 1.14-2.08x), so NCHW takes (c) there even below 3%.
+// kConvImages images, one thread each, so with one chunk (N <= 8) the other thread idles
+// (rconv_cpu::chunks_fill_threads: and with more threads than chunks, the rest idle): 1.7-1.9x the zero-padded conv
+// against (b)'s 1.2-1.5x; those take (b). In NCHW, (b)'s correction gathers with strided reads and (c) won wherever
+// it had two chunks (0.50-1.22x against (b)'s 1.14-2.08x), so NCHW takes (c) there even below 3%.
 //
 // AVX-512 (2 cores of an Emerald Rapids Xeon VM; rconv::cpu_avx512): oneDNN's zero-padded convolution runs near
 // the cores' peak there, stem included, and (c)'s and "fold"'s GEMMs fall further behind it, so channels_last takes
@@ -45,12 +46,13 @@ int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
   if (algo != 0) return kFrame;
   const bool avx512 = rconv::cpu_avx512();
   if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
-    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return avx512 ? kFrame : kSplit;
+    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2)
+      return avx512 || !rconv_cpu::chunks_fill_threads(g.N) ? kFrame : kSplit;
     if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
   const double share = rconv::correction_share(g);
-  const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0, chunks = g.N > rconv_cpu::kConvImages;
+  const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0, chunks = rconv_cpu::chunks_fill_threads(g.N);
   if (g.Cg * g.KH * g.KW < 32) return kFrame;
   if (!channels_last && divides && chunks && share <= 0.12) return kSplit;
   if (share < 0.03 || (avx512 && channels_last && share <= rconv::kAvx512FrameShare)) return kFrame;
