@@ -27,3 +27,28 @@ def test_bench_compiles_past_dynamo_recompile_limit():
         m(torch.randn(3, i + 1))
     assert counters["stats"]["unique_graphs"] == 10
     torch._dynamo.reset()
+
+
+def test_commit_is_dirty_for_changed_code_anywhere_but_not_for_results(tmp_path, monkeypatch):
+    import subprocess
+
+    import fastfuse.bench as fb
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    files = ["python/fastfuse/bench/__init__.py", "tests/test_x.py", "benchmarks/results/cpu.json"]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    monkeypatch.setattr(fb, "__file__", str(tmp_path / files[0]))
+    head = fb._commit()
+    assert head and not head.endswith("+dirty")
+    (tmp_path / files[2]).write_text("1\n")  # a run's --out file
+    assert fb._commit() == head
+    (tmp_path / files[1]).write_text("1\n")  # code outside the package's own folder
+    assert fb._commit() == head + "+dirty"

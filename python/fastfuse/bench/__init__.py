@@ -208,13 +208,15 @@ def saved_mb(fn):
 
 
 def _commit():
-    """HEAD's short hash, with "+dirty" when tracked files differ from it (the results are then not HEAD's)."""
+    """HEAD's short hash, with "+dirty" when tracked files differ from it (the results are then not HEAD's). Files
+    under benchmarks/results/ do not count: one run's --out file is not code the next run measures."""
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=__file__.rsplit("/", 3)[0],
                               timeout=5).stdout.strip()
     try:
         head = git("rev-parse", "--short", "HEAD")
-        return (head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)benchmarks/results")
+        return (head + ("+dirty" if changed else "")) or None
     except Exception:
         return None
 
