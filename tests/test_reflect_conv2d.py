@@ -392,3 +392,29 @@ def test_auto_leaves_batched_designs_with_more_threads_than_tasks():
     finally:
         torch.set_num_threads(threads)
     assert picked == {2: ["split"], 3: ["frame"]}
+
+
+def test_auto_leaves_task_designs_with_more_threads_than_tasks():
+    """A small problem runs (a), a few GEMM tasks, on up to 2 threads (the measured picks); with more threads than
+    tasks auto takes (b), whose vendor convolution uses every thread. Forward and backward alike."""
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 16, 3, 3)
+    go = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    conv = (x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    grad = (go, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, False])
+    threads = torch.get_num_threads()
+    picked = {}
+    try:
+        for n in (2, 4):
+            torch.set_num_threads(n)
+            for name, op, args in (("fwd", torch.ops.fastfuse_C.reflect_conv2d, conv),
+                                   ("bwd", torch.ops.fastfuse_C.reflect_conv2d_backward, grad)):
+                def outs(algo):
+                    out = op(*args, algo)
+                    return [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+                auto = outs(0)
+                picked[name, n] = [a for a in ("frame", "gemm")
+                                   if all(torch.equal(u, v) for u, v in zip(auto, outs(rc_ops._ALGOS[a])))]
+    finally:
+        torch.set_num_threads(threads)
+    assert picked == {("fwd", 2): ["gemm"], ("bwd", 2): ["gemm"], ("fwd", 4): ["frame"], ("bwd", 4): ["frame"]}

@@ -20,6 +20,21 @@ namespace {
 constexpr int64_t kSlots = 8;
 constexpr int64_t kChunkRows = 1024;
 
+// Chunks of the backward of (a) or (b) over these regions: an even count, evenly cut, so two threads get equal shares
+// (the cut must not follow the thread count).
+int64_t backward_chunks(const Geom& g, const std::vector<Region>& regions) {
+  int64_t frame = 0, max_k = 0;
+  for (const Region& r : regions) {
+    frame += r.rows() * r.cols();
+    max_k = std::max<int64_t>(max_k, r.taps.n * g.Cg);
+  }
+  int64_t chunks = std::max<int64_t>({1, (g.N * frame + kChunkRows - 1) / kChunkRows,
+                                       (g.N * frame * max_k * g.G + kTaskElems - 1) / kTaskElems});
+  chunks = std::min(g.N, chunks);
+  chunks = (g.N + g.N / chunks - 1) / (g.N / chunks);  // whole images alike: 16 images in 16 or 8, not 14
+  return std::min(g.N, chunks + chunks % 2);
+}
+
 // algo 0: rconv::pick_gemm's choice between (a) and (b), except on AVX-512 CPUs at stride 1 (rconv::cpu_avx512;
 // measured on 2 cores of an Emerald Rapids Xeon VM, ResNet-34's channels_last shapes at batch 16, the whole backward
 // against oneDNN's zero-padded one): there oneDNN's backward runs near the cores' peak and the designs that repeat the
@@ -36,7 +51,9 @@ int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
     if (share > 0.12) return kFold;
     if (share > rconv::kAvx512FrameShare) return kSplit;
   }
-  return rconv::pick_gemm(g, algo, true, true, channels_last) ? kGemm : kFrame;
+  // (a) runs as at most kSlots tasks: with more threads than that, (b) (tasks_fill_threads)
+  const bool gemm = rconv::pick_gemm(g, algo, true, true, channels_last);
+  return gemm && tasks_fill_threads(std::min(kSlots, backward_chunks(g, {rconv::whole(g)}))) ? kGemm : kFrame;
 }
 
 }  // namespace
@@ -67,18 +84,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
   }
   const auto regions = regions_for(g, gemm);
   const auto cols = region_columns(w, g, regions);
-  int64_t frame = 0, max_img = 0, max_k = 0;  // per image: frame rows, largest region, widest region
+  int64_t max_img = 0, max_k = 0;  // per image: largest region, widest region
   for (const Region& r : regions) {
-    frame += r.rows() * r.cols();
     max_img = std::max(max_img, r.rows() * r.cols());
     max_k = std::max<int64_t>(max_k, r.taps.n * g.Cg);
   }
-  // an even chunk count, evenly cut: two threads get equal shares (the cut must not follow the thread count)
-  int64_t chunks = std::max<int64_t>({1, (g.N * frame + kChunkRows - 1) / kChunkRows,
-                                       (g.N * frame * max_k * g.G + kTaskElems - 1) / kTaskElems});
-  chunks = std::min(g.N, chunks);
-  chunks = (g.N + g.N / chunks - 1) / (g.N / chunks);  // whole images alike: 16 images in 16 or 8, not 14
-  chunks = std::min(g.N, chunks + chunks % 2);
+  const int64_t chunks = backward_chunks(g, regions);
   const int64_t per = (g.N + chunks - 1) / chunks;  // most images in one chunk
   const int64_t slots = std::min(kSlots, chunks);
   std::vector<std::vector<at::Tensor>> gw_parts(slots, std::vector<at::Tensor>(regions.size()));

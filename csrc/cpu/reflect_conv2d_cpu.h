@@ -48,6 +48,14 @@ inline bool chunks_fill_threads(int64_t N) {
   return (N + kConvImages - 1) / kConvImages >= std::max<int64_t>(2, at::get_num_threads());
 }
 
+// Whether n tasks of one parallel region keep the intra-op threads busy. The picks were measured on 2 threads; with
+// more, a design that runs as our tasks (MKL single-threaded inside each: (a), "fold") is only picked with a task
+// per thread, else (b): the vendor's convolution uses every thread. Up to 2 threads this changes nothing.
+inline bool tasks_fill_threads(int64_t n) {
+  const int64_t t = at::get_num_threads();
+  return t <= 2 || n >= t;
+}
+
 // Gathered elements per task / chunk at most (4 MB of fp32): keeps (a)'s im2col, whose rows are Cg*KH*KW
 // long, about cache-sized.
 constexpr int64_t kTaskElems = int64_t(1) << 20;
@@ -246,6 +254,9 @@ at::Tensor forward_frame(const at::Tensor& x, const at::Tensor& w, const c10::op
                          int64_t groups);
 at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                         const Geom& g);
+// Tasks of forward_gemm and of "fold"'s forward (for the picks: tasks_fill_threads)
+int64_t gemm_tasks(const Geom& g);
+int64_t fold_tasks(const Geom& g);
 // out += the gathered GEMM over (a)'s whole output (gemm) or (b)'s frame regions, as tasks
 void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& out,
                   const Geom& g, bool gemm);

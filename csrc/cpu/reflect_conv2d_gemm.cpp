@@ -98,6 +98,8 @@ void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   });
 }
 
+int64_t gemm_tasks(const Geom& g) { return (int64_t)make_tasks(g, {rconv::whole(g)}, true).size(); }
+
 at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                         const Geom& g) {
   at::Tensor out = empty_out(g, x, w);

@@ -41,7 +41,7 @@ using rconv_cpu::kSplit;
 // (b) up to a 7% correction share (rconv::kAvx512FrameShare): 28x28 stride 1 1.06-1.08x the zero-padded conv
 // against (c)'s 1.10-1.13x (two runs), 28x28 stride 2 1.12x against "fold"'s 1.22x. The stem takes (b) too: 1.01-1.05x
 // in three runs, where (c) swung from 0.92x to 1.39x.
-int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
+int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
   const bool avx512 = rconv::cpu_avx512();
@@ -58,6 +58,15 @@ int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
   if (share < 0.03 || (avx512 && channels_last && share <= rconv::kAvx512FrameShare)) return kFrame;
   if (share <= 0.12 && divides) return chunks ? kSplit : kFrame;
   return kFold;
+}
+
+// ... and with more than 2 threads, (a) and "fold" only where they make a task per thread (tasks_fill_threads).
+int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
+  const int design = pick_by_shape(g, algo, channels_last);
+  if (algo != 0) return design;
+  if (design == kGemm && !rconv_cpu::tasks_fill_threads(rconv_cpu::gemm_tasks(g))) return kFrame;
+  if (design == kFold && !rconv_cpu::tasks_fill_threads(rconv_cpu::fold_tasks(g))) return kFrame;
+  return design;
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,

@@ -167,6 +167,11 @@ void for_pieces(const Geom& g, const SplitPlan& sp, const std::vector<int>& grou
 
 }  // namespace
 
+int64_t fold_tasks(const Geom& g) {
+  const SplitPlan sp = split_plan(g, false);
+  return (int64_t)group_tasks(g, sp, tap_groups(sp)).size();
+}
+
 // Design (c)'s forward: the block by the vendor's convolution without padding, copied into the output, and
 // every other pixel by a gathered GEMM with the folded taps, written with the bias; all of it as tasks of one
 // parallel region.
