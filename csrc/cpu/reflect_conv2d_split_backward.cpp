@@ -106,9 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
               }
             };
             at::Tensor Gr = scratch(sc.G, g.G, rows, g.OCg);
-            acc_t* grp_ = Gr.mutable_data_ptr<acc_t>();
+            acc_t* gr_ptr = Gr.mutable_data_ptr<acc_t>();
             pieces([&](const Region& reg, int64_t p0, int64_t p1, int64_t row) {
-              gather_grad<scalar_t, acc_t>(gop, go.strides(), grp_ + row * g.OCg, g, reg, p0, p1, rows);
+              gather_grad<scalar_t, acc_t>(gop, go.strides(), gr_ptr + row * g.OCg, g, reg, p0, p1, rows);
             });
             at::Tensor A = scratch(sc.A, g.G, rows, K);
             acc_t* ap = A.mutable_data_ptr<acc_t>();
