@@ -306,7 +306,8 @@ inline double correction_share(const Geom& g) {
 // 3 and 4 are CPU designs (cpu/reflect_conv2d_split*.cpp; pick_forward in cpu/reflect_conv2d_kernel.cpp and
 // pick_backward in cpu/reflect_conv2d_backward.cpp make the CPU's automatic choices); on CUDA they run (b).
 // Forward and backward choose independently (each is a complete computation of its own outputs; the choice
-// is a pure function of the shape, so the bits still do not depend on the run or the thread count).
+// is a function of the shape and, on CPU, of the thread count where a design runs as our tasks
+// (rconv_cpu::chunks_fill_threads, tasks_fill_threads), so the bits still do not depend on the run).
 // CPU backward, measured on ResNet-34's shapes (2 threads of a shared AVX2 EPYC, oneDNN 3.x, MKL; see README;
 // AVX-512 below):
 // oneDNN's backward is slower than MKL GEMMs on an im2col here, so (a) wins wherever the im2col rows are long

@@ -14,7 +14,8 @@ using rconv_cpu::kFrame;
 using rconv_cpu::kGemm;
 using rconv_cpu::kSplit;
 
-// algo 0 picks by shape alone (so the bits never depend on the run or the thread count). Measured on
+// algo 0 picks by shape, and by the thread count where a design runs as our tasks (pick_forward below), so the
+// bits never depend on the run. Measured on
 // ResNet-34's shapes (README): (b) where its correction adds under 3% to the multiply-adds (56x56 stride 1,
 // both 56x56 inputs) or the GEMM rows would be short (Cg*KH*KW < 32); (c) up to 12% where the
 // stride divides the padding (28x28 and 14x14 stride 1: the valid conv runs at oneDNN's speed, only the
