@@ -418,3 +418,24 @@ def test_auto_leaves_task_designs_with_more_threads_than_tasks():
     finally:
         torch.set_num_threads(threads)
     assert picked == {("fwd", 2): ["gemm"], ("bwd", 2): ["gemm"], ("fwd", 4): ["frame"], ("bwd", 4): ["frame"]}
+
+
+@pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
+@pytest.mark.parametrize("shape,stride", [((3, 4, 7, 6), 1), ((2, 4, 9, 8), 2), ((2, 4, 2, 2), 1), ((0, 4, 7, 6), 1)],
+                         ids=["s1", "s2", "no-block", "batch0"])
+def test_backward_each_mask_as_reference(algo, shape, stride):
+    """The backward op alone, each output asked for on its own and all together (the autograd node asks for
+    what needs a gradient), against the reference's; also an empty batch and inputs with no unpadded block."""
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    w = torch.randn(5, 4, 3, 3)
+    ref_m = nn.Conv2d(4, 5, 3, stride, 1, padding_mode="reflect", bias=True)
+    ref_m.weight.data.copy_(w)
+    y, grads = _fwd_bwd(ref_m, x, _theirs(ref_m))
+    torch.manual_seed(1)
+    go = torch.randn_like(y)
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [True, True, True]):
+        out = torch.ops.fastfuse_C.reflect_conv2d_backward(go, x, w, [stride] * 2, [1, 1], [1, 1], 1, mask,
+                                                           rc_ops._ALGOS[algo])
+        for want, got, ref in zip(mask, out, grads):
+            if want:
+                torch.testing.assert_close(got, ref, **TOL[torch.float32])
