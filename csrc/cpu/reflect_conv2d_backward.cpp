@@ -51,9 +51,9 @@ int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
     if (share > 0.12) return kFold;
     if (share > rconv::kAvx512FrameShare) return kSplit;
   }
+  if (!rconv::pick_gemm(g, algo, true, true, channels_last)) return kFrame;
   // (a) runs as at most kSlots tasks: with more threads than that, (b) (tasks_fill_threads)
-  const bool gemm = rconv::pick_gemm(g, algo, true, true, channels_last);
-  return gemm && tasks_fill_threads(std::min(kSlots, backward_chunks(g, {rconv::whole(g)}))) ? kGemm : kFrame;
+  return tasks_fill_threads([&] { return std::min(kSlots, backward_chunks(g, {rconv::whole(g)})); }) ? kGemm : kFrame;
 }
 
 }  // namespace

@@ -40,20 +40,23 @@ constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
 constexpr int64_t kTaskRows = 512;
 // Images per task of (c)'s convolution (see forward_split)
 constexpr int64_t kConvImages = 8;
-// Whether design (c)'s tasks of kConvImages images (its forward's convolution, all of "fold"'s and (c)'s backward
-// frame work) keep every intra-op thread busy: two tasks at least, and one per thread. Only the automatic picks read
-// it: at batch 16 a 16-thread CPU would run those designs on two threads. So which design runs depends on the thread
-// count too (measured on 2 threads only); for a given thread count every run still gives the same bits.
-inline bool chunks_fill_threads(int64_t N) {
-  return (N + kConvImages - 1) / kConvImages >= std::max<int64_t>(2, at::get_num_threads());
+// Whether the tasks of one parallel region (count() of them) keep the intra-op threads busy. The picks were measured
+// on 2 threads; with more, a design that runs as our tasks (MKL single-threaded inside each: (a), "fold") is only
+// picked with a task per thread, else (b): the vendor's convolution uses every thread. Up to 2 threads this changes
+// nothing, and count(), which builds the design's task list, is not called. Only the automatic picks read it, so
+// which design runs depends on the thread count too; for a given thread count every run still gives the same bits.
+template <typename Count>
+bool tasks_fill_threads(const Count& count) {
+  const int64_t t = at::get_num_threads();
+  return t <= 2 || count() >= t;
 }
 
-// Whether n tasks of one parallel region keep the intra-op threads busy. The picks were measured on 2 threads; with
-// more, a design that runs as our tasks (MKL single-threaded inside each: (a), "fold") is only picked with a task
-// per thread, else (b): the vendor's convolution uses every thread. Up to 2 threads this changes nothing.
-inline bool tasks_fill_threads(int64_t n) {
-  const int64_t t = at::get_num_threads();
-  return t <= 2 || n >= t;
+// Whether design (c)'s tasks of kConvImages images (its forward's convolution, all of "fold"'s and (c)'s backward
+// frame work) keep the threads busy: two tasks at least (with one the other thread idles), and one per thread (at
+// batch 16 a 16-thread CPU would run those designs on two threads).
+inline bool chunks_fill_threads(int64_t N) {
+  const int64_t chunks = (N + kConvImages - 1) / kConvImages;
+  return chunks >= 2 && tasks_fill_threads([&] { return chunks; });
 }
 
 // Gathered elements per task / chunk at most (4 MB of fp32): keeps (a)'s im2col, whose rows are Cg*KH*KW
