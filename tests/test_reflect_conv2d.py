@@ -1,5 +1,6 @@
 """fastfuse.reflect_conv2d and its modules against nn.Conv2d(padding_mode='reflect') with copied weights:
 forward and every gradient, on each CPU backend (C++ with both designs, Triton through the interpreter)."""
+import contextlib
 import importlib
 
 import pytest
@@ -75,6 +76,25 @@ def _ours(m):
 
 def _theirs(m):
     return lambda x, w, b: m._conv_forward(x, w, b)  # nn.Conv2d's own reflect path
+
+
+@contextlib.contextmanager
+def _num_threads(n):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _auto_matches(op, args, names):
+    """The forced C++ designs among `names` whose outputs (all of them, None left out) auto's match bit for bit."""
+    def outs(algo):
+        out = op(*args, algo)
+        return [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+    auto = outs(0)
+    return [a for a in names if all(torch.equal(u, v) for u, v in zip(auto, outs(rc_ops._ALGOS[a])))]
 
 
 def _cases():
@@ -204,14 +224,10 @@ def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last,
     single-threaded on fixed chunks of images): oneDNN's own weight gradient in (b) depends on them."""
     cfg = (37, 6, 7, 7, 5, 3, 1, 1, 1, 1, True)
     m, x = _conv(cfg, channels_last=channels_last)
-    threads = torch.get_num_threads()
     runs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+    for n in (1, 2, 3):
+        with _num_threads(n):
             runs.append(_run("cpp", algo, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))))
-    finally:
-        torch.set_num_threads(threads)
     ref = _fwd_bwd(m, x, _theirs(m))
     for run in runs:
         for a, b in zip((run[0],) + run[1], (ref[0],) + ref[1]):
@@ -381,16 +397,10 @@ def test_auto_leaves_batched_designs_with_more_threads_than_tasks():
     x = torch.randn(16, 32, 14, 14).to(memory_format=torch.channels_last)
     w = torch.randn(32, 32, 3, 3)
     args = (x, w, None, [1, 1], [1, 1], [1, 1], 1)
-    threads = torch.get_num_threads()
     picked = {}
-    try:
-        for n in (2, 3):
-            torch.set_num_threads(n)
-            auto = torch.ops.fastfuse_C.reflect_conv2d(*args, 0)
-            picked[n] = [a for a in ("frame", "split") if
-                         torch.equal(auto, torch.ops.fastfuse_C.reflect_conv2d(*args, rc_ops._ALGOS[a]))]
-    finally:
-        torch.set_num_threads(threads)
+    for n in (2, 3):
+        with _num_threads(n):
+            picked[n] = _auto_matches(torch.ops.fastfuse_C.reflect_conv2d, args, ("frame", "split"))
     assert picked == {2: ["split"], 3: ["frame"]}
 
 
@@ -402,21 +412,12 @@ def test_auto_leaves_task_designs_with_more_threads_than_tasks():
     go = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
     conv = (x, w, None, [1, 1], [1, 1], [1, 1], 1)
     grad = (go, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, False])
-    threads = torch.get_num_threads()
     picked = {}
-    try:
-        for n in (2, 4):
-            torch.set_num_threads(n)
+    for n in (2, 4):
+        with _num_threads(n):
             for name, op, args in (("fwd", torch.ops.fastfuse_C.reflect_conv2d, conv),
                                    ("bwd", torch.ops.fastfuse_C.reflect_conv2d_backward, grad)):
-                def outs(algo):
-                    out = op(*args, algo)
-                    return [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
-                auto = outs(0)
-                picked[name, n] = [a for a in ("frame", "gemm")
-                                   if all(torch.equal(u, v) for u, v in zip(auto, outs(rc_ops._ALGOS[a])))]
-    finally:
-        torch.set_num_threads(threads)
+                picked[name, n] = _auto_matches(op, args, ("frame", "gemm"))
     assert picked == {("fwd", 2): ["gemm"], ("bwd", 2): ["gemm"], ("fwd", 4): ["frame"], ("bwd", 4): ["frame"]}
 
 
