@@ -150,7 +150,7 @@ def _both(fn, *args):
 def test_ecd_forward_bit_identical_to_cpu(dtype, B, C, p):
     x, ws, xc = _ecd_data(B, C, dtype)
     cont = xc if C else None
-    cpu, gpu = _both(lambda x, ws, c: ecd(x, ws, p, SEED, c), x, ws, cont)
+    cpu, gpu = _both(lambda x, ws, c: ecd(x, ws, p, SEED, c, True), x, ws, cont)
     assert torch.equal(bits(gpu.cpu()), bits(cpu))
     assert torch.equal(bits(cpu), bits(reference.embedding_concat_dropout(x, ws, p, *SEED.tolist(), cont=cont)))
 
@@ -225,7 +225,7 @@ def test_ecd_bad_codes_on_cuda():
 def test_ecd_empty_and_zero_width():
     for B, tables in ((0, TABLES[:2]), (5, [(4, 0), (3, 0)]), (5, [(4, 0), (3, 2)])):
         x, ws, _ = _ecd_data(B, 0, torch.float32, tables)
-        cpu, gpu = _both(lambda x, ws: ecd(x, ws, 0.3, SEED, None), x, ws)
+        cpu, gpu = _both(lambda x, ws: ecd(x, ws, 0.3, SEED, None, True), x, ws)
         assert torch.equal(gpu.cpu(), cpu)
         g = torch.randn(B, sum(d for _, d in tables))
         cpu, gpu = _both(lambda g, x, ws: ecd_bwd(g, x, ws, 0.3, SEED), g, x, ws)

@@ -74,7 +74,7 @@ def test_backends_bit_identical_to_reference(backend, dtype):
         pytest.skip("the Triton kernels take 16/32-bit floats")
     x, ws, xc = _data(TABLES["odd"] + [(3, 6)], 29, 3, dtype)
     with fastfuse.use_backend(backend):
-        y = ecd(x, ws, 0.37, SEED, xc)
+        y = ecd(x, ws, 0.37, SEED, xc, True)
     assert torch.equal(bits(y), bits(reference.embedding_concat_dropout(x, ws, 0.37, *SEED.tolist(), cont=xc)))
     g = torch.randn(y.shape, dtype=dtype)
     with fastfuse.use_backend(backend):
@@ -179,9 +179,9 @@ def test_cumulative_moving_average_momentum_none():
 def test_gradcheck_float64():
     x, ws, xc = _data([(4, 3), (3, 2)], 6, 2, torch.float64)
     inputs = [w.requires_grad_() for w in ws] + [xc.requires_grad_()]
-    assert torch.autograd.gradcheck(lambda w0, w1, c: ecd(x, [w0, w1], 0.4, SEED, c), inputs)
+    assert torch.autograd.gradcheck(lambda w0, w1, c: ecd(x, [w0, w1], 0.4, SEED, c, True), inputs)
     # create_graph=True: through the reference (_double_backward); squared, so the second derivative is not 0
-    assert torch.autograd.gradgradcheck(lambda w0, w1, c: ecd(x, [w0, w1], 0.4, SEED, c) ** 2, inputs)
+    assert torch.autograd.gradgradcheck(lambda w0, w1, c: ecd(x, [w0, w1], 0.4, SEED, c, True) ** 2, inputs)
 
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
@@ -221,7 +221,7 @@ def test_dropout_nan_and_signed_zeros_as_torch(backend):
     ws = [torch.tensor([[float("nan"), -1.0, 2.0]] * 3)]
     x = torch.randint(0, 3, (64, 1))
     with fastfuse.use_backend(backend):
-        y = ecd(x, ws, 0.5, SEED, None)
+        y = ecd(x, ws, 0.5, SEED, None, True)
     assert y[:, 0].isnan().all()
     dropped = y[:, 1] == 0
     assert dropped.any() and y[:, 1][dropped].signbit().all() and (y[:, 2] == 0).any()

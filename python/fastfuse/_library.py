@@ -11,8 +11,10 @@ lib = torch.library.Library("fastfuse", "DEF")
 lib.define("dropout(Tensor input, float p, Tensor seed) -> Tensor")
 lib.define("dropout_backward(Tensor grad_output, float p, Tensor seed) -> Tensor")
 # (B, sum d_t + C): embedding rows in column order with dropout, then `cont` (batch-normed continuous columns)
+# No schema defaults: torch 2.11's dispatcher drops arguments equal to their default before the generated
+# autograd.Function, which then wants one gradient fewer than register_autograd's backward returns.
 lib.define("embedding_concat_dropout(Tensor x_cat, Tensor[] weights, float p, Tensor seed, Tensor? cont, "
-           "bool check_index=True) -> Tensor")
+           "bool check_index) -> Tensor")
 lib.define("embedding_concat_dropout_backward(Tensor grad_output, Tensor x_cat, Tensor[] weights, float p, "
            "Tensor seed) -> Tensor[]")
 
