@@ -36,17 +36,18 @@ void unfold_add(acc_t* acc, const acc_t* part, int64_t rows, const Geom& g,
 }
 
 // grad_weight's tasks: output channels [oc0, oc1) of groups [g0, g1), over the whole batch. One group: slices of
-// the output channels, about 8 of them (16 channels at least); several: runs of whole groups. Each task owns its
-// rows of grad_weight, so nothing is summed across tasks, and the slices depend on the shape only. (Slices of the
-// input channels instead, which read the gathered x once in all rather than once per task, measured slower: 7x7,
-// 512 channels, 0.59-0.62x of oneDNN's zero-padded weight gradient against 0.48-0.55x.)
+// the output channels, about 4 of them (16 channels at least); several: runs of whole groups. Each task owns its
+// rows of grad_weight, so nothing is summed across tasks, and the slices depend on the shape only. Every task
+// reads the whole gathered x (29 MB at 14x14 with 256 channels): 8 slices measured 1.32x oneDNN's zero-padded
+// weight gradient there against 1.13-1.16x for 4 (2 slices: 1.05-1.14x, but 0.74-0.76x at 7x7 against 0.48-0.55x).
+// Slices of the input channels instead, which read it once in all, measured slower (7x7: 0.59-0.62x).
 struct WeightTask {
   int64_t g0, g1, oc0, oc1;
 };
 std::vector<WeightTask> weight_tasks(const Geom& g) {
   std::vector<WeightTask> tasks;
   if (g.G == 1) {
-    const int64_t step = std::max<int64_t>(16, (g.OC / 8 + 15) / 16 * 16);
+    const int64_t step = std::max<int64_t>(16, (g.OC / 4 + 15) / 16 * 16);
     for (int64_t oc = 0; oc < g.OC; oc += step) tasks.push_back({0, 1, oc, std::min(g.OC, oc + step)});
   } else {
     const int64_t step = std::max<int64_t>(1, 64 / g.OCg);
