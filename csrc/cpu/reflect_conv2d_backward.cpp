@@ -35,19 +35,23 @@ int64_t backward_chunks(const Geom& g, const std::vector<Region>& regions) {
   return std::min(g.N, chunks + chunks % 2);
 }
 
-// algo 0: rconv::pick_gemm's choice between (a) and (b), except on AVX-512 CPUs at stride 1 (rconv::cpu_avx512;
+// algo 0: rconv::pick_gemm's choice between (a) and (b), except on AVX-512 CPUs (rconv::cpu_avx512;
 // measured on 2 cores of an Emerald Rapids Xeon VM, ResNet-34's channels_last shapes at batch 16, the whole backward
 // against oneDNN's zero-padded one): there oneDNN's backward runs near the cores' peak and the designs that repeat the
 // reflected taps ((a): 10% more multiply-adds at 14x14, 22% at 7x7; (b): its correction on top) lose to the folded
 // ones, which have the zero-padded convolution's in-bounds multiply-adds and no more. Past the 7% correction share that
 // keeps (b) (28x28 and 56x56), (c) up to 12% (14x14: 1.15-1.25x against (a)'s 1.39-1.47x and (b)'s 1.33-1.50x, four
 // runs) and "fold" beyond (7x7, where the block is half the output: 1.01-1.19x against (a)'s 1.14-1.46x and (c)'s
-// 1.30-1.42x). Stride 2 keeps the old picks ((c) and "fold" measured 1.02-1.38x there, against 0.93-1.15x).
+// 1.30-1.42x). Stride 2 kept the old picks ((c) and "fold" measured 1.02-1.38x there, against 0.93-1.15x) until
+// fold's grad_weight became one GEMM over the whole batch (reflect_conv2d_split_backward.cpp): at outputs of up to 8x8
+// oneDNN's backward is far from the cores' peak and "fold" is picked at any stride (stride 2, 14x14 input, 256
+// channels: 0.69-0.74x of the zero-padded backward against (a)'s 0.78-0.86x; at 28x28 the two tie at 1.07-1.11x).
 int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
   if (algo != 0) return algo == kSplit || algo == kFold ? int(algo) : (algo == kGemm ? kGemm : kFrame);
-  if (rconv::cpu_avx512() && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.Cg * g.KH * g.KW >= 256 &&
+  if (rconv::cpu_avx512() && g.dh == 1 && g.dw == 1 && g.Cg * g.KH * g.KW >= 256 &&
       !rconv::small_conv(g, channels_last, true) && chunks_fill_threads(g.N)) {
-    const double share = rconv::correction_share(g);
+    if (g.OH * g.OW <= 64) return kFold;
+    const double share = g.sh == 1 && g.sw == 1 ? rconv::correction_share(g) : 0.0;  // stride 2: as below
     if (share > 0.12) return kFold;
     if (share > rconv::kAvx512FrameShare) return kSplit;
   }
