@@ -421,6 +421,28 @@ def test_auto_leaves_task_designs_with_more_threads_than_tasks():
     assert picked == {("fwd", 2): ["gemm"], ("bwd", 2): ["gemm"], ("fwd", 4): ["frame"], ("bwd", 4): ["frame"]}
 
 
+@pytest.mark.parametrize("algo", ["split", "fold"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_backward_in_image_blocks(algo, groups, monkeypatch):
+    """split's and fold's grad_weight over a big batch runs in blocks of images (a 1-byte bound makes every block
+    one task of 8 images here: 8, 8, 4), each adding onto the last; the same gradients as the reference, and the
+    same bits on a second run."""
+    x = torch.randn(20, 4, 7, 6).to(memory_format=torch.channels_last)
+    ref_m = nn.Conv2d(4, 6, 3, 1, 1, groups=groups, padding_mode="reflect", bias=False)
+    y, grads = _fwd_bwd(ref_m, x, _theirs(ref_m))
+    torch.manual_seed(1)
+    go = torch.randn_like(y)  # _fwd_bwd's
+    op = lambda: torch.ops.fastfuse_C.reflect_conv2d_backward(  # noqa: E731
+        go, x, ref_m.weight.detach(), [1, 1], [1, 1], [1, 1], groups, [True, True, False], rc_ops._ALGOS[algo])
+    whole = op()
+    monkeypatch.setenv("FASTFUSE_REFLECT_CONV2D_BLOCK_BYTES", "1")
+    blocks, again = op(), op()
+    for got, ref in zip(blocks[:2], grads[:2]):
+        torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    assert not torch.equal(blocks[1], whole[1])  # the blocks ran: three GEMMs round otherwise than one
+    assert all(torch.equal(a, b) for a, b in zip(blocks[:2], again[:2]))
+
+
 @pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
 @pytest.mark.parametrize("shape,stride", [((3, 4, 7, 6), 1), ((2, 4, 9, 8), 2), ((2, 4, 2, 2), 1), ((0, 4, 7, 6), 1)],
                          ids=["s1", "s2", "no-block", "batch0"])

@@ -9,8 +9,11 @@
 // single-threaded) its weight gradient deadlocked at 2 threads, waiting on a barrier for a second thread that never
 // came. Then one parallel region of tasks of kConvImages whole images (a function of the shape only) gathers the
 // frame's rows and adds its grad_input (each task owns its images), and a second one of slices of the output
-// channels computes the frame's grad_weight over the whole batch (each task owns its slice).
+// channels computes the frame's grad_weight over the whole batch (each task owns its slice; big batches run in
+// blocks of images, block_images).
 #include <ATen/Dispatch.h>
+
+#include <cstdlib>
 
 #include "cpu/reflect_conv2d_split.h"
 
@@ -56,6 +59,19 @@ std::vector<WeightTask> weight_tasks(const Geom& g) {
   return tasks;
 }
 
+// Images per block of the backward when grad_weight is wanted: the whole batch's gathered rows (x and grad_output,
+// per_image bytes an image) would grow with the batch (at 7x7 with 512 channels, 0.9 MB an image: ~1 GB at batch
+// 1024), so a bigger batch runs in blocks of whole tasks of at most kWeightBlockBytes, each adding its grad_weight
+// on. The blocks depend on the shape only. FASTFUSE_REFLECT_CONV2D_BLOCK_BYTES overrides the bound (the tests make
+// small shapes take several blocks).
+constexpr int64_t kWeightBlockBytes = int64_t(64) << 20;
+int64_t block_images(const Geom& g, int64_t per_image) {
+  const char* env = std::getenv("FASTFUSE_REFLECT_CONV2D_BLOCK_BYTES");
+  const int64_t cap = env ? std::max<int64_t>(1, std::atoll(env)) : kWeightBlockBytes;
+  const int64_t n = cap / std::max<int64_t>(1, per_image) / kConvImages * kConvImages;
+  return std::min(g.N, std::max(kConvImages, n));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& go, const at::Tensor& x,
@@ -71,7 +87,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
   // the block's backward writes grad_input from (ri, ci) on; the rest starts at zero
   const bool whole = sp.has_block() && sp.ri == 0 && sp.ci == 0;
   if (mask[0] && !whole) gi = at::zeros_like(x, x.options().memory_format(fmt));
-  const int64_t chunks = (g.N + kConvImages - 1) / kConvImages;
   if (go.numel() == 0 || x.numel() == 0) {
     if (mask[0] && !gi.defined()) gi = at::zeros_like(x, x.options().memory_format(fmt));
     if (mask[1]) gw = at::zeros_like(w);
@@ -95,18 +110,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
   int64_t rows_max = 0, k_max = 0;  // per-thread scratch: one group's rows for one task's images
   for (size_t q = 0; q < groups.size(); ++q) {
     for (int r : groups[q]) img_rows[q] += sp.regions[r].rows() * sp.regions[r].cols();
-    rows_max = std::max(rows_max, img_rows[q] * ((g.N + chunks - 1) / chunks));
+    rows_max = std::max(rows_max, img_rows[q] * std::min(kConvImages, g.N));  // a task has at most kConvImages
     k_max = std::max<int64_t>(k_max, sp.regions[groups[q][0]].taps.n * g.Cg);
   }
-  // grad_weight needs the whole batch's rows in one GEMM per group (task c's rows start at image n0's), kept from
-  // the gathers of the first region: per-task partials of [OC, T*Cg] (K = a task's pixels, 80 rows at 7x7) were
+  // grad_weight takes a block's rows in one GEMM per group (task c's rows start at image n0's), kept from the
+  // gathers of the first region: per-task partials of [OC, T*Cg] (K = a task's pixels, 80 rows at 7x7) were
   // written, unfolded, zeroed and summed at a cost near the GEMMs' own.
+  int64_t per_image = 0;
+  for (size_t q = 0; q < groups.size(); ++q)
+    per_image += img_rows[q] * g.G * (sp.regions[groups[q][0]].taps.n * g.Cg + g.OCg) * c10::elementSize(acc);
+  const int64_t block = mask[1] ? block_images(g, per_image) : g.N;
   std::vector<at::Tensor> gr_all(groups.size()), a_all(groups.size());
   if (mask[1])
     for (size_t q = 0; q < groups.size(); ++q) {
-      gr_all[q] = empty_cached({g.G, g.N * img_rows[q], g.OCg}, acc);
-      a_all[q] = empty_cached({g.G, g.N * img_rows[q], sp.regions[groups[q][0]].taps.n * g.Cg}, acc);
+      gr_all[q] = empty_cached({g.G, block * img_rows[q], g.OCg}, acc);
+      a_all[q] = empty_cached({g.G, block * img_rows[q], sp.regions[groups[q][0]].taps.n * g.Cg}, acc);
     }
+  const at::Tensor gw_tap = mask[1] ? empty_cached({g.OC, g.KH * g.KW, g.Cg}, acc) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "reflect_conv2d_split_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SplitWeights sw = mask[0] ? split_weights<acc_t>(w, g, sp) : SplitWeights{};
@@ -116,79 +136,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
     struct Scratch {
       at::Tensor B, G;
     };
-    for_each_task(
-        chunks,
-        [&] {
-          return Scratch{mask[0] ? empty_cached({g.G * rows_max * k_max}, acc) : at::Tensor(),
-                         mask[1] ? at::Tensor() : empty_cached({rows_max * g.OC}, acc)};
-        },
-        [&](Scratch& sc, int64_t c) {
-          const int64_t n0 = c * g.N / chunks, n1 = (c + 1) * g.N / chunks, n = n1 - n0;
-          for (size_t q = 0; q < groups.size(); ++q) {
-            const auto& grp = groups[q];
-            const int64_t K = sp.regions[grp[0]].taps.n * g.Cg, rows = n * img_rows[q];
-            // this task's rows of each region of the group, one region after the other
-            auto pieces = [&](const auto& fn) {
-              int64_t row = 0;
-              for (int r : grp) {
-                const Region& reg = sp.regions[r];
-                const int64_t img = reg.rows() * reg.cols();
-                fn(reg, n0 * img, n1 * img, row);
-                row += n * img;
-              }
-            };
-            // grad_output's rows: in the whole-batch buffer (grad_weight) or in scratch
-            const at::Tensor Gr =
-                mask[1] ? gr_all[q].narrow(1, n0 * img_rows[q], rows) : scratch(sc.G, g.G, rows, g.OCg);
-            acc_t* gr_ptr = Gr.mutable_data_ptr<acc_t>();
-            const int64_t gr_rows = Gr.stride(0) / g.OCg;
-            pieces([&](const Region& reg, int64_t p0, int64_t p1, int64_t row) {
-              gather_grad<scalar_t, acc_t>(gop, go.strides(), gr_ptr + row * g.OCg, g, reg, p0, p1, gr_rows);
-            });
-            if (mask[1]) {
-              acc_t* ap = a_all[q].narrow(1, n0 * img_rows[q], rows).mutable_data_ptr<acc_t>();
-              const int64_t a_rows = a_all[q].size(1);
+    for (int64_t b0 = 0; b0 < g.N; b0 += block) {
+      const int64_t nb = std::min(block, g.N - b0), bchunks = (nb + kConvImages - 1) / kConvImages;
+      for_each_task(
+          bchunks,
+          [&] {
+            return Scratch{mask[0] ? empty_cached({g.G * rows_max * k_max}, acc) : at::Tensor(),
+                           mask[1] ? at::Tensor() : empty_cached({rows_max * g.OC}, acc)};
+          },
+          [&](Scratch& sc, int64_t c) {
+            const int64_t n0 = b0 + c * nb / bchunks, n1 = b0 + (c + 1) * nb / bchunks, n = n1 - n0;
+            for (size_t q = 0; q < groups.size(); ++q) {
+              const auto& grp = groups[q];
+              const int64_t K = sp.regions[grp[0]].taps.n * g.Cg, rows = n * img_rows[q];
+              // this task's rows of each region of the group, one region after the other
+              auto pieces = [&](const auto& fn) {
+                int64_t row = 0;
+                for (int r : grp) {
+                  const Region& reg = sp.regions[r];
+                  const int64_t img = reg.rows() * reg.cols();
+                  fn(reg, n0 * img, n1 * img, row);
+                  row += n * img;
+                }
+              };
+              // grad_output's rows: in the block's buffer (grad_weight) or in scratch
+              const at::Tensor Gr =
+                  mask[1] ? gr_all[q].narrow(1, (n0 - b0) * img_rows[q], rows) : scratch(sc.G, g.G, rows, g.OCg);
+              acc_t* gr_ptr = Gr.mutable_data_ptr<acc_t>();
+              const int64_t gr_rows = Gr.stride(0) / g.OCg;
               pieces([&](const Region& reg, int64_t p0, int64_t p1, int64_t row) {
-                gather_x<scalar_t, acc_t>(xp, x.strides(), ap + row * K, g, reg, p0, p1, a_rows);
+                gather_grad<scalar_t, acc_t>(gop, go.strides(), gr_ptr + row * g.OCg, g, reg, p0, p1, gr_rows);
               });
-            }
-            if (mask[0]) {  // B: the gradient of the gathered reads, folded back onto their sources
-              at::Tensor B = scratch(sc.B, g.G, rows, K);
-              for (const WeightRun& run : sw.runs[grp[0]]) {
-                at::Tensor b = B.narrow(2, run.t0 * g.Cg, run.nt * g.Cg);
-                at::bmm_out(b, Gr, run_weight(sw, g, run));
+              if (mask[1]) {
+                acc_t* ap = a_all[q].narrow(1, (n0 - b0) * img_rows[q], rows).mutable_data_ptr<acc_t>();
+                const int64_t a_rows = a_all[q].size(1);
+                pieces([&](const Region& reg, int64_t p0, int64_t p1, int64_t row) {
+                  gather_x<scalar_t, acc_t>(xp, x.strides(), ap + row * K, g, reg, p0, p1, a_rows);
+                });
               }
-              const acc_t* bp = B.const_data_ptr<acc_t>();
-              pieces([&](const Region& reg, int64_t p0, int64_t p1, int64_t row) {
-                for (int64_t i = n0; i < n1; ++i)
-                  fold_image<scalar_t, acc_t>(gip, gi.strides(), bp + row * K, g, reg, p0, p1, i, rows);
-              });
+              if (mask[0]) {  // B: the gradient of the gathered reads, folded back onto their sources
+                at::Tensor B = scratch(sc.B, g.G, rows, K);
+                for (const WeightRun& run : sw.runs[grp[0]]) {
+                  at::Tensor b = B.narrow(2, run.t0 * g.Cg, run.nt * g.Cg);
+                  at::bmm_out(b, Gr, run_weight(sw, g, run));
+                }
+                const acc_t* bp = B.const_data_ptr<acc_t>();
+                pieces([&](const Region& reg, int64_t p0, int64_t p1, int64_t row) {
+                  for (int64_t i = n0; i < n1; ++i)
+                    fold_image<scalar_t, acc_t>(gip, gi.strides(), bp + row * K, g, reg, p0, p1, i, rows);
+                });
+              }
             }
-          }
-        });
+          });
+      if (!mask[1]) continue;
+      // the frame's grad_weight, tap-major [OC, KH*KW, Cg]: per task, one GEMM per group over the block, unfolded
+      // onto the taps in group order, blocks in order
+      const auto wtasks = weight_tasks(g);
+      int64_t part_max = 0;
+      for (const WeightTask& t : wtasks) part_max = std::max(part_max, (t.g1 - t.g0) * (t.oc1 - t.oc0) * k_max);
+      acc_t* gwp = gw_tap.mutable_data_ptr<acc_t>();
+      for_each_task(
+          (int64_t)wtasks.size(), [&] { return empty_cached({part_max}, acc); },
+          [&](at::Tensor& part_buf, int64_t i) {
+            const WeightTask& t = wtasks[i];
+            const int64_t gs = t.g1 - t.g0, ocs = t.oc1 - t.oc0;
+            // the task's rows of gw_tap are contiguous: one group's slice, or whole groups
+            acc_t* dst = gwp + (t.g0 * g.OCg + t.oc0) * g.KH * g.KW * g.Cg;
+            if (b0 == 0) std::fill(dst, dst + gs * ocs * g.KH * g.KW * g.Cg, acc_t(0));
+            for (size_t q = 0; q < groups.size(); ++q) {
+              const int64_t rows = nb * img_rows[q];
+              at::Tensor part = scratch(part_buf, gs, ocs, a_all[q].size(2));
+              at::bmm_out(part, gr_all[q].narrow(0, t.g0, gs).narrow(1, 0, rows).narrow(2, t.oc0, ocs).transpose(1, 2),
+                          a_all[q].narrow(0, t.g0, gs).narrow(1, 0, rows));
+              unfold_add<acc_t>(dst, part.const_data_ptr<acc_t>(), gs * ocs, g, sp.folds[groups[q][0]]);
+            }
+          });
+    }
     if (!mask[1]) return;
-    // the frame's grad_weight, tap-major [OC, KH*KW, Cg]: per task, one GEMM per group over the whole batch,
-    // unfolded onto the taps in group order
-    const at::Tensor gw_tap = empty_cached({g.OC, g.KH * g.KW, g.Cg}, acc);
-    const auto wtasks = weight_tasks(g);
-    int64_t part_max = 0;
-    for (const WeightTask& t : wtasks) part_max = std::max(part_max, (t.g1 - t.g0) * (t.oc1 - t.oc0) * k_max);
-    acc_t* gwp = gw_tap.mutable_data_ptr<acc_t>();
-    for_each_task(
-        (int64_t)wtasks.size(), [&] { return empty_cached({part_max}, acc); },
-        [&](at::Tensor& part_buf, int64_t i) {
-          const WeightTask& t = wtasks[i];
-          const int64_t gs = t.g1 - t.g0, ocs = t.oc1 - t.oc0;
-          // the task's rows of gw_tap are contiguous: one group's slice, or whole groups
-          acc_t* dst = gwp + (t.g0 * g.OCg + t.oc0) * g.KH * g.KW * g.Cg;
-          std::fill(dst, dst + gs * ocs * g.KH * g.KW * g.Cg, acc_t(0));
-          for (size_t q = 0; q < groups.size(); ++q) {
-            at::Tensor part = scratch(part_buf, gs, ocs, a_all[q].size(2));
-            at::bmm_out(part, gr_all[q].narrow(0, t.g0, gs).narrow(2, t.oc0, ocs).transpose(1, 2),
-                        a_all[q].narrow(0, t.g0, gs));
-            unfold_add<acc_t>(dst, part.const_data_ptr<acc_t>(), gs * ocs, g, sp.folds[groups[q][0]]);
-          }
-        });
     const at::Tensor frame = gw_tap.view({g.OC, g.KH, g.KW, g.Cg}).permute({0, 3, 1, 2});
     if (gw.defined())
       gw.add_(frame);  // the block's, then the frame's: fixed bits
