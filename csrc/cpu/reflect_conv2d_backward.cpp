@@ -51,7 +51,8 @@ int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
   if (rconv::cpu_avx512() && g.dh == 1 && g.dw == 1 && g.Cg * g.KH * g.KW >= 256 &&
       !rconv::small_conv(g, channels_last, true) && chunks_fill_threads(g.N)) {
     if (g.OH * g.OW <= 64) return kFold;
-    const double share = g.sh == 1 && g.sw == 1 ? rconv::correction_share(g) : 0.0;  // stride 2: as below
+    // other strides: the 8x8 rule above, else (a) or (b) below
+    const double share = g.sh == 1 && g.sw == 1 ? rconv::correction_share(g) : 0.0;
     if (share > 0.12) return kFold;
     if (share > rconv::kAvx512FrameShare) return kSplit;
   }

@@ -105,28 +105,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
     if (mask[1]) gw = gw_b.scalar_type() == acc ? gw_b : gw_b.to(acc);
   }
   const auto groups = tap_groups(sp);
-  // per group: GEMM rows of one image (its regions' pixels), and the widest gathered row
-  std::vector<int64_t> img_rows(groups.size(), 0);
-  int64_t rows_max = 0, k_max = 0;  // per-thread scratch: one group's rows for one task's images
+  // per group: GEMM rows of one image (its regions' pixels) and the gathered row's width (its taps' channels)
+  std::vector<int64_t> img_rows(groups.size(), 0), group_k(groups.size());
+  int64_t rows_max = 0, k_max = 0, per_image = 0;  // per-thread scratch: one group's rows for one task's images
   for (size_t q = 0; q < groups.size(); ++q) {
     for (int r : groups[q]) img_rows[q] += sp.regions[r].rows() * sp.regions[r].cols();
+    group_k[q] = sp.regions[groups[q][0]].taps.n * g.Cg;
     rows_max = std::max(rows_max, img_rows[q] * std::min(kConvImages, g.N));  // a task has at most kConvImages
-    k_max = std::max<int64_t>(k_max, sp.regions[groups[q][0]].taps.n * g.Cg);
+    k_max = std::max(k_max, group_k[q]);
+    per_image += img_rows[q] * g.G * (group_k[q] + g.OCg) * c10::elementSize(acc);
   }
   // grad_weight takes a block's rows in one GEMM per group (task c's rows start at image n0's), kept from the
-  // gathers of the first region: per-task partials of [OC, T*Cg] (K = a task's pixels, 80 rows at 7x7) were
-  // written, unfolded, zeroed and summed at a cost near the GEMMs' own.
-  int64_t per_image = 0;
-  for (size_t q = 0; q < groups.size(); ++q)
-    per_image += img_rows[q] * g.G * (sp.regions[groups[q][0]].taps.n * g.Cg + g.OCg) * c10::elementSize(acc);
+  // gathers of the first parallel region: per-task partials of [OC, T*Cg] (K = a task's pixels, 80 rows at 7x7)
+  // were written, unfolded, zeroed and summed at a cost near the GEMMs' own.
   const int64_t block = mask[1] ? block_images(g, per_image) : g.N;
   std::vector<at::Tensor> gr_all(groups.size()), a_all(groups.size());
+  const at::Tensor gw_tap = mask[1] ? empty_cached({g.OC, g.KH * g.KW, g.Cg}, acc) : at::Tensor();
+  const auto wtasks = mask[1] ? weight_tasks(g) : std::vector<WeightTask>{};
+  int64_t part_max = 0;
+  for (const WeightTask& t : wtasks) part_max = std::max(part_max, (t.g1 - t.g0) * (t.oc1 - t.oc0) * k_max);
   if (mask[1])
     for (size_t q = 0; q < groups.size(); ++q) {
       gr_all[q] = empty_cached({g.G, block * img_rows[q], g.OCg}, acc);
-      a_all[q] = empty_cached({g.G, block * img_rows[q], sp.regions[groups[q][0]].taps.n * g.Cg}, acc);
+      a_all[q] = empty_cached({g.G, block * img_rows[q], group_k[q]}, acc);
     }
-  const at::Tensor gw_tap = mask[1] ? empty_cached({g.OC, g.KH * g.KW, g.Cg}, acc) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "reflect_conv2d_split_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SplitWeights sw = mask[0] ? split_weights<acc_t>(w, g, sp) : SplitWeights{};
@@ -148,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
             const int64_t n0 = b0 + c * nb / bchunks, n1 = b0 + (c + 1) * nb / bchunks, n = n1 - n0;
             for (size_t q = 0; q < groups.size(); ++q) {
               const auto& grp = groups[q];
-              const int64_t K = sp.regions[grp[0]].taps.n * g.Cg, rows = n * img_rows[q];
+              const int64_t K = group_k[q], rows = n * img_rows[q];
               // this task's rows of each region of the group, one region after the other
               auto pieces = [&](const auto& fn) {
                 int64_t row = 0;
@@ -191,9 +193,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
       if (!mask[1]) continue;
       // the frame's grad_weight, tap-major [OC, KH*KW, Cg]: per task, one GEMM per group over the block, unfolded
       // onto the taps in group order, blocks in order
-      const auto wtasks = weight_tasks(g);
-      int64_t part_max = 0;
-      for (const WeightTask& t : wtasks) part_max = std::max(part_max, (t.g1 - t.g0) * (t.oc1 - t.oc0) * k_max);
       acc_t* gwp = gw_tap.mutable_data_ptr<acc_t>();
       for_each_task(
           (int64_t)wtasks.size(), [&] { return empty_cached({part_max}, acc); },
@@ -205,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
             if (b0 == 0) std::fill(dst, dst + gs * ocs * g.KH * g.KW * g.Cg, acc_t(0));
             for (size_t q = 0; q < groups.size(); ++q) {
               const int64_t rows = nb * img_rows[q];
-              at::Tensor part = scratch(part_buf, gs, ocs, a_all[q].size(2));
+              at::Tensor part = scratch(part_buf, gs, ocs, group_k[q]);
               at::bmm_out(part, gr_all[q].narrow(0, t.g0, gs).narrow(1, 0, rows).narrow(2, t.oc0, ocs).transpose(1, 2),
                           a_all[q].narrow(0, t.g0, gs).narrow(1, 0, rows));
               unfold_add<acc_t>(dst, part.const_data_ptr<acc_t>(), gs * ocs, g, sp.folds[groups[q][0]]);
