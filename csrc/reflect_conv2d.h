@@ -346,9 +346,14 @@ inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool
   if (small_conv(g, channels_last, true)) return true;
   const int64_t K = g.Cg * g.KH * g.KW;
   if (K < 256) return false;
-  if (g.sh * g.sw > 1) return channels_last || K >= 512;
+  const bool strided = g.sh * g.sw > 1, avx512_cl = cpu_avx512() && channels_last;
+  if (strided && !avx512_cl) return channels_last || K >= 512;
   const double share = correction_share(g);
   if (share <= 0.03) return false;
+  // Strided on AVX-512 in channels_last, (b) below 3% as at stride 1: the 56x56 stride-2 input (2.3%) took
+  // 1.02-1.07x the zero-padded backward against (a)'s 1.08-1.09x in three runs; at 28x28 (4.6%) (a) kept its lead
+  // (1.05-1.09x against 1.11-1.12x).
+  if (strided) return true;
   // On an AVX-512 Xeon (2 cores of an Emerald Rapids VM) oneDNN's backward gains on MKL's GEMMs: at 28x28 stride 1
   // (share 4.7%) (b) took 1.09-1.14x the zero-padded backward against (a)'s 1.15-1.27x in three runs; at 14x14
   // (9.3%) and 7x7, (a) still won.
