@@ -43,6 +43,7 @@ def test_state_dict_keys_are_fastais():
     assert list(fused.state_dict().keys()) == FASTAI_KEYS
     assert list(eager.state_dict().keys()) == FASTAI_KEYS
     assert isinstance(fused.layers[3], SigmoidRange) and len(fused.layers) == 4
+    assert repr(fused.layers[3]) == "SigmoidRange(low=0, high=3)"  # fastai's (fastcore's basic_repr)
     assert type(fused.layers[0]) is fastfuse.nn.LinBnDrop
     emb = fastfuse.nn.TabularEmbedding(EMB_SZS, 2)
     assert list(emb.state_dict().keys()) == FASTAI_KEYS[:8]  # embeds.*, bn_cont.*

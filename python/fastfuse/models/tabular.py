@@ -23,6 +23,9 @@ class SigmoidRange(nn.Module):
     def forward(self, x):
         return torch.sigmoid(x) * (self.high - self.low) + self.low
 
+    def extra_repr(self):  # fastai's repr: SigmoidRange(low=0, high=5.5)
+        return f"low={self.low!r}, high={self.high!r}"
+
 
 class _EagerLinBnDrop(nn.Sequential):
     """fastai's LinBnDrop with plain torch layers (BatchNorm init as fastai's BatchNorm: weight 1, bias 1e-3)."""
