@@ -52,6 +52,14 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
     if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
+  // Small batches (one chunk: (c) and "fold" run on one thread) of long GEMM rows (K = Cg*KH*KW >= 2048, ResNet's
+  // 14x14 and 7x7 stages), up to 1024 output pixels: (a)'s one GEMM per task beats (b), whose weight copies cost
+  // as much as its small correction, and "fold". Measured on AVX-512, batch 1, 2, 4 (and 8 at 7x7): 256 channels at
+  // 14x14 took 1.21-1.29x the zero-padded conv against the old pick's 1.37-1.91x in channels_last, 1.45-1.61x
+  // against 1.61-2.34x in NCHW; 512 at 7x7 0.36-1.11x against 0.49-1.71x (oneDNN's own 7x7 times swing 2x there);
+  // 256 -> 512 stride 2 0.74-1.07x against 1.07-1.48x (NCHW 1.30-1.37x against 1.80-2.16x). At 28x28 (K = 1152)
+  // (a) lost. torch's pad + conv still ran 1.03-1.14x at 14x14: no design here matches it at these batches.
+  if (!rconv_cpu::chunks_fill_threads(g.N) && g.Cg * g.KH * g.KW >= 2048 && g.N * g.OH * g.OW <= 1024) return kGemm;
   const double share = rconv::correction_share(g);
   const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0, chunks = rconv_cpu::chunks_fill_threads(g.N);
   if (g.Cg * g.KH * g.KW < 32) return kFrame;
