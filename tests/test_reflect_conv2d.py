@@ -462,3 +462,23 @@ def test_backward_each_mask_as_reference(algo, shape, stride):
         for want, got, ref in zip(mask, out, grads):
             if want:
                 torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape,groups", [((5, 6, 7, 7), 1), ((1, 6, 9, 8), 2), ((2, 16, 24, 24), 1)],
+                         ids=["images-per-task", "one-image-in-pieces", "big-images-in-pieces"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_gemm_forward_on_nchw_columns(shape, groups, dtype):
+    """Design (a)'s NCHW forward (the im2col as columns, reflect_conv2d_columns.cpp) over its three task layouts:
+    several whole images per GEMM, one image split in two, images larger than a task; fp16 goes through the
+    result buffer. Against the reference, and bit-identical on 1 and 2 threads."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    w, b = torch.randn(5 * groups, shape[1] // groups, 3, 3, dtype=dtype), torch.randn(5 * groups, dtype=dtype)
+    ref = F.conv2d(F.pad(x.double(), (2, 2, 1, 1), mode="reflect"), w.double(), b.double(), 1, 0, 1, groups)
+    outs = []
+    for n in (1, 2):
+        with _num_threads(n):
+            outs.append(torch.ops.fastfuse_C.reflect_conv2d(x, w, b, [1, 1], [1, 2], [1, 1], groups,
+                                                             rc_ops._ALGOS["gemm"]))
+    torch.testing.assert_close(outs[0].double(), ref, **TOL[dtype])
+    assert outs[0].is_contiguous() and torch.equal(bits(outs[0]), bits(outs[1]))

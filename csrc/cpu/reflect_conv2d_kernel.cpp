@@ -73,7 +73,8 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
 int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
   const int design = pick_by_shape(g, algo, channels_last);
   if (algo != 0) return design;
-  if (design == kGemm && !rconv_cpu::tasks_fill_threads([&] { return rconv_cpu::gemm_tasks(g); })) return kFrame;
+  const auto gemm_tasks = [&] { return channels_last ? rconv_cpu::gemm_tasks(g) : rconv_cpu::columns_task_count(g); };
+  if (design == kGemm && !rconv_cpu::tasks_fill_threads(gemm_tasks)) return kFrame;
   if (design == kFold && !rconv_cpu::tasks_fill_threads([&] { return rconv_cpu::fold_tasks(g); })) return kFrame;
   return design;
 }
