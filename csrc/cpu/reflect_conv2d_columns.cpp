@@ -49,11 +49,12 @@ void gather_columns(const scalar_t* xp, at::IntArrayRef st, acc_t* B, const Geom
         const int64_t* cols = ix.data() + kw * g.OW;
         for (int64_t n = tk.n0; n < tk.n1; ++n) {
           const scalar_t* xc = xp + n * st[0] + (gi * g.Cg + c) * st[1];
-          acc_t* __restrict__ dst = B + ((c * g.KH + kh) * g.KW + kw) * rows + (n - tk.n0) * span - tk.p0;
+          acc_t* __restrict__ dst = B + ((c * g.KH + kh) * g.KW + kw) * rows + (n - tk.n0) * span;
           for (int64_t p = tk.p0; p < tk.p1;) {  // one output row's share at a time
             const int64_t r = p / g.OW, q0 = p % g.OW, q1 = std::min(g.OW, q0 + tk.p1 - p);
             const scalar_t* src = xc + reflect(r * g.sh - g.ph + kh * g.dh, g.H) * st[2];
-            for (int64_t q = q0; q < q1; ++q) dst[p + q - q0] = static_cast<acc_t>(src[cols[q] * st[3]]);
+            acc_t* __restrict__ d = dst + (p - tk.p0) - q0;
+            for (int64_t q = q0; q < q1; ++q) d[q] = static_cast<acc_t>(src[cols[q] * st[3]]);
             p += q1 - q0;
           }
         }
@@ -62,7 +63,7 @@ void gather_columns(const scalar_t* xp, at::IntArrayRef st, acc_t* B, const Geom
 
 }  // namespace
 
-bool columns_apply(const Geom& g, const at::Tensor& x, const at::Tensor& w) {
+bool columns_apply(const at::Tensor& x, const at::Tensor& w) {
   return rconv::conv_format(x, w) == at::MemoryFormat::Contiguous && x.is_contiguous() && w.is_contiguous();
 }
 

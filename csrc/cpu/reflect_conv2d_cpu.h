@@ -259,12 +259,12 @@ at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::opt
                         const Geom& g);
 // Tasks of forward_gemm and of "fold"'s forward (for the picks: tasks_fill_threads)
 int64_t gemm_tasks(const Geom& g);
+int64_t fold_tasks(const Geom& g);
 // (a) on NCHW input (reflect_conv2d_columns.cpp): whether it applies (contiguous x and w), its task count, and
 // out (NCHW, holding the bias or zeros) += the convolution
-bool columns_apply(const Geom& g, const at::Tensor& x, const at::Tensor& w);
+bool columns_apply(const at::Tensor& x, const at::Tensor& w);
 int64_t columns_task_count(const Geom& g);
 void add_columns(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, const Geom& g);
-int64_t fold_tasks(const Geom& g);
 // out += the gathered GEMM over (a)'s whole output (gemm) or (b)'s frame regions, as tasks
 void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& out,
                   const Geom& g, bool gemm);

@@ -110,7 +110,7 @@ at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::opt
       out.zero_();
   }
   if (out.numel() == 0) return out;
-  if (columns_apply(g, x, w))
+  if (columns_apply(x, w))
     add_columns(x, w, out, g);
   else
     add_gathered(x, w, bias, out, g, true);
