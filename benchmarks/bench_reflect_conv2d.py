@@ -1,7 +1,8 @@
 """Reflection-padded conv2d on ResNet-34's 3x3 shapes at batch 16 (stride 1 and the stride-2 entries) and the
 7x7 stride-2 stem: fastfuse backends vs eager nn.Conv2d(padding_mode='reflect') ("eager"), the same conv with
 zero padding ("zeros", the speed target) and torch.compile of eager ("compile"); fwd and fwd+bwd.
-Also ConvLayer (reflect conv -> BN -> ReLU) fwd+bwd against its eager and compiled nn.Sequential twin."""
+Also ConvLayer (reflect conv -> BN -> ReLU) fwd+bwd against its eager and compiled nn.Sequential twin, and batch-1
+inference ("reflect_conv2d_b1": the stride-1 shapes' forward under no_grad, NCHW and channels_last)."""
 import torch
 from torch import nn
 
@@ -19,6 +20,11 @@ RESNET34 = [((16, 64, 56, 56), 64, 3, 1), ((16, 128, 28, 28), 128, 3, 1), ((16, 
             ((16, 512, 7, 7), 512, 3, 1), ((16, 64, 56, 56), 128, 3, 2), ((16, 128, 28, 28), 256, 3, 2),
             ((16, 256, 14, 14), 512, 3, 2), ((16, 3, 224, 224), 64, 7, 2)]
 QUICK = [((2, 16, 20, 20), 16, 3, 1), ((2, 16, 20, 20), 32, 3, 2)]
+# Batch 1 inference (forward under no_grad, both layouts: NCHW is torch's default), as when a model predicts one
+# image at a time (fastai's learn.predict): the fixed costs of every design weigh most there. No targets; no
+# torch.compile (one compile per shape and layout, for forward-only rows).
+INFER = [((1, 64, 56, 56), 64), ((1, 128, 28, 28), 128), ((1, 256, 14, 14), 256), ((1, 512, 7, 7), 512)]
+QUICK_INFER = [((1, 16, 20, 20), 16)]
 
 
 def _modes(fn, x, params):
@@ -60,6 +66,33 @@ def _conv_case(shape, oc, k, stride, device, dtype, backends):
                 copy=lambda: y.copy_(x), clone=lambda: x.clone())
 
 
+def _infer_case(shape, oc, channels_last, device, dtype, backends):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    eager = nn.Conv2d(shape[1], oc, 3, 1, 1, bias=False, padding_mode="reflect").to(device, dtype)
+    zeros = nn.Conv2d(shape[1], oc, 3, 1, 1, bias=False).to(device, dtype)
+    zeros.weight = eager.weight
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                return fn(x)
+        return {"fwd": run}
+
+    def with_backend(name):
+        def fn(t):
+            with fastfuse.use_backend(name):
+                return fastfuse.reflect_conv2d(t, eager.weight, None, 1, 1)
+        return fn
+
+    provs = {b: fwd(with_backend(b)) for b in backends}
+    provs["eager"], provs["zeros"] = fwd(eager), fwd(zeros)
+    nbytes = (x.numel() + eager.weight.numel() + shape[0] * oc * shape[2] * shape[3]) * x.element_size()
+    y = torch.empty_like(x)
+    return Case("reflect_conv2d_b1", shape + (oc, "cl" if channels_last else "nchw"), dtype, nbytes, 0, provs,
+                copy=lambda: y.copy_(x), clone=lambda: x.clone())
+
+
 def _conv_layer_case(shape, device, dtype):
     ni = shape[1]
     ours = fastfuse.nn.ConvLayer(ni, ni).to(device, dtype).to(memory_format=torch.channels_last)
@@ -86,6 +119,8 @@ def cases(device, quick):
     out = [_conv_case(s, oc, k, st, device, dtype, backends) for s, oc, k, st in shapes]
     # ConvLayer (the issue's GPU target; on CPU too, as what a fastai model's conv blocks get)
     out += [_conv_layer_case(s, device, dtype) for s, _, k, st in shapes if k == 3 and st == 1]
+    out += [_infer_case(s, oc, cl, device, dtype, backends) for s, oc in (QUICK_INFER if quick else INFER)
+            for cl in (False, True)]
     return out
 
 
