@@ -41,6 +41,14 @@ def _modes(fn, x, params):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
+def _ours(backend, weight, stride, padding):
+    """fastfuse.reflect_conv2d(t, weight) on this backend."""
+    def fn(t):
+        with fastfuse.use_backend(backend):
+            return fastfuse.reflect_conv2d(t, weight, None, stride, padding)
+    return fn
+
+
 def _conv_case(shape, oc, k, stride, device, dtype, backends):
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     p = (k - 1) // 2
@@ -48,14 +56,7 @@ def _conv_case(shape, oc, k, stride, device, dtype, backends):
     zeros = nn.Conv2d(shape[1], oc, k, stride, p, bias=False).to(device, dtype)
     zeros.weight = eager.weight
     params = [eager.weight]
-
-    def with_backend(name):
-        def fn(t):
-            with fastfuse.use_backend(name):
-                return fastfuse.reflect_conv2d(t, eager.weight, None, stride, p)
-        return fn
-
-    provs = {b: _modes(with_backend(b), x, params) for b in backends}
+    provs = {b: _modes(_ours(b, eager.weight, stride, p), x, params) for b in backends}
     provs["eager"] = _modes(eager, x, params)
     provs["zeros"] = _modes(zeros, x, params)
     provs["compile"] = _modes(torch.compile(eager), x, params)
@@ -79,13 +80,7 @@ def _infer_case(shape, oc, channels_last, device, dtype, backends):
                 return fn(x)
         return {"fwd": run}
 
-    def with_backend(name):
-        def fn(t):
-            with fastfuse.use_backend(name):
-                return fastfuse.reflect_conv2d(t, eager.weight, None, 1, 1)
-        return fn
-
-    provs = {b: fwd(with_backend(b)) for b in backends}
+    provs = {b: fwd(_ours(b, eager.weight, 1, 1)) for b in backends}
     provs["eager"], provs["zeros"] = fwd(eager), fwd(zeros)
     nbytes = (x.numel() + eager.weight.numel() + shape[0] * oc * shape[2] * shape[3]) * x.element_size()
     y = torch.empty_like(x)

@@ -46,9 +46,10 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
   const bool avx512 = rconv::cpu_avx512();
+  const bool chunks = rconv_cpu::chunks_fill_threads(g.N);
+  const int64_t K = g.Cg * g.KH * g.KW;
   if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
-    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2)
-      return avx512 || !rconv_cpu::chunks_fill_threads(g.N) ? kFrame : kSplit;
+    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return avx512 || !chunks ? kFrame : kSplit;
     if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
@@ -59,10 +60,10 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
   // against 1.61-2.34x in NCHW; 512 at 7x7 0.36-1.11x against 0.49-1.71x (oneDNN's own 7x7 times swing 2x there);
   // 256 -> 512 stride 2 0.74-1.07x against 1.07-1.48x (NCHW 1.30-1.37x against 1.80-2.16x). At 28x28 (K = 1152)
   // (a) lost. torch's pad + conv still ran 1.03-1.14x at 14x14: no design here matches it at these batches.
-  if (!rconv_cpu::chunks_fill_threads(g.N) && g.Cg * g.KH * g.KW >= 2048 && g.N * g.OH * g.OW <= 1024) return kGemm;
+  if (!chunks && K >= 2048 && g.N * g.OH * g.OW <= 1024) return kGemm;
   const double share = rconv::correction_share(g);
-  const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0, chunks = rconv_cpu::chunks_fill_threads(g.N);
-  if (g.Cg * g.KH * g.KW < 32) return kFrame;
+  const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0;
+  if (K < 32) return kFrame;
   if (!channels_last && divides && chunks && share <= 0.12) return kSplit;
   if (share < 0.03 || (avx512 && channels_last && share <= rconv::kAvx512FrameShare)) return kFrame;
   if (share <= 0.12 && divides) return chunks ? kSplit : kFrame;
