@@ -196,6 +196,27 @@ def test_lin_bn_drop_one_node_path_equals_fused_sequential(monkeypatch, mode, dt
 
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,n_in,n_out,pre,p", [(64, 23, 1000, True, 0.01), (33, 12, 91, False, 0.3),
+                                                   (2, 3, 2, True, 0.0), (128, 7, 5, True, 0.5)])
+def test_lin_bn_drop_small_batch_forward_is_bn_forward_bits(rows, n_in, n_out, pre, p, dtype):
+    """Up to 128 rows in training, fastfuse_C::lin_bn_drop runs its GEMM halves and the batch norm in one parallel
+    region (bn_train_rows_forward): on the y it returns, its output, mean and var must be fastfuse_C::bn_forward's
+    bits (the two-pass kernels), dropout mask included."""
+    C = torch.ops.fastfuse_C
+    x, w = torch.randn(rows, n_in, dtype=dtype), torch.randn(n_out, n_in, dtype=dtype)
+    bw, bb = torch.rand(n_out, dtype=dtype) + 0.5, torch.randn(n_out, dtype=dtype)
+    rm, rv = torch.zeros(n_out, dtype=dtype), torch.ones(n_out, dtype=dtype)
+    out, y, mean, var = C.lin_bn_drop(x, w, bw, bb, rm, rv, None, True, False, 0.1, 1e-5, pre, p, 7, 3)
+    torch.testing.assert_close(y, x @ w.t())
+    ref = C.bn_forward(y, bw, bb, rm, rv, None, True, 1e-5, pre, False, p, 7, 3)
+    for a, b in zip((out, mean, var), ref):
+        assert torch.equal(a, b)
+    if p > 0:
+        assert 0 < int((out == 0).sum()) < out.numel()
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
 def test_lin_bn_drop_one_node_gradcheck_float64():
     """The C++ autograd node of LinBnDrop (fastfuse_C::lin_bn_drop): every gradient by finite differences, with
     ReLU and dropout (one mask for every call: same generator state)."""

@@ -731,5 +731,72 @@ Tensor4 bn_train_rows_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   return {gi, gw, gb, gout};
 }
 
+namespace {
+
+// Two fixed column halves: lin_bn_drop's GEMM inside the region is split the same way whatever the thread count, so
+// its bits are too.
+inline ColBlocks col_halves(const BnGeom& g) {
+  const int64_t R = g.C > 0 ? g.numel / g.C : 0, w = std::max<int64_t>(1, (g.C + 1) / 2);
+  return {R, g.C, w, (g.C + w - 1) / w};
+}
+
+}  // namespace
+
+// ---- training forward of a few rows, in one parallel region of two column halves -------------------------------
+// fastfuse_C::lin_bn_drop at batch <= 128 (cpu/lin_bn_drop_kernel.cpp): task t has produce(t, c0, w) write its
+// columns of x (its half of the Linear's GEMM), then reduces and applies them while they sit in its core's cache.
+// As a GEMM region, statistics on one thread and an apply region, half of every pass read what the other core had
+// written. Each channel's sums run in channel_sums' order and the apply is ApplyOp with channel_coeffs' scale, so
+// the bits are bn_stats' and bn_apply's. (out, mean, var); weight / bias of the accumulation type, or undefined.
+Tensor3 bn_train_rows_forward_cpu(const at::Tensor& x, BnBlockFn produce, const at::Tensor& weight,
+                                  const at::Tensor& bias, double eps, bool pre_relu, double p, int64_t seed,
+                                  int64_t offset) {
+  check_input(x);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.numel() > 0,
+              "fastfuse bn_train_rows_forward: expected a non-empty contiguous (R, C) tensor");
+  const BnGeom g = bn_geometry(x);
+  if (weight.defined()) check_vec(weight, x, "weight");
+  if (bias.defined()) check_vec(bias, x, "bias");
+  const ColBlocks cb = col_halves(g);
+  at::Tensor mean = at::empty({g.C}, x.options().dtype(bn_acc_type(x)));
+  at::Tensor var = at::empty_like(mean);
+  at::Tensor y = empty_like_output(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastfuse_bn_train_rows_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* vp = var.mutable_data_ptr<acc_t>();
+    const acc_t* wp = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    std::vector<acc_t> shift(g.C), scale(g.C), zeros(bias.defined() ? 0 : g.C, acc_t(0));
+    const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : zeros.data();
+    const acc_t e = static_cast<acc_t>(eps);
+    with_apply_op(xp, static_cast<const scalar_t*>(nullptr), y.mutable_data_ptr<scalar_t>(), mp, scale.data(), bp,
+                  pre_relu, false, p, seed, offset, [&](const auto& fa) {
+      at::parallel_for(0, cb.ntasks, 1, [&](int64_t t0, int64_t t1) {
+        RowsScratch<acc_t> s(cb.width, cb.width + kKeyPad);
+        StatsOp<scalar_t> fs{xp, shift.data(), pre_relu};
+        auto f = fa;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t c0 = cb.c0(t), w = cb.cols(t);
+          produce(t, c0, w);
+          for (int64_t c = c0; c < c0 + w; ++c) shift[c] = channel_shift(xp, g, c, pre_relu);
+          column_sums<acc_t>(g, fs, cb.R, c0, w, nullptr, 0, s.l1.data(), s.l2.data(), s.d1.data(), s.d2.data());
+          for (int64_t j = 0; j < w; ++j) {
+            const int64_t c = c0 + j;
+            channel_moments(shift[c], s.d1[j], s.d2[j], cb.R, mp[c], vp[c]);
+            scale[c] = bn_grad_coeffs(vp[c], wp ? wp + c : nullptr, e, acc_t(0), acc_t(0), acc_t(1)).k1;
+          }
+          for (int64_t row = 0; row < cb.R; ++row) {
+            const int64_t i0 = row * g.C + c0;
+            f.begin(s.keys.data(), i0, w);
+            f.row(0, i0, w, c0);
+          }
+        }
+      });
+    });
+  });
+  return {y, mean, var};
+}
+
 }  // namespace FF_BN_NS
 }  // namespace fastfuse

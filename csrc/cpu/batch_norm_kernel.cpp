@@ -81,6 +81,12 @@ Tensor4 bn_train_rows_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
                                                 seed, offset, need_gw, need_gb, need_g);
 }
 
+Tensor3 bn_train_rows_forward_cpu(const at::Tensor& x, BnBlockFn produce, const at::Tensor& weight,
+                                  const at::Tensor& bias, double eps, bool pre_relu, double p, int64_t seed,
+                                  int64_t offset) {
+  return FF_BN_PICK(bn_train_rows_forward_cpu)(x, produce, weight, bias, eps, pre_relu, p, seed, offset);
+}
+
 bool bn_rows_route_cpu(const at::Tensor& x, int64_t bytes_per_elem) {
   return x.dim() >= 2 && x.numel() > 0 && base::col_blocks(bn_geometry(x), bytes_per_elem).width > 0;
 }

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "batch_norm.h"
 #include "cpu/alloc.h"
 #include "cpu/bn_module.h"
 #include "cpu/lin_bn_drop.h"
@@ -52,6 +53,23 @@ void linear_forward(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight
   });
 }
 
+// Up to kSplitRows rows in training, the forward's GEMM halves and its batch norm run in one parallel region
+// (bn_train_rows_forward, cpu/batch_norm_impl.h): each core takes its half of the output features from GEMM to
+// batch norm. As a GEMM region, statistics on one thread and an apply region, the batch norm read half of y from the
+// other core's cache and paid two more regions: 8-14 us more per block at (64, 1000) and (64, 500) here. (The same
+// in backward, with grad_W and a partial grad_x per half, was 4-16 us slower: four half-size GEMMs and a sum
+// against two whole ones.) The halves are fixed, so the bits do not depend on the thread count.
+bool halves_route(const at::Tensor& x, const at::Tensor& weight, bool batch_stats, double p) {
+  return batch_stats && p < 1 && x.size(0) > 0 && x.size(0) <= kSplitRows && weight.size(0) >= 2 && x.is_contiguous() &&
+         weight.is_contiguous();
+}
+
+// A batch norm parameter as the rows kernels take it: contiguous, of the accumulation type, or undefined.
+at::Tensor acc_vector(const OptTensor& v, const at::Tensor& x) {
+  if (!v.has_value() || !v->defined()) return at::Tensor();
+  return v->to(bn_acc_type(x)).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
     const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& num_batches_tracked,
@@ -61,9 +79,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
   // no seed given: draw one, as _rng.new_seed() would (the C++ autograd node draws it before, to keep it)
   const auto [seed, offset] = seed_or_draw(seed_in, offset_in, p);
   at::Tensor y = empty_cached({x.size(0), weight.size(0)}, x.scalar_type());
-  linear_forward(y, x, weight);
-  auto [out, mean, var] = call_bn_forward(y, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, pre_relu,
-                                          p, seed, offset);
+  at::Tensor out, mean, var;
+  if (halves_route(x, weight, batch_stats, p)) {
+    auto produce = [&](int64_t, int64_t c0, int64_t n) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // a worker thread inherits neither mode (see above)
+      at::Tensor yi = y.narrow(1, c0, n);
+      at::mm_out(yi, x, weight.narrow(0, c0, n).t());
+    };
+    std::tie(out, mean, var) = bn_train_rows_forward_cpu(y, produce, acc_vector(bn_weight, x), acc_vector(bn_bias, x),
+                                                         eps, pre_relu, p, seed, offset);
+  } else {
+    linear_forward(y, x, weight);
+    std::tie(out, mean, var) = call_bn_forward(y, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
+                                               pre_relu, p, seed, offset);
+  }
   if (update && running_mean.has_value() && running_mean->defined())
     update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var, y.size(0));
   return {out, y, mean, var};
