@@ -26,14 +26,16 @@ FF_AVX512 V16 operator+(V16 a, uint32_t b) {
   for (int i = 0; i < kN; ++i) a.v[i] = _mm512_add_epi32(a.v[i], _mm512_set1_epi32(static_cast<int>(b)));
   return a;
 }
+// The word moves are pair swaps (vpshufd, merged under a mask: one instruction each) rather than 64-bit shifts
+// and blends: 5 instructions instead of 7, and the swaps run on the port the shifts would share with the multiplies.
 FF_AVX512 V16 mulhilo32(uint32_t a, V16 b, V16* hi) {
   const __m512i A = _mm512_set1_epi32(static_cast<int>(a));
   V16 lo;
   for (int i = 0; i < kN; ++i) {
-    const __m512i even = _mm512_mul_epu32(A, b.v[i]);                        // 64-bit products of lanes 0,2,..
-    const __m512i odd = _mm512_mul_epu32(A, _mm512_srli_epi64(b.v[i], 32));  // and of lanes 1,3,..
-    hi->v[i] = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-    lo.v[i] = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    const __m512i even = _mm512_mul_epu32(A, b.v[i]);  // 64-bit products of lanes 0,2,..
+    const __m512i odd = _mm512_mul_epu32(A, _mm512_shuffle_epi32(b.v[i], _MM_PERM_CDAB));  // and of lanes 1,3,..
+    hi->v[i] = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);  // even lanes: even's high words
+    lo.v[i] = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);   // odd lanes: odd's low words
   }
   return lo;
 }
