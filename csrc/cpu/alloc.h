@@ -16,7 +16,9 @@ namespace fastfuse {
 
 // Blocks of at least this size go through the cache; smaller ones are left to malloc. (glibc maps blocks from
 // 128 KB up fresh, or trims them off its heap, often enough that a 2 MB output page-faults on most calls here.)
-constexpr int64_t kCachedOutputBytes = int64_t(256) << 10;
+// 64 KB takes in a tabular model's hidden activations at batch 64 ((64, 1000) and (64, 500) float32, just under the
+// old 256 KB line): its training step ran ~1% faster in four paired runs.
+constexpr int64_t kCachedOutputBytes = int64_t(64) << 10;
 
 // The allocator behind empty_like_output and empty_cached (a process-wide singleton).
 c10::Allocator* output_allocator();
