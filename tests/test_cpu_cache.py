@@ -7,7 +7,7 @@ from fastfuse import _extension
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="fastfuse._C not built")
 
-BIG = (4, 8, 256, 160)  # 5.2 MB of float32: above the 256 KB cache threshold
+BIG = (4, 8, 256, 160)  # 5.2 MB of float32: above the 64 KB cache threshold
 
 
 def idle():
