@@ -38,6 +38,13 @@ inline at::ScalarType bn_acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// An optional per-channel parameter (a BatchNorm's weight or bias) as the CPU kernels take it: contiguous, of the
+// accumulation type acc, or undefined where there is none.
+inline at::Tensor bn_acc_vector(const c10::optional<at::Tensor>& v, at::ScalarType acc) {
+  if (!v.has_value() || !v->defined()) return at::Tensor();
+  return v->scalar_type() == acc ? v->contiguous() : v->to(acc).contiguous();
+}
+
 inline BnGeom bn_geometry(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, "fastfuse batch_norm: expected an (N, C, *) tensor, got ", x.dim(), "D");
   const int64_t C = x.size(1), numel = x.numel();

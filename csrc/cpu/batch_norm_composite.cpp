@@ -29,10 +29,6 @@ struct ChannelCoeffs {
   at::Tensor gw;          // backward: sum_gxmu * invstd
 };
 
-at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType acc) {
-  return t.scalar_type() == acc ? t.contiguous() : t.to(acc).contiguous();
-}
-
 // forward: only scale. backward (sums defined): k1, k2, k3 if need_k (k2, k3 from the sums when batch_grad), gw
 // if need_gw.
 ChannelCoeffs channel_coeffs(const at::Tensor& var_in, const c10::optional<at::Tensor>& weight, double eps,
@@ -41,8 +37,7 @@ ChannelCoeffs channel_coeffs(const at::Tensor& var_in, const c10::optional<at::T
   const auto acc = var_in.scalar_type();
   const int64_t C = var_in.numel();
   const at::Tensor var = var_in.contiguous();
-  const bool has_w = weight.has_value() && weight->defined();
-  const at::Tensor w = has_w ? contiguous_as(*weight, acc) : at::Tensor();
+  const at::Tensor w = bn_acc_vector(weight, acc);
   const at::Tensor sum_g = batch_grad ? sum_g_in.contiguous() : at::Tensor();
   const at::Tensor sum_gxmu = backward && (batch_grad || need_gw) ? sum_gxmu_in.contiguous() : at::Tensor();
   ChannelCoeffs r;
@@ -116,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
   // few rows (a tabular model's hidden layer): one parallel region, a block of channels per task
   if (training && need_gi && p < 1 && bn_rows_route_cpu(x, bn_rows_backward_bytes(x, post_relu, p))) {
     auto [gi, gw, gb, gr] =
-        bn_train_rows_backward_cpu(grad_out, x, out, has_w ? contiguous_as(*weight, acc) : at::Tensor(),
+        bn_train_rows_backward_cpu(grad_out, x, out, bn_acc_vector(weight, acc),
                                    mean.contiguous(), var.contiguous(), eps, pre_relu, post_relu, p, seed, offset,
                                    need_gw, need_gb, need_gr);
     return {gi, gw.to(wdt), gb.to(wdt), need_gr ? gr : empty};

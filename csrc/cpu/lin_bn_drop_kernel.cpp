@@ -36,6 +36,14 @@ void check_lin_bn_drop(const at::Tensor& x, const at::Tensor& weight) {
 // shape only, so the bits do not depend on the thread count; they differ from nn.Linear's single GEMM by rounding.
 constexpr int64_t kSplitRows = 128;
 
+// y[:, c0:c0+n] = x W[c0:c0+n]^T, from inside a parallel region: worker threads inherit neither the caller's grad
+// mode nor its inference mode (y may be an inference tensor).
+void linear_columns(const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, int64_t c0, int64_t n) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor yi = y.narrow(1, c0, n);
+  at::mm_out(yi, x, weight.narrow(0, c0, n).t());
+}
+
 void linear_forward(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight) {
   const int64_t out = weight.size(0), h = out / 2;
   if (x.size(0) > kSplitRows || h == 0) {
@@ -43,13 +51,7 @@ void linear_forward(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight
     return;
   }
   at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
-    // worker threads inherit neither the caller's grad mode nor its inference mode (y may be an inference tensor)
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c0 = i ? h : 0, n = i ? out - h : h;
-      at::Tensor yi = y.narrow(1, c0, n);
-      at::mm_out(yi, x, weight.narrow(0, c0, n).t());
-    }
+    for (int64_t i = i0; i < i1; ++i) linear_columns(y, x, weight, i ? h : 0, i ? out - h : h);
   });
 }
 
@@ -64,12 +66,6 @@ bool halves_route(const at::Tensor& x, const at::Tensor& weight, bool batch_stat
          weight.is_contiguous();
 }
 
-// A batch norm parameter as the rows kernels take it: contiguous, of the accumulation type, or undefined.
-at::Tensor acc_vector(const OptTensor& v, const at::Tensor& x) {
-  if (!v.has_value() || !v->defined()) return at::Tensor();
-  return v->to(bn_acc_type(x)).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
     const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& num_batches_tracked,
@@ -81,13 +77,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lin_bn_drop_cpu(
   at::Tensor y = empty_cached({x.size(0), weight.size(0)}, x.scalar_type());
   at::Tensor out, mean, var;
   if (halves_route(x, weight, batch_stats, p)) {
-    auto produce = [&](int64_t, int64_t c0, int64_t n) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // a worker thread inherits neither mode (see above)
-      at::Tensor yi = y.narrow(1, c0, n);
-      at::mm_out(yi, x, weight.narrow(0, c0, n).t());
-    };
-    std::tie(out, mean, var) = bn_train_rows_forward_cpu(y, produce, acc_vector(bn_weight, x), acc_vector(bn_bias, x),
-                                                         eps, pre_relu, p, seed, offset);
+    auto produce = [&](int64_t, int64_t c0, int64_t n) { linear_columns(y, x, weight, c0, n); };
+    std::tie(out, mean, var) = bn_train_rows_forward_cpu(y, produce, bn_acc_vector(bn_weight, bn_acc_type(x)),
+                                                         bn_acc_vector(bn_bias, bn_acc_type(x)), eps, pre_relu, p, seed,
+                                                         offset);
   } else {
     linear_forward(y, x, weight);
     std::tie(out, mean, var) = call_bn_forward(y, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
