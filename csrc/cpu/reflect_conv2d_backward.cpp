@@ -75,8 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
   at::Tensor gi, gw, gb;
   if (gemm) {
     if (mask[2]) gb = go.sum({0, 2, 3}, false, acc).to(go.scalar_type());
-    if (mask[0]) gi = at::zeros_like(x, x.options().memory_format(rconv::conv_format(x, w)));
-    if (mask[1]) gw = at::zeros({g.OC, g.Cg, g.KH, g.KW}, w.options().dtype(acc));
+    if (mask[0]) gi = empty_cached_4d(x.sizes(), x.scalar_type(), rconv::conv_format(x, w)).zero_();
+    if (mask[1]) gw = empty_cached({g.OC, g.Cg, g.KH, g.KW}, acc).zero_();
   } else {
     std::vector<int64_t> bias_sizes{g.OC};
     std::tie(gi, gw, gb) = at::convolution_backward(go, x, w, bias_sizes, stride, padding, dilation, false, {0, 0},
@@ -108,13 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
     struct Scratch {
       at::Tensor A, B, G;
     };
-    const auto opt = x.options().dtype(acc);
     for_each_task(
         slots,
         [&] {
-          return Scratch{mask[1] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor(),
-                         mask[0] ? at::empty({g.G * per * max_img * max_k}, opt) : at::Tensor(),
-                         direct ? at::Tensor() : at::empty({per * max_img * g.OC}, opt)};
+          return Scratch{mask[1] ? empty_cached({g.G * per * max_img * max_k}, acc) : at::Tensor(),
+                         mask[0] ? empty_cached({g.G * per * max_img * max_k}, acc) : at::Tensor(),
+                         direct ? at::Tensor() : empty_cached({per * max_img * g.OC}, acc)};
         },
         [&](Scratch& sc, int64_t s) {
           for (int64_t c = s * chunks / slots; c < (s + 1) * chunks / slots; ++c) {

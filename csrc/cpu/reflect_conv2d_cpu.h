@@ -216,7 +216,8 @@ inline std::vector<at::Tensor> region_columns(const at::Tensor& w, const Geom& g
   std::vector<int64_t> idx;
   for (const Region& r : regions)
     for (int t = 0; t < r.taps.n; ++t) idx.push_back(r.taps.kh[t] * g.KW + r.taps.kw[t]);
-  const at::Tensor all = w_tap.index_select(1, at::tensor(idx, at::kLong));  // [OC, sum of T, Cg]
+  at::Tensor all = empty_cached({g.OC, (int64_t)idx.size(), g.Cg}, w_tap.scalar_type());  // [OC, sum of T, Cg]
+  at::index_select_out(all, w_tap, 1, at::tensor(idx, at::kLong));
   int64_t off = 0;
   for (const Region& r : regions) {
     cols.push_back(all.narrow(1, off, r.taps.n).view({g.G, g.OCg, r.taps.n * g.Cg}));
@@ -241,12 +242,17 @@ inline at::Tensor scratch(const at::Tensor& buf, int64_t d0, int64_t d1, int64_t
   return buf.narrow(0, 0, d0 * d1 * d2).view({d0, d1, d2});
 }
 
-// The forward's output [N, OC, OH, OW] in torch's layout for (x, w), and per-thread scratch, from the output
-// cache (cpu/alloc.h): fresh, a few MB page-fault on every call.
+// An [N, C, H, W] tensor in the given layout (contiguous or channels_last) from the output cache (cpu/alloc.h).
+// Outputs, gradients, scratch and weight re-layouts all come from there: fresh, a few MB page-fault on every call
+// (a 2 MB index_select of the weight's frame taps cost ~0.3 ms of a batch-1 forward that way).
+inline at::Tensor empty_cached_4d(at::IntArrayRef s, at::ScalarType dtype, at::MemoryFormat fmt) {
+  if (fmt != at::MemoryFormat::ChannelsLast) return empty_cached(s, dtype);
+  return empty_cached({s[0], s[2], s[3], s[1]}, dtype).permute({0, 3, 1, 2});
+}
+
+// The forward's output [N, OC, OH, OW] in torch's layout for (x, w)
 inline at::Tensor empty_out(const Geom& g, const at::Tensor& x, const at::Tensor& w) {
-  const bool cl = rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast;
-  const at::Tensor o = empty_cached({g.N, cl ? g.OH : g.OC, cl ? g.OW : g.OH, cl ? g.OC : g.OW}, x.scalar_type());
-  return cl ? o.permute({0, 3, 1, 2}) : o;
+  return empty_cached_4d({g.N, g.OC, g.OH, g.OW}, x.scalar_type(), rconv::conv_format(x, w));
 }
 
 inline at::Tensor pixel_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }

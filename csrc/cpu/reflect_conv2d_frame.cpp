@@ -33,7 +33,7 @@ struct FrameTask {
 void correct_frame_direct(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, const Geom& g,
                           const std::vector<Region>& regions) {
   // W as [KH, KW, C, OC]: tap t's [C, OC] matrix at t * C * OC
-  const at::Tensor wt = w.to(at::kFloat).permute({2, 3, 1, 0}).contiguous();
+  const at::Tensor wt = empty_cached({g.KH, g.KW, g.C, g.OC}, at::kFloat).copy_(w.permute({2, 3, 1, 0}));
   std::vector<FrameTask> tasks;
   for (int64_t i = 0; i < (int64_t)regions.size(); ++i) {
     const Region& reg = regions[i];

@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_split(const at::Tensor& 
   const auto fmt = rconv::conv_format(x, w);
   // the block's backward writes grad_input from (ri, ci) on; the rest starts at zero
   const bool whole = sp.has_block() && sp.ri == 0 && sp.ci == 0;
-  if (mask[0] && !whole) gi = at::zeros_like(x, x.options().memory_format(fmt));
+  if (mask[0] && !whole) gi = empty_cached_4d(x.sizes(), x.scalar_type(), fmt).zero_();
   if (go.numel() == 0 || x.numel() == 0) {
     if (mask[0] && !gi.defined()) gi = at::zeros_like(x, x.options().memory_format(fmt));
     if (mask[1]) gw = at::zeros_like(w);
