@@ -482,3 +482,26 @@ def test_gemm_forward_on_nchw_columns(shape, groups, dtype):
                                                              rc_ops._ALGOS["gemm"]))
     torch.testing.assert_close(outs[0].double(), ref, **TOL[dtype])
     assert outs[0].is_contiguous() and torch.equal(bits(outs[0]), bits(outs[1]))
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("algo", ["auto", "frame", "gemm", "split", "fold"])
+def test_raw_cpu_ops_with_inputs_that_require_grad(algo, channels_last):
+    """fastfuse_C's ops have no autograd kernel; called directly under grad mode with inputs that require grad
+    (as a traced graph or a user may), every design must compute as usual: its inner ATen calls run below autograd
+    (index_select_out, say, refuses inputs that require grad)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 6, 7, 9).to(memory_format=fmt).requires_grad_()
+    w = torch.randn(5, 6, 3, 3).requires_grad_()
+    go = torch.randn(2, 5, 7, 9).to(memory_format=fmt)
+    a = rc_ops._ALGOS[algo]
+    y = torch.ops.fastfuse_C.reflect_conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, a)
+    gi, gw, _ = torch.ops.fastfuse_C.reflect_conv2d_backward(go, x, w, [1, 1], [1, 1], [1, 1], 1,
+                                                              [True, True, False], a)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.conv2d(F.pad(xr, (1, 1, 1, 1), mode="reflect"), wr)
+    ref_gi, ref_gw = torch.autograd.grad(ref, [xr, wr], go.double())
+    torch.testing.assert_close(y.detach().double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gi.double(), ref_gi, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-4)

@@ -96,6 +96,9 @@ at::Tensor reflect_conv2d_cpu(const at::Tensor& x, const at::Tensor& w, const c1
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups, int64_t algo) {
   TORCH_CHECK(x.device().is_cpu(), "fastfuse reflect_conv2d_cpu: expected CPU tensors, got ", x.device());
+  // Called directly with tensors that require grad (the op has no autograd kernel here), the designs' inner ATen
+  // calls must not record autograd: index_select_out refuses such inputs.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return forward_cpu(x, w, bias, stride, padding, dilation, groups, algo);
 }
 
@@ -103,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cpu(
     const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   TORCH_CHECK(x.device().is_cpu(), "fastfuse reflect_conv2d_backward_cpu: expected CPU tensors, got ", x.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
   return rconv_cpu::backward_cpu(go, x, w, stride, padding, dilation, groups, mask, algo);
 }
 
