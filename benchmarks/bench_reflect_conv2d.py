@@ -52,7 +52,11 @@ def _ours(backend, weight, stride, padding):
 def _conv_case(shape, oc, k, stride, device, dtype, backends):
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     p = (k - 1) // 2
-    eager = nn.Conv2d(shape[1], oc, k, stride, p, bias=False, padding_mode="reflect").to(device, dtype)
+    # the module in channels_last too, weight included, as model.to(memory_format=torch.channels_last) leaves it (and
+    # as the ConvLayer case below): every provider gets this one weight. From an OIHW weight fastfuse's designs
+    # re-lay it out per call (~0.6 ms at 512x512x3x3, up to ~10% of a 7x7 forward here; benchmarks/NOTES.md)
+    eager = nn.Conv2d(shape[1], oc, k, stride, p, bias=False, padding_mode="reflect").to(
+        device, dtype, memory_format=torch.channels_last)
     zeros = nn.Conv2d(shape[1], oc, k, stride, p, bias=False).to(device, dtype)
     zeros.weight = eager.weight
     params = [eager.weight]
@@ -70,7 +74,8 @@ def _conv_case(shape, oc, k, stride, device, dtype, backends):
 def _infer_case(shape, oc, channels_last, device, dtype, backends):
     x = torch.randn(shape, device=device, dtype=dtype)
     x = x.to(memory_format=torch.channels_last) if channels_last else x
-    eager = nn.Conv2d(shape[1], oc, 3, 1, 1, bias=False, padding_mode="reflect").to(device, dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format  # the whole module, as in _conv_case
+    eager = nn.Conv2d(shape[1], oc, 3, 1, 1, bias=False, padding_mode="reflect").to(device, dtype, memory_format=fmt)
     zeros = nn.Conv2d(shape[1], oc, 3, 1, 1, bias=False).to(device, dtype)
     zeros.weight = eager.weight
 
