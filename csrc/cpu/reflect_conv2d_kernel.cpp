@@ -60,7 +60,11 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
   // against 1.61-2.34x in NCHW; 512 at 7x7 0.36-1.11x against 0.49-1.71x (oneDNN's own 7x7 times swing 2x there);
   // 256 -> 512 stride 2 0.74-1.07x against 1.07-1.48x (NCHW 1.30-1.37x against 1.80-2.16x). At 28x28 (K = 1152)
   // (a) lost. torch's pad + conv still ran 1.03-1.14x at 14x14: no design here matches it at these batches.
-  if (!chunks && K >= 2048 && g.N * g.OH * g.OW <= 1024) return kGemm;
+  // In NCHW, where (a) builds its im2col as columns (reflect_conv2d_columns.cpp) and (b) gathers with strided reads,
+  // (a) wins from shorter rows: batch 1-4, 80-160 channels (K = 720-1440), 14x14 to 32x32, (a) took 1.26-1.66x the
+  // zero-padded conv against the old pick's 1.52-1.78x (two runs of seven shapes, forward under no_grad); at 64
+  // channels (K = 576) they tied (1.35-1.41x against 1.33-1.48x).
+  if (!chunks && K >= (channels_last ? 2048 : 720) && g.N * g.OH * g.OW <= 1024) return kGemm;
   const double share = rconv::correction_share(g);
   const bool divides = g.ph % g.sh == 0 && g.pw % g.sw == 0;
   if (K < 32) return kFrame;
