@@ -54,7 +54,10 @@ int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
     // other strides: the 8x8 rule above, else (a) or (b) below
     const double share = g.sh == 1 && g.sw == 1 ? rconv::correction_share(g) : 0.0;
     if (share > 0.12) return kFold;
-    if (share > rconv::kAvx512FrameShare) return kSplit;
+    // NCHW with short rows keeps (b): at 16x16 (8.3%) with 32 and 64 channels (K = 288, 576) (b)'s backward took
+    // 1.34-1.63x oneDNN's zero-padded one against (c)'s 1.42-1.79x (five runs at 64 channels, three at 32); 128
+    // channels tied, 256 at 14x14 went (c)'s way.
+    if (share > rconv::kAvx512FrameShare && (channels_last || g.Cg * g.KH * g.KW >= 1152)) return kSplit;
   }
   if (!rconv::pick_gemm(g, algo, true, true, channels_last)) return kFrame;
   // (a) runs as at most kSlots tasks: with more threads than that, (b) (tasks_fill_threads)
