@@ -252,3 +252,101 @@ def test_lin_bn_drop_one_node_partial_grads(monkeypatch, frozen):
         grads.append(torch.autograd.grad(m(xi), inputs, g))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+# ---- the head's tail: last Linear + SigmoidRange as fastfuse_C::linear_sigmoid_range (CPU, eager) ----------------
+
+def _sigmoid_range_ref(x, w, b, low, high):
+    return torch.sigmoid(torch.nn.functional.linear(x, w, b)) * (high - low) + low
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,K,N,bias", [(64, 50, 1, True), (7, 13, 3, False), (0, 5, 2, True), (33, 20, 12, True),
+                                        (5, 0, 1, True), (300, 9, 2, True)])
+def test_linear_sigmoid_range_op_matches_torch(B, K, N, bias, dtype):
+    """Output and every gradient equal torch's sigmoid(linear(x, W, b)) * (high - low) + low: few outputs take
+    the op's loops (300 rows: two row tasks), 12 ATen's GEMMs; empty batch and no input features too."""
+    torch.manual_seed(0)
+    x = torch.randn(B, K, dtype=dtype, requires_grad=True)
+    w = (torch.randn(N, K, dtype=dtype) * max(K, 1) ** -0.5).requires_grad_()
+    b = torch.randn(N, dtype=dtype, requires_grad=True) if bias else None
+    out = torch.ops.fastfuse_C.linear_sigmoid_range(x, w, b, -1.0, 5.5)[0]
+    ref = _sigmoid_range_ref(x, w, b, -1.0, 5.5)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    ins = [x, w] + ([b] if bias else [])
+    for a, r in zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g)):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+def test_linear_sigmoid_range_gradcheck_float64():
+    """First and second derivatives by finite differences (create_graph=True takes the node's ATen twin)."""
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    f = lambda x, w, b: torch.ops.fastfuse_C.linear_sigmoid_range(x, w, b, 0.0, 3.0)[0]
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+def test_linear_sigmoid_range_bad_input():
+    op = torch.ops.fastfuse_C.linear_sigmoid_range
+    x, w = torch.randn(4, 3), torch.randn(1, 3)
+    with pytest.raises(RuntimeError, match="expected x \\(B, in\\) and weight \\(out, in\\)"):
+        op(x, torch.randn(1, 4), None, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="one floating dtype"):
+        op(x, w.double(), None, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="bias of shape \\(1\\)"):
+        op(x, w, torch.randn(2), 0.0, 1.0)
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+def test_tabular_tail_is_one_node_and_equals_the_modules(monkeypatch):
+    """With y_range, TabularModel's last Linear and SigmoidRange run as one C++ node; the modules' own path gives
+    the same output, gradients and dropout masks (the tail draws no random numbers)."""
+    import fastfuse.models.tabular as tab
+    _, fused = _pair()
+    x, c = _batch(16)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(tab, "_fusable_tail", lambda layers, mods: None)
+        torch.manual_seed(5)
+        y = fused(x, c)
+        assert ("LinearSigmoidRange" in y.grad_fn.name()) == fast
+        results.append((y, torch.autograd.grad(y.sum(), list(fused.parameters()))))
+    (y, g), (yr, gr) = results
+    torch.testing.assert_close(y, yr)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+def test_tabular_tail_runs_the_modules_where_it_must():
+    """Hooks on the tail's modules run (the modules' own calls); no y_range, float16 or torch.compile leave the
+    modules as they are."""
+    _, fused = _pair()
+    x, c = _batch(8)
+    seen = []
+    h = fused.layers[3].register_forward_hook(lambda m, i, o: seen.append(o))
+    y = fused(x, c)
+    h.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], y) and "LinearSigmoidRange" not in y.grad_fn.name()
+    _, plain = _pair(y_range=None)
+    assert "LinearSigmoidRange" not in plain(x, c).grad_fn.name()
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+@pytest.mark.parametrize("wrt", ["x", "w", "b"])
+def test_linear_sigmoid_range_partial_grads(wrt):
+    """Only the asked-for gradient is computed (a frozen layer, a constant input) and it is the reference's."""
+    torch.manual_seed(1)
+    t = {"x": torch.randn(6, 4), "w": torch.randn(2, 4) * 0.5, "b": torch.randn(2)}
+    t[wrt].requires_grad_()
+    out = torch.ops.fastfuse_C.linear_sigmoid_range(t["x"], t["w"], t["b"], 1.0, 2.0)[0]
+    ref = _sigmoid_range_ref(t["x"], t["w"], t["b"], 1.0, 2.0)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, t[wrt], g)[0], torch.autograd.grad(ref, t[wrt], g)[0])
