@@ -350,3 +350,30 @@ def test_linear_sigmoid_range_partial_grads(wrt):
     ref = _sigmoid_range_ref(t["x"], t["w"], t["b"], 1.0, 2.0)
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(out, t[wrt], g)[0], torch.autograd.grad(ref, t[wrt], g)[0])
+
+
+@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
+def test_tabular_tail_takes_fastais_sigmoid_range(monkeypatch):
+    """A fastai TabularModel made ours by fastfuse.fuse keeps fastai's SigmoidRange (fastai.layers, stood in for
+    here: CI has no fastai); its tail is fused too."""
+    import sys
+    import types
+    fake = types.ModuleType("fastai.layers")
+
+    class FastaiSigmoidRange(torch.nn.Module):
+        def __init__(self, low, high):
+            super().__init__()
+            self.low, self.high = low, high
+
+        def forward(self, x):
+            return torch.sigmoid(x) * (self.high - self.low) + self.low
+
+    fake.SigmoidRange = FastaiSigmoidRange
+    monkeypatch.setitem(sys.modules, "fastai.layers", fake)
+    eager, fused = _pair(y_range=(-1, 2))
+    fused.layers[3] = FastaiSigmoidRange(-1, 2)
+    x, c = _batch(8)
+    fused.eval(), eager.eval()
+    y = fused(x, c)
+    assert "LinearSigmoidRange" in y.grad_fn.name()
+    torch.testing.assert_close(y, eager(x, c))

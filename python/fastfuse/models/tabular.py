@@ -1,6 +1,8 @@
 """fastai's TabularModel: the fused one (TabularModel) and its eager twin (EagerTabularModel, plain torch
 layers in fastai's exact structure). Both have fastai.tabular.model.TabularModel's signature, semantics and
 state_dict keys, so checkpoints move between the three and give the same eval outputs."""
+import sys
+
 import torch
 from torch import nn
 
@@ -97,10 +99,17 @@ class TabularModel(ffnn.TabularEmbedding):
 _FLOATS = (torch.float32, torch.float64)
 
 
+def _sigmoid_ranges():
+    """SigmoidRange classes with low / high and this forward: ours, and fastai's once it is imported (a fastai
+    TabularModel that fastfuse.fuse made ours keeps fastai's)."""
+    fa = getattr(sys.modules.get("fastai.layers"), "SigmoidRange", None)
+    return (SigmoidRange, fa) if isinstance(fa, type) else (SigmoidRange,)
+
+
 def _fusable_tail(layers, mods):
     """(linear, sigmoid_range) when the head ends in a LinBnDrop that is a bare Linear and a SigmoidRange, with no
     hooks on them (their own calls run their hooks) and not under torch.compile; None otherwise."""
-    if len(mods) < 2 or type(mods[-1]) is not SigmoidRange or torch.compiler.is_compiling():
+    if len(mods) < 2 or type(mods[-1]) not in _sigmoid_ranges() or torch.compiler.is_compiling():
         return None
     block = mods[-2]._modules if type(mods[-2]) is ffnn.LinBnDrop else {}
     lin = block.get("0") if len(block) == 1 else None
