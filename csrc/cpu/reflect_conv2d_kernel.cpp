@@ -40,8 +40,10 @@ using rconv_cpu::kSplit;
 // AVX-512 (2 cores of an Emerald Rapids Xeon VM; rconv::cpu_avx512): oneDNN's zero-padded convolution runs near
 // the cores' peak there, stem included, and (c)'s and "fold"'s GEMMs fall further behind it, so channels_last takes
 // (b) up to a 7% correction share (rconv::kAvx512FrameShare): 28x28 stride 1 1.06-1.08x the zero-padded conv
-// against (c)'s 1.10-1.13x (two runs), 28x28 stride 2 1.12x against "fold"'s 1.22x. The stem takes (b) too: 1.01-1.05x
-// in three runs, where (c) swung from 0.92x to 1.39x.
+// against (c)'s 1.10-1.13x (two runs), 28x28 stride 2 1.12x against "fold"'s 1.22x. The stem keeps (c): what swung
+// there was oneDNN's zero-padded conv, not (c) (session 23, four processes, channels_last input: (c) took 19.2-20.2
+// ms and (b) 26.0-26.7, while the zero-padded conv took 24.9-25.9 ms, or 41.9 in one process from an OIHW weight;
+// (c) 0.48-0.81x of it, (b) 0.62-1.05x). An earlier session had read the swing as (c)'s (0.92x to 1.39x).
 int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
   if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
   if (algo != 0) return kFrame;
@@ -49,7 +51,7 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
   const bool chunks = rconv_cpu::chunks_fill_threads(g.N);
   const int64_t K = g.Cg * g.KH * g.KW;
   if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
-    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return avx512 || !chunks ? kFrame : kSplit;
+    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return chunks ? kSplit : kFrame;
     if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
