@@ -94,8 +94,8 @@ class TabularModel(ffnn.TabularEmbedding):
 
 # ---- eager CPU: the head's last Linear and SigmoidRange in one C++ call each way ----------------------------------
 # fastfuse_C::linear_sigmoid_range (csrc/cpu/linear_sigmoid_range_kernel.cpp, C++ autograd): one node and plain
-# loops where torch runs four nodes and a rank-1 GEMM: the Rossmann step at batch 64 ran 90-130 us faster here. torch.compile
-# traces the modules instead.
+# loops where torch runs four nodes and a rank-1 GEMM: the Rossmann step at batch 64 ran 90-130 us faster here.
+# torch.compile traces the modules instead.
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -121,7 +121,8 @@ def _fusable_tail(layers, mods):
 def _linear_sigmoid_range(x, lin, sr):
     weight, bias = lin._parameters.get("weight"), lin._parameters.get("bias")
     if (type(x) is not torch.Tensor or x.dim() != 2 or not x.is_cpu or x.dtype not in _FLOATS or weight is None
-            or weight.dtype != x.dtype or x.shape[1] != weight.shape[1] or _backends.select(x) != "cpp"):
+            or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or x.shape[1] != weight.shape[1]
+            or _backends.select(x) != "cpp"):
         return sr(lin(x))
     return torch.ops.fastfuse_C.linear_sigmoid_range(x, weight, bias, float(sr.low), float(sr.high))[0]
 
