@@ -1,6 +1,6 @@
 """Train fastai's TabularModel on real data, fused vs eager, side by side.
 
-    python -m fastfuse.examples.tabular [--epochs 3] [--bs 256]
+    python -m fastfuse.examples.tabular [--epochs 3] [--bs 256] [--rows N] [--csv PATH]
 
 Data: plotnine's txhousing.csv (Texas home sales by city and month, 2000-2015), which ships inside the
 plotnine wheel (pip install "fastfuse[examples]"): no download at run time. A Rossmann-shaped problem: predict
@@ -34,10 +34,14 @@ def _num(v):
     return float(v) if v not in ("", "NA") else math.nan
 
 
-def load_rows(path):
+def load_rows(path, limit=0):
+    """The CSV's rows with a sales figure, as dicts with date parts; limit > 0: only its first `limit` lines (a
+    small slice: the file runs city by city, each over every month)."""
     rows = []
     with open(path, newline="") as f:
-        for r in csv.DictReader(f):
+        for i, r in enumerate(csv.DictReader(f)):
+            if limit and i >= limit:
+                break
             sales = _num(r["sales"])
             if math.isnan(sales) or sales <= 0:
                 continue  # no target
@@ -114,10 +118,12 @@ def main(argv=None):
     ap.add_argument("--bs", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--rows", type=int, default=0, help="use only the CSV's first ROWS lines (a quick run)")
+    ap.add_argument("--csv", default=None, help="a CSV of txhousing's columns (default: plotnine's txhousing.csv)")
     args = ap.parse_args(argv)
 
-    path = txhousing_path()
-    train, valid, emb_szs, cats = preprocess(load_rows(path))
+    path = args.csv or txhousing_path()
+    train, valid, emb_szs, cats = preprocess(load_rows(path, args.rows))
     print(f"data: {path}\n  {len(train[2])} training rows, {len(valid[2])} validation rows (last 12 months)")
     print(f"  categorical {cats} -> emb_szs {emb_szs}\n  continuous {CONT_NAMES}")
     y_max = max(train[2].max().item(), valid[2].max().item())
@@ -144,6 +150,7 @@ def main(argv=None):
         print(f"{name:8s} {t:8.2f} {r:8.4f}")
     print(f"fused speedup per epoch: {results['eager'][0] / results['fused'][0]:.2f}x "
           f"(torch {torch.get_num_threads()} threads)")
+    return results
 
 
 if __name__ == "__main__":
