@@ -9,9 +9,7 @@ namespace fastfuse {
 
 using OptTensor = c10::optional<at::Tensor>;
 
-void check_linear_sigmoid_range(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias);
-
-// (out, s): out = s * (high - low) + low, s = sigmoid(x W^T + b) (kept for the backward)
+// (out, s): out = s * (high - low) + low, s = sigmoid(x W^T + b) (kept for the backward); checks its arguments
 std::tuple<at::Tensor, at::Tensor> linear_sigmoid_range_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                             const OptTensor& bias, double low, double high);
 

@@ -68,8 +68,6 @@ void small_out_grads(const at::Tensor& gz, const at::Tensor& x, const at::Tensor
   }
 }
 
-}  // namespace
-
 void check_linear_sigmoid_range(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "linear_sigmoid_range: expected x (B, in) and weight (out, in), got ", x.sizes(), " and ",
@@ -83,6 +81,8 @@ void check_linear_sigmoid_range(const at::Tensor& x, const at::Tensor& weight, c
                 "linear_sigmoid_range: expected a bias of shape (", weight.size(0), ") and dtype ", x.scalar_type(),
                 ", got ", bias->sizes(), " ", bias->scalar_type());
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_sigmoid_range_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                             const OptTensor& bias_in, double low, double high) {

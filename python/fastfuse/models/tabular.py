@@ -9,6 +9,7 @@ from torch import nn
 from .. import _backends
 from .. import nn as ffnn
 from ..nn._hooks import hooked
+from ..nn.lin_bn_drop import _FLOATS  # the dtypes the CPU fast paths take
 from ..nn.tabular import Embedding
 
 
@@ -96,7 +97,6 @@ class TabularModel(ffnn.TabularEmbedding):
 # fastfuse_C::linear_sigmoid_range (csrc/cpu/linear_sigmoid_range_kernel.cpp, C++ autograd): one node and plain
 # loops where torch runs four nodes and a rank-1 GEMM: the Rossmann step at batch 64 ran 90-130 us faster here.
 # torch.compile traces the modules instead.
-_FLOATS = (torch.float32, torch.float64)
 
 
 def _sigmoid_ranges():
