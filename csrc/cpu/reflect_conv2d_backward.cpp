@@ -47,6 +47,7 @@ int64_t backward_chunks(const Geom& g, const std::vector<Region>& regions) {
 // oneDNN's backward is far from the cores' peak and "fold" is picked at any stride (stride 2, 14x14 input, 256
 // channels: 0.69-0.74x of the zero-padded backward against (a)'s 0.78-0.86x; at 28x28 the two tie at 1.07-1.11x).
 int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
+  if (algo == kDirect) algo = 0;  // a forward-only design
   if (algo != 0) return algo == kSplit || algo == kFold ? int(algo) : (algo == kGemm ? kGemm : kFrame);
   if (rconv::cpu_avx512() && g.dh == 1 && g.dw == 1 && g.Cg * g.KH * g.KW >= 256 &&
       !rconv::small_conv(g, channels_last, true) && chunks_fill_threads(g.N)) {

@@ -35,7 +35,7 @@ using rconv::Region;
 
 // The designs, as the algo argument names them (reflect_conv2d.h; 0 = pick per shape): (b) frame, (a) gemm, (c)
 // split, and (c) without the block, "fold" (every pixel by the folded GEMM).
-constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4;
+constexpr int kFrame = 1, kGemm = 2, kSplit = 3, kFold = 4, kDirect = 5;
 
 constexpr int64_t kTaskRows = 512;
 // Images per task of (c)'s convolution (see forward_split)
@@ -274,6 +274,10 @@ void add_columns(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, cons
 // out += the gathered GEMM over (a)'s whole output (gemm) or (b)'s frame regions, as tasks
 void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& out,
                   const Geom& g, bool gemm);
+// (d) "direct" (reflect_conv2d_direct.cpp): fp32 channels_last, one group, AVX-512 only (direct_applies)
+bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w);
+at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                          const Geom& g);
 at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const Geom& g, at::IntArrayRef stride, at::IntArrayRef dilation, bool use_block);
 // (c)'s backward (use_block) and "fold"'s (reflect_conv2d_split_backward.cpp)

@@ -90,6 +90,10 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
+  if (algo == rconv_cpu::kDirect) {
+    if (rconv_cpu::direct_applies(g, x, w)) return rconv_cpu::forward_direct(x, w, bias, g);
+    algo = 0;
+  }
   const int design = pick_forward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);
   if (design >= kSplit) return rconv_cpu::forward_split(x, w, bias, g, stride, dilation, design == kSplit);
   if (design == kGemm) return rconv_cpu::forward_gemm(x, w, bias, g);

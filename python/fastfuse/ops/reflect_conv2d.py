@@ -87,7 +87,7 @@ def _format(x, w):
 # "gemm" = reflected im2col + GEMM; "split" (CPU) = vendor convolution without padding on the block it gets
 # right + folded-tap GEMM on the rest, forward and backward; "fold" (CPU) = the folded-tap GEMM everywhere. On
 # CUDA the last two run "frame". FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
-_ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4}
+_ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4, "direct": 5}
 
 
 def _algo():
