@@ -162,7 +162,8 @@ int line_axis(const Geom& g, const Region& reg, const std::vector<std::pair<uint
 }
 
 struct Task {
-  int64_t region, n0, n1, tile0, tile1;  // images [n0, n1) (axis 2: one line across them), tiles [tile0, tile1)
+  int64_t region;  // -1: every region of the images that runs inside an image; else one that runs across images
+  int64_t n0, n1, tile0, tile1;  // images [n0, n1), tiles [tile0, tile1)
   int64_t cost;
 };
 
@@ -180,40 +181,44 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::o
   at::Tensor out = empty_cached_4d({g.N, g.OC, g.OH, g.OW}, at::kFloat, at::MemoryFormat::ChannelsLast);
   if (out.numel() == 0) return out;
   const SplitPlan sp = split_plan(g, false);
-  std::vector<std::pair<uint64_t, uint64_t>> folded;  // distinct folded classes, in order of first use
-  for (const auto& f : sp.folds)
-    for (const auto& cls : f)
-      if (__builtin_popcountll(cls.first) * __builtin_popcountll(cls.second) > 1 &&
-          std::find(folded.begin(), folded.end(), cls) == folded.end())
-        folded.push_back(cls);
   Packed pk(w, g);
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   std::vector<int> axes;
-  for (size_t i = 0; i < sp.regions.size(); ++i) axes.push_back(line_axis(g, sp.regions[i], sp.folds[i]));
+  int64_t image_cost = 0;  // per tile, of one image's regions that run inside the image
+  for (size_t i = 0; i < sp.regions.size(); ++i) {
+    const Region& reg = sp.regions[i];
+    axes.push_back(line_axis(g, reg, sp.folds[i]));
+    if (axes.back() != 2) image_cost += reg.rows() * reg.cols() * reg.taps.n;
+  }
 
-  // Tasks: each region's images in pieces (one line across them for axis 2), all tiles, split further by tiles
-  // only when there are fewer pieces than two per thread (a small batch). No task's result depends on the split.
+  // Tasks: whole images, every region of them but those that run as lines across images (corners), which take
+  // tasks of their own of up to kMaxM images. An image's frame is computed while its input is in cache: as tasks
+  // of their own over the batch, the frame read x back from memory and ran at 2/3 of the interior's rate at 56x56.
+  // Images per task: about 256 output pixels (14x14: one image); split further by tiles only when there are fewer
+  // tasks than two per thread (a small batch). No result depends on the split.
   const int64_t tiles = pk.tiles();
   std::vector<Task> tasks;
-  for (int64_t i = 0; i < (int64_t)sp.regions.size(); ++i) {
-    const Region& reg = sp.regions[i];
-    // about 256 pixels of a region per task (an interior of 14x14: one image), a line across images at most kMaxM
-    const int64_t px = reg.rows() * reg.cols();
-    const int64_t step = axes[i] == 2 ? kMaxM : std::max<int64_t>(1, 256 / px);
-    for (int64_t n0 = 0; n0 < g.N; n0 += step) tasks.push_back({i, n0, std::min(g.N, n0 + step), 0, tiles, 0});
+  if (image_cost > 0) {
+    const int64_t step = std::max<int64_t>(1, 256 / (g.OH * g.OW));
+    for (int64_t n0 = 0; n0 < g.N; n0 += step) tasks.push_back({-1, n0, std::min(g.N, n0 + step), 0, tiles, 0});
   }
+  const int64_t pieces = (g.N + kMaxM - 1) / kMaxM;  // even: 16 images as 8 + 8, not 14 + 2
+  for (int64_t i = 0; i < (int64_t)sp.regions.size(); ++i)
+    if (axes[i] == 2)
+      for (int64_t k = 0; k < pieces; ++k) tasks.push_back({i, k * g.N / pieces, (k + 1) * g.N / pieces, 0, tiles, 0});
   const int64_t want = 2 * at::get_num_threads();
   if ((int64_t)tasks.size() < want && tiles > 1) {
     const int64_t split = std::min(tiles, (want + (int64_t)tasks.size() - 1) / (int64_t)tasks.size());
     std::vector<Task> more;
     for (const Task& t : tasks)
-      for (int64_t k = 0; k < split; ++k) more.push_back({t.region, t.n0, t.n1, k * tiles / split, (k + 1) * tiles / split, 0});
+      for (int64_t k = 0; k < split; ++k)
+        more.push_back({t.region, t.n0, t.n1, k * tiles / split, (k + 1) * tiles / split, 0});
     tasks.swap(more);
   }
   for (Task& t : tasks) {
-    const Region& reg = sp.regions[t.region];
-    t.cost = (t.n1 - t.n0) * reg.rows() * reg.cols() * reg.taps.n * (t.tile1 - t.tile0);
+    const Region* reg = t.region < 0 ? nullptr : &sp.regions[t.region];
+    t.cost = (t.n1 - t.n0) * (t.tile1 - t.tile0) * (reg ? reg->rows() * reg->cols() * reg->taps.n : image_cost);
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
 
@@ -222,55 +227,66 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::o
   const float* bp = has_bias ? bias_f.const_data_ptr<float>() : nullptr;
   const int64_t xsN = x.stride(0), xsH = x.stride(2), xsW = x.stride(3);
   const int64_t osN = out.stride(0), osH = out.stride(2), osW = out.stride(3);
+  // region i of images [n0, n1), one tile
+  const auto run_region = [&](int64_t i, int64_t tile, int64_t n0, int64_t n1) {
+    const Region& reg = sp.regions[i];
+    const int nt = reg.taps.n;
+    const auto& fold = sp.folds[i];
+    TapWeight b[rconv::kMaxTaps];
+    for (int t = 0; t < nt; ++t) {  // the taps of each folded class, in tap order
+      b[t].n = 0;
+      for (int kh = 0; kh < g.KH; ++kh)
+        for (int kw = 0; kw < g.KW; ++kw)
+          if ((fold[t].first >> kh & 1) && (fold[t].second >> kw & 1)) b[t].p[b[t].n++] = pk.tap(tile, kh, kw);
+    }
+    const int64_t n_oc = std::min(kTile, g.OC - tile * kTile);
+    const __mmask16 mask = __mmask16((1u << (n_oc > 16 ? n_oc - 16 : n_oc)) - 1);
+    const auto& table = n_oc > 16 ? kMicro2 : kMicro1;
+    const float* bt = bp ? bp + tile * kTile : nullptr;
+    // one line of M pixels from output (n, r, c), pixel steps xs in x and os in out, in even pieces of at most kMaxM
+    const auto line = [&](int64_t n, int64_t r, int64_t c, int64_t M, int64_t xs, int64_t os) {
+      const float* a[rconv::kMaxTaps];
+      for (int t = 0; t < nt; ++t) {
+        const int64_t ih = reflect(r * g.sh - g.ph + reg.taps.kh[t] * g.dh, g.H);
+        const int64_t iw = reflect(c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
+        a[t] = xp + n * xsN + ih * xsH + iw * xsW;
+      }
+      const int64_t chunks = (M + kMaxM - 1) / kMaxM;
+      for (int64_t k = 0; k < chunks; ++k) {
+        const int64_t j0 = k * M / chunks, j1 = (k + 1) * M / chunks;
+        const float* ak[rconv::kMaxTaps];
+        for (int t = 0; t < nt; ++t) ak[t] = a[t] + j0 * xs;
+        table[j1 - j0](ak, b, nt, xs, g.C, op + n * osN + r * osH + c * osW + j0 * os + tile * kTile, os, bt, mask);
+      }
+    };
+    if (axes[i] == 2) {
+      for (int64_t r = reg.r0; r < reg.r1; ++r)
+        for (int64_t c = reg.c0; c < reg.c1; ++c) line(n0, r, c, n1 - n0, xsN, osN);
+      return;
+    }
+    for (int64_t n = n0; n < n1; ++n) {
+      if (axes[i] == 0)
+        for (int64_t r = reg.r0; r < reg.r1; ++r) line(n, r, reg.c0, reg.cols(), g.sw * xsW, osW);
+      else
+        for (int64_t c = reg.c0; c < reg.c1; ++c) line(n, reg.r0, c, reg.rows(), g.sh * xsH, osH);
+    }
+  };
   for_each_task(
       (int64_t)tasks.size(), [] { return 0; },
       [&](int&, int64_t ti) {
         const Task& tk = tasks[ti];
-        if (getenv("FFSKIP") && sp.regions[tk.region].rows() * sp.regions[tk.region].cols() < atoi(getenv("FFSKIP"))) return;
-        const Region& reg = sp.regions[tk.region];
-        const int axis = axes[tk.region];
-        const int nt = reg.taps.n;
-        const auto& fold = sp.folds[tk.region];
-        const float* a[rconv::kMaxTaps];
-        TapWeight b[rconv::kMaxTaps];
-        // one line of M pixels from output (n, r, c), pixel steps xs in x and os in out
-        auto line = [&](int64_t tile, int64_t n, int64_t r, int64_t c, int64_t M, int64_t xs, int64_t os) {
-          for (int t = 0; t < nt; ++t) {
-            const int64_t ih = reflect(r * g.sh - g.ph + reg.taps.kh[t] * g.dh, g.H);
-            const int64_t iw = reflect(c * g.sw - g.pw + reg.taps.kw[t] * g.dw, g.W);
-            a[t] = xp + n * xsN + ih * xsH + iw * xsW;
-          }
-          const int64_t n_oc = std::min(kTile, g.OC - tile * kTile);
-          const __mmask16 mask = __mmask16((1u << (n_oc > 16 ? n_oc - 16 : n_oc)) - 1);
-          const auto& table = n_oc > 16 ? kMicro2 : kMicro1;
-          const float* bt = bp ? bp + tile * kTile : nullptr;
-          const int64_t chunks = (M + kMaxM - 1) / kMaxM;  // even pieces of at most kMaxM pixels
-          for (int64_t k = 0; k < chunks; ++k) {
-            const int64_t j0 = k * M / chunks, j1 = (k + 1) * M / chunks;
-            const float* ak[rconv::kMaxTaps];
-            for (int t = 0; t < nt; ++t) ak[t] = a[t] + j0 * xs;
-            table[j1 - j0](ak, b, nt, xs, g.C, op + n * osN + r * osH + c * osW + j0 * os + tile * kTile, os, bt,
-                           mask);
-          }
-        };
-        for (int64_t tile = tk.tile0; tile < tk.tile1; ++tile) {
-          for (int t = 0; t < nt; ++t) {  // the taps of each folded class, in tap order
-            b[t].n = 0;
-            for (int kh = 0; kh < g.KH; ++kh)
-              for (int kw = 0; kw < g.KW; ++kw)
-                if ((fold[t].first >> kh & 1) && (fold[t].second >> kw & 1)) b[t].p[b[t].n++] = pk.tap(tile, kh, kw);
-          }
-          if (axis == 2) {
-            for (int64_t r = reg.r0; r < reg.r1; ++r)
-              for (int64_t c = reg.c0; c < reg.c1; ++c) line(tile, tk.n0, r, c, tk.n1 - tk.n0, xsN, osN);
+        // tasks start at different tiles (the order of the tiles changes no result), so that threads starting
+        // together pack different tiles at once instead of each waiting for the other's
+        const int64_t ntile = tk.tile1 - tk.tile0;
+        for (int64_t k = 0; k < ntile; ++k) {
+          const int64_t tile = tk.tile0 + (k + ti) % ntile;
+          if (tk.region >= 0) {
+            run_region(tk.region, tile, tk.n0, tk.n1);
             continue;
           }
-          for (int64_t n = tk.n0; n < tk.n1; ++n) {
-            if (axis == 0)
-              for (int64_t r = reg.r0; r < reg.r1; ++r) line(tile, n, r, reg.c0, reg.cols(), g.sw * xsW, osW);
-            else
-              for (int64_t c = reg.c0; c < reg.c1; ++c) line(tile, n, reg.r0, c, reg.rows(), g.sh * xsH, osH);
-          }
+          for (int64_t n = tk.n0; n < tk.n1; ++n)
+            for (int64_t i = 0; i < (int64_t)sp.regions.size(); ++i)
+              if (axes[i] != 2) run_region(i, tile, n, n + 1);
         }
       });
   return out;
