@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cpu/alloc.h"
+#include "reflect_conv2d.h"
 
 TORCH_LIBRARY(fastfuse_C, m) {
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
@@ -46,4 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("empty_cpu_cache", &fastfuse::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
   m.def("cpu_cache_idle_bytes", &fastfuse::cpu_cache_idle_bytes, "Bytes the CPU output cache holds idle");
+  m.def("reflect_conv2d_cpu_design",
+        [](const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride, std::vector<int64_t> padding,
+           std::vector<int64_t> dilation, int64_t groups, int64_t algo) {
+          return fastfuse::reflect_conv2d_cpu_design(x, w, stride, padding, dilation, groups, algo);
+        },
+        "The design reflect_conv2d's CPU forward runs for these arguments (algo 0: the automatic pick)");
 }

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -372,6 +373,9 @@ inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool
       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo);
 
 FASTFUSE_RCONV_DECLARE(cpu)
+// The design the CPU forward runs for these arguments ("frame", "gemm", "split", "fold" or "direct"; tests, benchmarks)
+std::string reflect_conv2d_cpu_design(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t algo);
 #ifdef FASTFUSE_WITH_CUDA
 FASTFUSE_RCONV_DECLARE(cuda)
 #endif

@@ -38,7 +38,8 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10
        torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=4e-2, atol=8e-2)}
 
 # (backend, C++ design): the C++ backend is tested with both designs, whatever "auto" would pick
-RUNS = [("reference", None)] + ([("cpp", a) for a in ("frame", "gemm", "split", "fold")] if CPP else []) + \
+DESIGNS = ("frame", "gemm", "split", "fold", "direct")  # direct: AVX-512 fp32 channels_last only, else auto
+RUNS = [("reference", None)] + ([("cpp", a) for a in DESIGNS] if CPP else []) + \
     ([("triton", None)] if "triton" in CPU_BACKENDS else [])
 
 
@@ -129,8 +130,7 @@ def test_auto_picks_each_direction_from_one_of_the_designs(cfg, channels_last, m
     forced design and the gradients the bits of one forced design, and all must match torch."""
     m, x = _conv(cfg, channels_last=channels_last)
     auto = _run("cpp", "auto", monkeypatch, lambda: _fwd_bwd(m, x, _ours(m)))
-    forced = [_run("cpp", a, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))) for a in ("frame", "gemm", "split",
-                                                                                     "fold")]
+    forced = [_run("cpp", a, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))) for a in DESIGNS]
     assert any(torch.equal(bits(auto[0]), bits(f[0])) for f in forced)
     assert any(all(torch.equal(bits(a), bits(b)) for a, b in zip(auto[1], f[1])) for f in forced)
     y_ref, grads_ref = _fwd_bwd(m, x, _theirs(m))
@@ -216,12 +216,13 @@ def test_gradients_bit_identical_run_to_run(backend, algo, monkeypatch):
             assert torch.equal(bits(a), bits(b))
 
 
-@pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
+@pytest.mark.parametrize("algo", DESIGNS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last, monkeypatch):
     """Enough GEMM rows for several CPU tasks and grad_weight runs (7x7 outputs: several images per task).
-    Bits across thread counts for design (a), and for the forward of split and fold (their oneDNN part runs
-    single-threaded on fixed chunks of images): oneDNN's own weight gradient in (b) depends on them."""
+    Bits across thread counts for design (a), and for the forward of split, fold and direct (their oneDNN part runs
+    single-threaded on fixed chunks of images; direct computes each pixel in one call whatever the task split):
+    oneDNN's own weight gradient in (b) depends on them."""
     cfg = (37, 6, 7, 7, 5, 3, 1, 1, 1, 1, True)
     m, x = _conv(cfg, channels_last=channels_last)
     runs = []
@@ -233,9 +234,73 @@ def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last,
         for a, b in zip((run[0],) + run[1], (ref[0],) + ref[1]):
             torch.testing.assert_close(a, b, **TOL[torch.float32])
     for again in runs[1:]:
-        same = {"gemm": (runs[0][0],) + runs[0][1], "split": runs[0][:1], "fold": runs[0][:1]}.get(algo, ())
+        same = {"gemm": (runs[0][0],) + runs[0][1], "split": runs[0][:1], "fold": runs[0][:1],
+                "direct": runs[0][:1]}.get(algo, ())
         for a, b in zip(same, (again[0],) + again[1]):
             assert torch.equal(bits(a), bits(b))
+
+
+AVX512 = CPP and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+# The direct design's own grid, (N, C, H, W, OC, kernel, stride, padding, dilation, bias): its kernel takes lines of
+# up to 14 pixels and tiles of 32 output channels (masked past OC), folds the frame's taps, and runs the corners as
+# lines across even pieces of the batch.
+DIRECT = [
+    (2, 5, 9, 11, 16, 3, 1, 1, 1, True),      # odd sizes, one 16-lane vector per tile
+    (17, 4, 5, 6, 40, 3, 1, 1, 1, False),     # 17 images: corner lines over 8 + 9; a tile of 8 lanes
+    (2, 3, 12, 10, 33, 7, 2, 3, 1, True),     # the stem's 7x7 stride 2 on 3 channels; a tile of 1 lane
+    (2, 6, 9, 8, 32, 5, 1, 2, 2, True),       # 5x5, dilation 2
+    (3, 8, 3, 3, 8, 3, 1, 2, 1, True),        # one pixel more than the padding: taps fold 3 ways
+    (2, 4, 2, 5, 48, 3, 1, 1, 1, False),      # height = padding + 1
+    (2, 4, 6, 7, 20, 2, 1, 1, 1, True),       # even kernel
+    (1, 64, 14, 14, 64, 3, 1, 1, 1, True),    # ResNet's 14x14 lines of 12, one image: tasks split by tiles
+    (2, 8, 30, 30, 16, 3, 1, 1, 1, True),     # lines of 28: two calls of 14
+    (2, 4, 9, 9, 8, 1, 1, 1, 1, True),        # 1x1 with padding: the whole frame reflected
+    (2, 4, 8, 9, 8, 4, 2, 3, 1, True),        # 4x4 stride 2, padding 3
+]
+
+
+@pytest.mark.skipif(not AVX512, reason="the direct design runs on AVX-512 CPUs only")
+@pytest.mark.parametrize("weight_cl", [False, True], ids=["oihw", "ohwi"])
+@pytest.mark.parametrize("cfg", DIRECT, ids=[str(i) for i in range(len(DIRECT))])
+def test_direct_design_against_float64(cfg, weight_cl):
+    """The direct design, forced: it must be the design that runs (fp32 channels_last), match the float64 reference
+    to fp32 accuracy with channels_last output, and give the same bits run to run and on 1, 2 or 3 threads."""
+    N, C, H, W, OC, k, s, p, d, has_bias = cfg
+    x = torch.randn(N, C, H, W).to(memory_format=torch.channels_last)
+    w = torch.randn(OC, C, k, k)
+    w = w.to(memory_format=torch.channels_last) if weight_cl else w
+    b = torch.randn(OC) if has_bias else None
+    args = (x, w, b, [s, s], [p, p], [d, d], 1)
+    assert fastfuse._C.reflect_conv2d_cpu_design(x, w, [s, s], [p, p], [d, d], 1, rc_ops._ALGOS["direct"]) == "direct"
+    runs = []
+    for n in (1, 2, 3):
+        with _num_threads(n):
+            runs += [torch.ops.fastfuse_C.reflect_conv2d(*args, rc_ops._ALGOS["direct"]) for _ in range(2)]
+    ref = F.conv2d(F.pad(x.double(), (p, p, p, p), mode="reflect"), w.double(), None if b is None else b.double(), s,
+                   0, d)
+    torch.testing.assert_close(runs[0], ref.float(), **TOL[torch.float32])
+    assert runs[0].is_contiguous(memory_format=torch.channels_last)
+    for again in runs[1:]:
+        assert torch.equal(bits(runs[0]), bits(again))
+
+
+@pytest.mark.skipif(not AVX512, reason="the direct design runs on AVX-512 CPUs only")
+def test_direct_design_only_where_it_applies():
+    """Forced, it runs on fp32 channels_last input with one group; elsewhere the automatic pick runs."""
+    x = torch.randn(2, 4, 8, 8)
+    w = torch.randn(8, 4, 3, 3)
+    design = lambda x, w, g=1: fastfuse._C.reflect_conv2d_cpu_design(x, w, [1, 1], [1, 1], [1, 1], g, 5)  # noqa: E731
+    cl = x.to(memory_format=torch.channels_last)
+    assert design(cl, w) == "direct"
+    assert design(x, w) != "direct" and design(cl.double(), w.double()) != "direct"
+    assert design(cl, w[:, :2], 2) != "direct" and design(cl.bfloat16(), w.bfloat16()) != "direct"
+    # auto: ResNet-34's 14x14 stage at batch 16, and the stem
+    stem = torch.randn(16, 3, 32, 32).to(memory_format=torch.channels_last)
+    assert fastfuse._C.reflect_conv2d_cpu_design(torch.randn(16, 32, 14, 14).to(memory_format=torch.channels_last),
+                                                 torch.randn(32, 32, 3, 3), [1, 1], [1, 1], [1, 1], 1, 0) == "direct"
+    assert fastfuse._C.reflect_conv2d_cpu_design(stem, torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1, 0) == \
+        ("direct" if torch.get_num_threads() <= 2 else "frame")
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
@@ -393,8 +458,9 @@ def test_triton_matches_reference_op():
 
 def test_auto_leaves_batched_designs_with_more_threads_than_tasks():
     """(c) runs in tasks of 8 images: at batch 16 it is picked on up to 2 threads, and with more threads auto takes a
-    design that every thread works on ((b) here), rather than leave threads idle."""
-    x = torch.randn(16, 32, 14, 14).to(memory_format=torch.channels_last)
+    design that every thread works on ((b) here), rather than leave threads idle. (NCHW: in channels_last an AVX-512
+    CPU runs this shape on the direct design.)"""
+    x = torch.randn(16, 32, 14, 14)
     w = torch.randn(32, 32, 3, 3)
     args = (x, w, None, [1, 1], [1, 1], [1, 1], 1)
     picked = {}
@@ -486,7 +552,7 @@ def test_gemm_forward_on_nchw_columns(shape, groups, dtype):
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("algo", ["auto", "frame", "gemm", "split", "fold"])
+@pytest.mark.parametrize("algo", ["auto", *DESIGNS])
 def test_raw_cpu_ops_with_inputs_that_require_grad(algo, channels_last):
     """fastfuse_C's ops have no autograd kernel; called directly under grad mode with inputs that require grad
     (as a traced graph or a user may), every design must compute as usual: its inner ATen calls run below autograd

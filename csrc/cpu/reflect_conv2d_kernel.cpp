@@ -9,6 +9,7 @@ namespace fastfuse {
 namespace {
 
 using rconv::Geom;
+using rconv_cpu::kDirect;
 using rconv_cpu::kFold;
 using rconv_cpu::kFrame;
 using rconv_cpu::kGemm;
@@ -44,17 +45,31 @@ using rconv_cpu::kSplit;
 // there was oneDNN's zero-padded conv, not (c) (session 23, four processes, channels_last input: (c) took 19.2-20.2
 // ms and (b) 26.0-26.7, while the zero-padded conv took 24.9-25.9 ms, or 41.9 in one process from an OIHW weight;
 // (c) 0.48-0.81x of it, (b) 0.62-1.05x). An earlier session had read the swing as (c)'s (0.92x to 1.39x).
-int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
-  if (algo == kGemm || algo == kSplit || algo == kFold) return int(algo);
+//
+// Design (d) "direct" (our own AVX-512 kernel for the whole output; fp32 channels_last, one group: direct_ok)
+// computes each pixel once with the frame's taps folded, at about oneDNN's own rate on the interior. Measured
+// against the zero-padded conv on the Xeon (session 24, forward under no_grad, two runs of ResNet-34's shapes and
+// one of small batches): 14x14 stride 1 1.04x against (c)'s 1.10-1.11x; the stem 0.60-0.63x against (c)'s
+// 0.82-0.84x; 3x3 stride 1 on 3 channels 0.27-0.39x against "fold"'s 0.83-1.24x; batches of 1-4 at 14x14 and 28x28
+// 1.07-1.11x against 1.11-1.24x. It lost where the frame is small and oneDNN's whole conv is hard to beat (28x28
+// and 56x56 at batch 16: 1.06-1.10x against (b)'s 1.01-1.05x), at 7x7 (a 9 MB weight to pack per call against a
+// 1.6 MB input: 1.10-1.12x, "fold" 1.08-1.12x) and for the stem at batch 1-4 (1.23-1.42x against 1.08-1.13x).
+int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_ok) {
+  if (algo == kGemm || algo == kSplit || algo == kFold || algo == kDirect) return int(algo);
   if (algo != 0) return kFrame;
   const bool avx512 = rconv::cpu_avx512();
   const bool chunks = rconv_cpu::chunks_fill_threads(g.N);
   const int64_t K = g.Cg * g.KH * g.KW;
+  const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
   if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
-    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return chunks ? kSplit : kFrame;
-    if (g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1) return kFold;
+    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return chunks ? (direct_ok ? kDirect : kSplit) : kFrame;
+    if (g.KH == 3 && g.KW == 3 && unit) return direct_ok ? kDirect : kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
+  if (direct_ok && unit) {
+    const double share = rconv::correction_share(g);
+    if (share <= 0.12 && share > (chunks ? rconv::kAvx512FrameShare : 0.03)) return kDirect;
+  }
   // Small batches (one chunk: (c) and "fold" run on one thread) of long GEMM rows (K = Cg*KH*KW >= 2048, ResNet's
   // 14x14 and 7x7 stages), up to 1024 output pixels: (a)'s one GEMM per task beats (b), whose weight copies cost
   // as much as its small correction, and "fold". Measured on AVX-512, batch 1, 2, 4 (and 8 at 7x7): 256 channels at
@@ -77,8 +92,8 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last) {
 }
 
 // ... and with more than 2 threads, (a) and "fold" only where they make a task per thread (tasks_fill_threads).
-int pick_forward(const Geom& g, int64_t algo, bool channels_last) {
-  const int design = pick_by_shape(g, algo, channels_last);
+int pick_forward(const Geom& g, int64_t algo, bool channels_last, bool direct_ok) {
+  const int design = pick_by_shape(g, algo, channels_last, direct_ok);
   if (algo != 0) return design;
   const auto gemm_tasks = [&] { return channels_last ? rconv_cpu::gemm_tasks(g) : rconv_cpu::columns_task_count(g); };
   if (design == kGemm && !rconv_cpu::tasks_fill_threads(gemm_tasks)) return kFrame;
@@ -90,11 +105,10 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::opti
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  if (algo == rconv_cpu::kDirect) {
-    if (rconv_cpu::direct_applies(g, x, w)) return rconv_cpu::forward_direct(x, w, bias, g);
-    algo = 0;
-  }
-  const int design = pick_forward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);
+  const bool direct_ok = rconv_cpu::direct_applies(g, x, w);
+  if (algo == kDirect) algo = direct_ok ? kDirect : 0;  // forced where it cannot run: the automatic pick
+  const int design = pick_forward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast, direct_ok);
+  if (design == kDirect) return rconv_cpu::forward_direct(x, w, bias, g);
   if (design >= kSplit) return rconv_cpu::forward_split(x, w, bias, g, stride, dilation, design == kSplit);
   if (design == kGemm) return rconv_cpu::forward_gemm(x, w, bias, g);
   return rconv_cpu::forward_frame(x, w, bias, g, stride, padding, dilation, groups);
@@ -118,6 +132,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cpu(
   TORCH_CHECK(x.device().is_cpu(), "fastfuse reflect_conv2d_backward_cpu: expected CPU tensors, got ", x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
   return rconv_cpu::backward_cpu(go, x, w, stride, padding, dilation, groups, mask, algo);
+}
+
+std::string reflect_conv2d_cpu_design(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t algo) {
+  const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
+  const bool direct_ok = rconv_cpu::direct_applies(g, x, w);
+  if (algo == kDirect) algo = direct_ok ? kDirect : 0;
+  static const char* names[] = {"auto", "frame", "gemm", "split", "fold", "direct"};
+  return names[pick_forward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast, direct_ok)];
 }
 
 TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
