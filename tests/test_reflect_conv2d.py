@@ -265,24 +265,35 @@ DIRECT = [
 @pytest.mark.parametrize("cfg", DIRECT, ids=[str(i) for i in range(len(DIRECT))])
 def test_direct_design_against_float64(cfg, weight_cl):
     """The direct design, forced: it must be the design that runs (fp32 channels_last), match the float64 reference
-    to fp32 accuracy with channels_last output, and give the same bits run to run and on 1, 2 or 3 threads."""
+    to fp32 accuracy with channels_last output, and give the same bits run to run and on 1, 2 or 3 threads; at
+    stride 1 its grad_input likewise."""
     N, C, H, W, OC, k, s, p, d, has_bias = cfg
     x = torch.randn(N, C, H, W).to(memory_format=torch.channels_last)
     w = torch.randn(OC, C, k, k)
     w = w.to(memory_format=torch.channels_last) if weight_cl else w
     b = torch.randn(OC) if has_bias else None
-    args = (x, w, b, [s, s], [p, p], [d, d], 1)
-    assert fastfuse._C.reflect_conv2d_cpu_design(x, w, [s, s], [p, p], [d, d], 1, rc_ops._ALGOS["direct"]) == "direct"
+    conv = (x, w, b, [s, s], [p, p], [d, d], 1, rc_ops._ALGOS["direct"])
+    assert fastfuse._C.reflect_conv2d_cpu_design(*conv[:2], *conv[3:]) == "direct"
+    xr = x.double().requires_grad_()
+    ref = F.conv2d(F.pad(xr, (p, p, p, p), mode="reflect"), w.double(), None if b is None else b.double(), s, 0, d)
+    go = torch.randn(ref.shape).to(memory_format=torch.channels_last)
+    gi_ref, = torch.autograd.grad(ref, xr, go.double())
+    grad = (go, x, w, [s, s], [p, p], [d, d], 1, [True, False, False], rc_ops._ALGOS["direct"])
     runs = []
     for n in (1, 2, 3):
         with _num_threads(n):
-            runs += [torch.ops.fastfuse_C.reflect_conv2d(*args, rc_ops._ALGOS["direct"]) for _ in range(2)]
-    ref = F.conv2d(F.pad(x.double(), (p, p, p, p), mode="reflect"), w.double(), None if b is None else b.double(), s,
-                   0, d)
-    torch.testing.assert_close(runs[0], ref.float(), **TOL[torch.float32])
-    assert runs[0].is_contiguous(memory_format=torch.channels_last)
+            for _ in range(2):
+                runs.append((torch.ops.fastfuse_C.reflect_conv2d(*conv),
+                             torch.ops.fastfuse_C.reflect_conv2d_backward(*grad)[0] if s == 1 else None))
+    y, gi = runs[0]
+    torch.testing.assert_close(y, ref.detach().float(), **TOL[torch.float32])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if s == 1:
+        torch.testing.assert_close(gi, gi_ref.float(), **TOL[torch.float32])
+        assert gi.is_contiguous(memory_format=torch.channels_last)
     for again in runs[1:]:
-        assert torch.equal(bits(runs[0]), bits(again))
+        assert torch.equal(bits(y), bits(again[0]))
+        assert s != 1 or torch.equal(bits(gi), bits(again[1]))
 
 
 @pytest.mark.skipif(not AVX512, reason="the direct design runs on AVX-512 CPUs only")
@@ -301,6 +312,10 @@ def test_direct_design_only_where_it_applies():
                                                  torch.randn(32, 32, 3, 3), [1, 1], [1, 1], [1, 1], 1, 0) == "direct"
     assert fastfuse._C.reflect_conv2d_cpu_design(stem, torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1, 0) == \
         ("direct" if torch.get_num_threads() <= 2 else "frame")
+    # the backward at 14x14 takes its grad_input from the direct design, the weight's gradient from another
+    x14 = torch.randn(16, 32, 14, 14).to(memory_format=torch.channels_last)
+    grad = (torch.randn_like(x14), x14, torch.randn(32, 32, 3, 3), [1, 1], [1, 1], [1, 1], 1, [True, True, False])
+    assert _auto_matches(torch.ops.fastfuse_C.reflect_conv2d_backward, grad, ["direct"]) == ["direct"]
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])

@@ -274,10 +274,13 @@ void add_columns(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, cons
 // out += the gathered GEMM over (a)'s whole output (gemm) or (b)'s frame regions, as tasks
 void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& out,
                   const Geom& g, bool gemm);
-// (d) "direct" (reflect_conv2d_direct.cpp): fp32 channels_last, one group, AVX-512 only (direct_applies)
+// (d) "direct" (reflect_conv2d_direct.cpp): fp32 channels_last, one group, AVX-512 only (direct_applies); its
+// grad_input at stride 1 (direct_dgrad_applies: grad_output fp32 channels_last too)
 bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w);
+bool direct_dgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w);
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                           const Geom& g);
+at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g);
 at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const Geom& g, at::IntArrayRef stride, at::IntArrayRef dilation, bool use_block);
 // (c)'s backward (use_block) and "fold"'s (reflect_conv2d_split_backward.cpp)

@@ -1,0 +1,134 @@
+// The direct design's micro-kernel and weight packing (reflect_conv2d_direct.cpp): AVX-512, fp32. A call computes
+// a line of up to kMaxM output pixels times one tile of 32 output channels, accumulated in registers over every
+// tap and reduction channel; each tap's input is a pointer plus a fixed pixel stride, and its weight a packed
+// [K, 32] matrix, or the sum of a few (a folded class of taps).
+#pragma once
+#include <immintrin.h>
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <atomic>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "cpu/alloc.h"
+
+namespace fastfuse {
+namespace rconv_direct {
+
+constexpr int kMaxM = 14;  // output pixels per kernel call: 2 x kMaxM accumulators of the 32 zmm registers
+constexpr int64_t kTile = 32;
+
+// A tap's weight: the sum of n packed [C, 32] matrices (a folded class: the taps that read one pixel), summed in
+// the kernel as it streams them (2 adds per 2 x kMaxM FMAs on the frame) rather than packed per call: at 7x7 with
+// 512 channels the folded sums were 19 MB of pack against 9 for the taps.
+constexpr int kMaxFold = 9;  // a pixel is read unreflected and reflected off either edge: 3 taps per axis at most
+struct TapWeight {
+  int n;
+  const float* p[kMaxFold];
+};
+
+// acc[j] += a[j * as] * bv for j < M: one reduction step (an input channel) of one tap
+template <int M, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void fma_rows(__m512 (&acc)[M][NV], const __m512 (&bv)[NV],
+                                                                       const float* a, int64_t as) {
+#pragma GCC unroll 16
+  for (int j = 0; j < M; ++j) {
+    const __m512 av = _mm512_set1_ps(a[j * as]);
+    for (int v = 0; v < NV; ++v) acc[j][v] = _mm512_fmadd_ps(av, bv[v], acc[j][v]);
+  }
+}
+
+// o[j * os + lane] (+ bias) for j < M: the sum over taps t and channels k < K of a[t][j * as + k] * w_t[k][lane].
+// NV vectors of 16 output channels; mask: the lanes of the last one that exist.
+template <int M, int NV>
+__attribute__((target("avx512f"))) void micro(const float* const* a, const TapWeight* b, int nt, int64_t as,
+                                               int64_t K, float* o, int64_t os, const float* bias, __mmask16 mask) {
+  __m512 acc[M][NV];
+  for (int j = 0; j < M; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = _mm512_setzero_ps();
+  __m512 bv[NV];
+  int t = 0;
+  for (; t < nt && b[t].n == 1; ++t) {  // the plan puts single taps first: their loop has no per-channel branch
+    const float* at = a[t];
+    const float* bt = b[t].p[0];
+    for (int64_t c = 0; c < K; ++c) {
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bt + c * kTile + 16 * v);
+      fma_rows<M, NV>(acc, bv, at + c, as);
+    }
+  }
+  for (; t < nt; ++t) {
+    const float* at = a[t];
+    const TapWeight& tw = b[t];
+    for (int64_t c = 0; c < K; ++c) {
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(tw.p[0] + c * kTile + 16 * v);
+      for (int k = 1; k < tw.n; ++k)
+        for (int v = 0; v < NV; ++v) bv[v] = _mm512_add_ps(bv[v], _mm512_loadu_ps(tw.p[k] + c * kTile + 16 * v));
+      fma_rows<M, NV>(acc, bv, at + c, as);
+    }
+  }
+  for (int j = 0; j < M; ++j)
+    for (int v = 0; v < NV; ++v) {
+      __m512 r = acc[j][v];
+      if (bias) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(v == NV - 1 ? mask : 0xffff, bias + 16 * v));
+      _mm512_mask_storeu_ps(o + j * os + 16 * v, v == NV - 1 ? mask : 0xffff, r);
+    }
+}
+
+using Micro = void (*)(const float* const*, const TapWeight*, int, int64_t, int64_t, float*, int64_t, const float*,
+                       __mmask16);
+
+template <int NV, int... Ms>
+constexpr std::array<Micro, sizeof...(Ms) + 1> micro_table(std::integer_sequence<int, Ms...>) {
+  return {nullptr, &micro<Ms + 1, NV>...};
+}
+const auto kMicro1 = micro_table<1>(std::make_integer_sequence<int, kMaxM>());
+const auto kMicro2 = micro_table<2>(std::make_integer_sequence<int, kMaxM>());
+
+// The weight packed per 32-lane tile, [tiles, KH, KW, K, 32] (lanes past the last zero), from a [KH, KW, K, lanes]
+// view of it: one tile is one sequential stream for the kernel, cache-sized at ResNet's widths (9 x 256 x 32
+// floats: 288 KB). Packing is memory-bound (~0.5 ms for 256 channels on the 2-core Xeon VM, 5% of the convolution
+// as a pass of its own), so each tile is packed by the first task that needs it while the others run their FMAs;
+// a task that finds its tile being packed waits for it (never for a tile nobody has claimed: nothing deadlocks).
+class Packed {
+ public:
+  explicit Packed(at::Tensor view)  // [KH, KW, K, lanes]
+      : v_(std::move(view)), tiles_((v_.size(3) + kTile - 1) / kTile), tile_elems_(v_.size(0) * v_.size(1) * v_.size(2) * kTile),
+        buf_(empty_cached({tiles_ * tile_elems_}, at::kFloat)), state_(tiles_) {
+    for (auto& s : state_) s.store(0, std::memory_order_relaxed);
+  }
+  int64_t tiles() const { return tiles_; }
+  // tap (kh, kw) of a tile, packing the tile first if no task has
+  const float* tap(int64_t tile, int64_t kh, int64_t kw) {
+    std::atomic<int>& st = state_[tile];
+    if (st.load(std::memory_order_acquire) != 2) {
+      int idle = 0;
+      if (st.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+        pack(tile);
+        st.store(2, std::memory_order_release);
+      } else {
+        while (st.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+      }
+    }
+    return base(tile) + (kh * v_.size(1) + kw) * v_.size(2) * kTile;
+  }
+
+ private:
+  float* base(int64_t tile) { return buf_.mutable_data_ptr<float>() + tile * tile_elems_; }
+  // ATen's copy of the permuted slice (AVX-512 gathers were ~4x slower here)
+  void pack(int64_t tile) {
+    const int64_t l0 = tile * kTile, n = std::min(kTile, v_.size(3) - l0);
+    at::Tensor dst = at::from_blob(base(tile), {v_.size(0), v_.size(1), v_.size(2), kTile}, at::kFloat);
+    dst.narrow(3, 0, n).copy_(v_.narrow(3, l0, n));
+    if (n < kTile) dst.narrow(3, n, kTile - n).zero_();
+  }
+  at::Tensor v_;
+  int64_t tiles_, tile_elems_;
+  at::Tensor buf_;
+  std::vector<std::atomic<int>> state_;  // 0 not packed, 1 being packed, 2 packed
+};
+
+}  // namespace rconv_direct
+}  // namespace fastfuse
