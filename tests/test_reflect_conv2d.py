@@ -257,6 +257,7 @@ DIRECT = [
     (2, 8, 30, 30, 16, 3, 1, 1, 1, True),     # lines of 28: two calls of 14
     (2, 4, 9, 9, 8, 1, 1, 1, 1, True),        # 1x1 with padding: the whole frame reflected
     (2, 4, 8, 9, 8, 4, 2, 3, 1, True),        # 4x4 stride 2, padding 3
+    (3, 16, 5, 5, 200, 3, 1, 1, 1, True),     # the weight outweighs the activations: a task per tile, 7 tiles
 ]
 
 

@@ -100,6 +100,7 @@ class Packed {
     for (auto& s : state_) s.store(0, std::memory_order_relaxed);
   }
   int64_t tiles() const { return tiles_; }
+  int64_t elems() const { return tiles_ * tile_elems_; }
   // tap (kh, kw) of a tile, packing the tile first if no task has
   const float* tap(int64_t tile, int64_t kh, int64_t kw) {
     std::atomic<int>& st = state_[tile];
