@@ -169,7 +169,7 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
         for (int64_t k = 0; k < pieces; ++k)
           tasks.push_back({i, k * pr.N / pieces, (k + 1) * pr.N / pieces, 0, tiles, 0});
     const int64_t want = 2 * at::get_num_threads();
-    if ((int64_t)tasks.size() < want && tiles > 1) {
+    if (!tasks.empty() && (int64_t)tasks.size() < want && tiles > 1) {
       const int64_t split = std::min(tiles, (want + (int64_t)tasks.size() - 1) / (int64_t)tasks.size());
       std::vector<Task> more;
       for (const Task& t : tasks)

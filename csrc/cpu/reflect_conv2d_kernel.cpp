@@ -52,8 +52,9 @@ using rconv_cpu::kSplit;
 // one of small batches): 14x14 stride 1 1.04x against (c)'s 1.10-1.11x; the stem 0.60-0.63x against (c)'s
 // 0.82-0.84x; 3x3 stride 1 on 3 channels 0.27-0.39x against "fold"'s 0.83-1.24x; batches of 1-4 at 14x14 and 28x28
 // 1.07-1.11x against 1.11-1.24x. It lost where the frame is small and oneDNN's whole conv is hard to beat (28x28
-// and 56x56 at batch 16: 1.06-1.10x against (b)'s 1.01-1.05x), at 7x7 (a 9 MB weight to pack per call against a
-// 1.6 MB input: 1.10-1.12x, "fold" 1.08-1.12x) and for the stem at batch 1-4 (1.23-1.42x against 1.08-1.13x).
+// and 56x56 at batch 16: 1.06-1.10x against (b)'s 1.01-1.05x) and for the stem at batch 1-4 (1.23-1.42x against
+// 1.08-1.13x). (At 7x7 it first lost too, 1.10-1.12x against "fold"'s 1.08-1.12x, streaming its 9 MB weight once
+// per task of images; see the weight-bound rule below.)
 int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_ok) {
   if (algo == kGemm || algo == kSplit || algo == kFold || algo == kDirect) return int(algo);
   if (algo != 0) return kFrame;
@@ -106,13 +107,17 @@ int pick_forward(const Geom& g, int64_t algo, bool channels_last, bool direct_ok
   return design;
 }
 
+int design_for(const at::Tensor& x, const at::Tensor& w, const Geom& g, int64_t algo) {
+  const bool direct_ok = rconv_cpu::direct_applies(g, x, w);
+  if (algo == kDirect) algo = direct_ok ? kDirect : 0;  // forced where it cannot run: the automatic pick
+  return pick_forward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast, direct_ok);
+}
+
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const bool direct_ok = rconv_cpu::direct_applies(g, x, w);
-  if (algo == kDirect) algo = direct_ok ? kDirect : 0;  // forced where it cannot run: the automatic pick
-  const int design = pick_forward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast, direct_ok);
+  const int design = design_for(x, w, g, algo);
   if (design == kDirect) return rconv_cpu::forward_direct(x, w, bias, g);
   if (design >= kSplit) return rconv_cpu::forward_split(x, w, bias, g, stride, dilation, design == kSplit);
   if (design == kGemm) return rconv_cpu::forward_gemm(x, w, bias, g);
@@ -141,11 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cpu(
 
 std::string reflect_conv2d_cpu_design(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t algo) {
-  const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  const bool direct_ok = rconv_cpu::direct_applies(g, x, w);
-  if (algo == kDirect) algo = direct_ok ? kDirect : 0;
   static const char* names[] = {"auto", "frame", "gemm", "split", "fold", "direct"};
-  return names[pick_forward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast, direct_ok)];
+  return names[design_for(x, w, rconv::geometry(x, w, stride, padding, dilation, groups), algo)];
 }
 
 TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
