@@ -47,7 +47,7 @@ int64_t backward_chunks(const Geom& g, const std::vector<Region>& regions) {
 // oneDNN's backward is far from the cores' peak and "fold" is picked at any stride (stride 2, 14x14 input, 256
 // channels: 0.69-0.74x of the zero-padded backward against (a)'s 0.78-0.86x; at 28x28 the two tie at 1.07-1.11x).
 int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
-  if (algo == kDirect) algo = 0;  // a forward-only design
+  if (algo == kDirect) algo = 0;  // backward_cpu takes direct's grad_input where it applies; the rest as auto
   if (algo != 0) return algo == kSplit || algo == kFold ? int(algo) : (algo == kGemm ? kGemm : kFrame);
   if (rconv::cpu_avx512() && g.dh == 1 && g.dw == 1 && g.Cg * g.KH * g.KW >= 256 &&
       !rconv::small_conv(g, channels_last, true) && chunks_fill_threads(g.N)) {
@@ -82,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
       direct_dgrad_applies(g, go, x, w)) {
     at::Tensor gi = dgrad_direct(go, x, w, g), gw, gb;
     if (mask[1] || mask[2])
-      std::tie(std::ignore, gw, gb) = backward_cpu(go, x, w, stride, padding, dilation, groups, {false, mask[1], mask[2]}, 0);
+      std::tie(std::ignore, gw, gb) =
+          backward_cpu(go, x, w, stride, padding, dilation, groups, {false, mask[1], mask[2]}, 0);
     return {gi, gw, gb};
   }
   const int design = pick_backward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);

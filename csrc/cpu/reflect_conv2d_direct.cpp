@@ -156,7 +156,9 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
   // there are fewer tasks than two per thread (a small batch). No result depends on the split.
   const int64_t tiles = pk.tiles();
   std::vector<Task> tasks;
-  const int64_t pieces = (pr.N + kMaxM - 1) / kMaxM;  // 16 images as 8 + 8, not 14 + 2
+  // images of the k-th of even pieces of at most kMaxM, for lines across images: 16 images as 8 + 8, not 14 + 2
+  const int64_t pieces = (pr.N + kMaxM - 1) / kMaxM;
+  const auto piece = [&](int64_t k) { return std::make_pair(k * pr.N / pieces, (k + 1) * pr.N / pieces); };
   if (weight_bound && tiles >= 2 * at::get_num_threads()) {
     for (int64_t t = 0; t < tiles; ++t) tasks.push_back({-2, 0, pr.N, t, t + 1, 0});
   } else {
@@ -166,8 +168,7 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
     }
     for (int64_t i = 0; i < (int64_t)regions.size(); ++i)
       if (regions[i].axis == 2)
-        for (int64_t k = 0; k < pieces; ++k)
-          tasks.push_back({i, k * pr.N / pieces, (k + 1) * pr.N / pieces, 0, tiles, 0});
+        for (int64_t k = 0; k < pieces; ++k) tasks.push_back({i, piece(k).first, piece(k).second, 0, tiles, 0});
     const int64_t want = 2 * at::get_num_threads();
     if (!tasks.empty() && (int64_t)tasks.size() < want && tiles > 1) {
       const int64_t split = std::min(tiles, (want + (int64_t)tasks.size() - 1) / (int64_t)tasks.size());
@@ -246,7 +247,7 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
           if (tk.region == -2) {  // every region of the batch
             for (int64_t i = 0; i < (int64_t)regions.size(); ++i)
               if (regions[i].axis == 2)
-                for (int64_t k = 0; k < pieces; ++k) run_region(i, tile, k * pr.N / pieces, (k + 1) * pr.N / pieces);
+                for (int64_t q = 0; q < pieces; ++q) run_region(i, tile, piece(q).first, piece(q).second);
               else
                 run_region(i, tile, tk.n0, tk.n1);
             continue;

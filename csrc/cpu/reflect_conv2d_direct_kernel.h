@@ -21,7 +21,7 @@ namespace rconv_direct {
 constexpr int kMaxM = 14;  // output pixels per kernel call: 2 x kMaxM accumulators of the 32 zmm registers
 constexpr int64_t kTile = 32;
 
-// A tap's weight: the sum of n packed [C, 32] matrices (a folded class: the taps that read one pixel), summed in
+// A tap's weight: the sum of n packed [K, 32] matrices (a folded class: the taps that read one pixel), summed in
 // the kernel as it streams them (2 adds per 2 x kMaxM FMAs on the frame) rather than packed per call: at 7x7 with
 // 512 channels the folded sums were 19 MB of pack against 9 for the taps.
 constexpr int kMaxFold = 9;  // a pixel is read unreflected and reflected off either edge: 3 taps per axis at most
@@ -87,7 +87,7 @@ constexpr std::array<Micro, sizeof...(Ms) + 1> micro_table(std::integer_sequence
 const auto kMicro1 = micro_table<1>(std::make_integer_sequence<int, kMaxM>());
 const auto kMicro2 = micro_table<2>(std::make_integer_sequence<int, kMaxM>());
 
-// The weight packed per 32-lane tile, [tiles, KH, KW, K, 32] (lanes past the last zero), from a [KH, KW, K, lanes]
+// The weight packed per 32-lane tile, [tiles, KH, KW, K, 32] (lanes past `lanes` zero), from a [KH, KW, K, lanes]
 // view of it: one tile is one sequential stream for the kernel, cache-sized at ResNet's widths (9 x 256 x 32
 // floats: 288 KB). Packing is memory-bound (~0.5 ms for 256 channels on the 2-core Xeon VM, 5% of the convolution
 // as a pass of its own), so each tile is packed by the first task that needs it while the others run their FMAs;
@@ -95,8 +95,11 @@ const auto kMicro2 = micro_table<2>(std::make_integer_sequence<int, kMaxM>());
 class Packed {
  public:
   explicit Packed(at::Tensor view)  // [KH, KW, K, lanes]
-      : v_(std::move(view)), tiles_((v_.size(3) + kTile - 1) / kTile), tile_elems_(v_.size(0) * v_.size(1) * v_.size(2) * kTile),
-        buf_(empty_cached({tiles_ * tile_elems_}, at::kFloat)), state_(tiles_) {
+      : v_(std::move(view)),
+        tiles_((v_.size(3) + kTile - 1) / kTile),
+        tile_elems_(v_.size(0) * v_.size(1) * v_.size(2) * kTile),
+        buf_(empty_cached({tiles_ * tile_elems_}, at::kFloat)),
+        state_(tiles_) {
     for (auto& s : state_) s.store(0, std::memory_order_relaxed);
   }
   int64_t tiles() const { return tiles_; }

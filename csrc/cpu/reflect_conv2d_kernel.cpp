@@ -1,5 +1,5 @@
 // The CPU ops of reflect_conv2d (the op's entry file, cpu/<op>_kernel.cpp as for every op): the forward's design
-// per shape, and the registration. The designs are in reflect_conv2d_{frame,gemm,split,backward}.cpp (see
+// per shape, and the registration. The designs are in reflect_conv2d_{frame,gemm,split,direct,backward}.cpp (see
 // cpu/reflect_conv2d_cpu.h).
 #include <torch/library.h>
 
