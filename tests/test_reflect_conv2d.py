@@ -307,10 +307,13 @@ def test_direct_design_only_where_it_applies():
     assert design(cl, w) == "direct"
     assert design(x, w) != "direct" and design(cl.double(), w.double()) != "direct"
     assert design(cl, w[:, :2], 2) != "direct" and design(cl.bfloat16(), w.bfloat16()) != "direct"
-    # auto: ResNet-34's 14x14 stage at batch 16, and the stem
+    # auto: ResNet-34's 14x14 and 28x28 stages at batch 16 (28x28 at stride 1 and 2, not 56x56), and the stem
     stem = torch.randn(16, 3, 32, 32).to(memory_format=torch.channels_last)
-    assert fastfuse._C.reflect_conv2d_cpu_design(torch.randn(16, 32, 14, 14).to(memory_format=torch.channels_last),
-                                                 torch.randn(32, 32, 3, 3), [1, 1], [1, 1], [1, 1], 1, 0) == "direct"
+    for size, s, want in ((14, 1, True), (28, 1, True), (28, 2, True), (56, 1, False), (56, 2, False)):
+        picked = fastfuse._C.reflect_conv2d_cpu_design(
+            torch.randn(16, 32, size, size).to(memory_format=torch.channels_last), torch.randn(64, 32, 3, 3),
+            [s, s], [1, 1], [1, 1], 1, 0)
+        assert (picked == "direct") == want, (size, s, picked)
     assert fastfuse._C.reflect_conv2d_cpu_design(stem, torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1, 0) == \
         ("direct" if torch.get_num_threads() <= 2 else "frame")
     # the backward at 14x14 takes its grad_input from the direct design, the weight's gradient from another

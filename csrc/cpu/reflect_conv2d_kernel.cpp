@@ -55,6 +55,10 @@ using rconv_cpu::kSplit;
 // and 56x56 at batch 16: 1.06-1.10x against (b)'s 1.01-1.05x) and for the stem at batch 1-4 (1.23-1.42x against
 // 1.08-1.13x). (At 7x7 it first lost too, 1.10-1.12x against "fold"'s 1.08-1.12x, streaming its 9 MB weight once
 // per task of images; see the weight-bound rule below.)
+// Session 25: with its pixels read through base + scaled-index addresses (reflect_conv2d_direct_kernel.h) it won
+// 28x28 too, 1.03x against (b)'s 1.06-1.08x, and stride-2 28x28, 1.05x against (b)'s 1.09-1.10x (forward under
+// no_grad, two in-process runs of ResNet-34's shapes); at 56x56 (2.4% frame) (b) still edged it out at either stride
+// (1.03-1.04x against 1.05-1.08x).
 int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_ok) {
   if (algo == kGemm || algo == kSplit || algo == kFold || algo == kDirect) return int(algo);
   if (algo != 0) return kFrame;
@@ -67,9 +71,13 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_o
     if (g.KH == 3 && g.KW == 3 && unit) return direct_ok ? kDirect : kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
-  if (direct_ok && unit) {
+  // stride 1 or 2 with a 3-12% frame share: 28x28 (4.7%) and 14x14 (9.3%) at stride 1, 28x28 at stride 2 (outputs
+  // of up to 8x8 go by the rule below: at batch 1, 256 -> 512 channels at stride 2 from 14x14, (a) ran 0.93x the
+  // zero-padded conv against direct's 1.09x)
+  const bool s12 = (g.sh == 1 && g.sw == 1) || (g.sh == 2 && g.sw == 2);
+  if (direct_ok && s12 && g.dh == 1 && g.dw == 1 && g.OH * g.OW > 64) {
     const double share = rconv::correction_share(g);
-    if (share <= 0.12 && share > (chunks ? rconv::kAvx512FrameShare : 0.03)) return kDirect;
+    if (share <= 0.12 && share > 0.03) return kDirect;
   }
   // Outputs of up to 8x8 (7x7 stride 1, stride-2 14x14 inputs), where the weight outweighs the activations and the
   // direct design runs a tile per task over the batch: 0.95-0.98x the zero-padded conv against "fold"'s and (a)'s
