@@ -258,6 +258,8 @@ DIRECT = [
     (2, 4, 9, 9, 8, 1, 1, 1, 1, True),        # 1x1 with padding: the whole frame reflected
     (2, 4, 8, 9, 8, 4, 2, 3, 1, True),        # 4x4 stride 2, padding 3
     (3, 16, 5, 5, 200, 3, 1, 1, 1, True),     # the weight outweighs the activations: a task per tile, 7 tiles
+    (2, 40, 12, 10, 30, 3, 2, 1, 1, False),   # grad_weight: input channels in a tile of 32 and a masked one of 8
+    (2, 70, 16, 16, 29, 3, 1, 1, 1, False),   # grad_weight: three tiles (the last of 6 lanes), blocks of 9-10
 ]
 
 
@@ -266,8 +268,8 @@ DIRECT = [
 @pytest.mark.parametrize("cfg", DIRECT, ids=[str(i) for i in range(len(DIRECT))])
 def test_direct_design_against_float64(cfg, weight_cl):
     """The direct design, forced: it must be the design that runs (fp32 channels_last), match the float64 reference
-    to fp32 accuracy with channels_last output, and give the same bits run to run and on 1, 2 or 3 threads; at
-    stride 1 its grad_input likewise."""
+    to fp32 accuracy with channels_last output, and give the same bits run to run and on 1, 2 or 3 threads; its
+    grad_weight likewise, and at stride 1 its grad_input."""
     N, C, H, W, OC, k, s, p, d, has_bias = cfg
     x = torch.randn(N, C, H, W).to(memory_format=torch.channels_last)
     w = torch.randn(OC, C, k, k)
@@ -276,24 +278,27 @@ def test_direct_design_against_float64(cfg, weight_cl):
     conv = (x, w, b, [s, s], [p, p], [d, d], 1, rc_ops._ALGOS["direct"])
     assert fastfuse._C.reflect_conv2d_cpu_design(*conv[:2], *conv[3:]) == "direct"
     xr = x.double().requires_grad_()
-    ref = F.conv2d(F.pad(xr, (p, p, p, p), mode="reflect"), w.double(), None if b is None else b.double(), s, 0, d)
-    go = torch.randn(ref.shape).to(memory_format=torch.channels_last)
-    gi_ref, = torch.autograd.grad(ref, xr, go.double())
-    grad = (go, x, w, [s, s], [p, p], [d, d], 1, [True, False, False], rc_ops._ALGOS["direct"])
+    go = torch.randn(N, OC, (H + 2 * p - d * (k - 1) - 1) // s + 1,
+                     (W + 2 * p - d * (k - 1) - 1) // s + 1).to(memory_format=torch.channels_last)
+    wr = w.double().requires_grad_()
+    ref = F.conv2d(F.pad(xr, (p, p, p, p), mode="reflect"), wr, None if b is None else b.double(), s, 0, d)
+    gi_ref, gw_ref = torch.autograd.grad(ref, (xr, wr), go.double())
+    grad = (go, x, w, [s, s], [p, p], [d, d], 1, [s == 1, True, False], rc_ops._ALGOS["direct"])
     runs = []
     for n in (1, 2, 3):
         with _num_threads(n):
             for _ in range(2):
                 runs.append((torch.ops.fastfuse_C.reflect_conv2d(*conv),
-                             torch.ops.fastfuse_C.reflect_conv2d_backward(*grad)[0] if s == 1 else None))
-    y, gi = runs[0]
+                             *torch.ops.fastfuse_C.reflect_conv2d_backward(*grad)[:2]))
+    y, gi, gw = runs[0]
     torch.testing.assert_close(y, ref.detach().float(), **TOL[torch.float32])
     assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gw, gw_ref.float(), **TOL[torch.float32])
     if s == 1:
         torch.testing.assert_close(gi, gi_ref.float(), **TOL[torch.float32])
         assert gi.is_contiguous(memory_format=torch.channels_last)
     for again in runs[1:]:
-        assert torch.equal(bits(y), bits(again[0]))
+        assert torch.equal(bits(y), bits(again[0])) and torch.equal(bits(gw), bits(again[2]))
         assert s != 1 or torch.equal(bits(gi), bits(again[1]))
 
 

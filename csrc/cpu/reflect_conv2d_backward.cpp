@@ -76,14 +76,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
   // the work (ResNet's 28x28 and 14x14): measured on the Xeon against oneDNN's zero-padded backward (session 24,
   // batch 16, channels_last), its grad_input took 1.02x at 28x28 and 1.07x at 14x14 against the picked designs'
   // 1.11x and 1.13x (their whole backward: 1.08x and 1.10x against 1.11x and 1.14x), but 1.11x against 1.08x at 56x56
-  // and 1.26x against 1.03x at 7x7. The weight's and the bias's gradients come from the automatic pick's design.
+  // and 1.26x against 1.03x at 7x7.
+  //
+  // grad_weight by the direct design (reflect_conv2d_direct_wgrad.cpp) where the frame holds 3-12% of the work at
+  // stride 1 or 2 and the output is over 8x8: against oneDNN's zero-padded grad_weight (session 25, batch 16,
+  // channels_last) it took 1.06x at 28x28, 0.99x at stride-2 28x28 and 1.10x at 14x14, against the old picks' 1.12x,
+  // 0.99-1.02x and 1.10x; at 56x56 (2.4%) it lost, 1.14x against 1.07x, and at outputs of up to 8x8 "fold" stays
+  // (0.72-0.83x).
   const double share = g.dh == 1 && g.dw == 1 ? rconv::correction_share(g) : 0.0;
-  if ((algo == kDirect || (algo == 0 && share > 0.03 && share <= 0.12)) && mask[0] &&
-      direct_dgrad_applies(g, go, x, w)) {
-    at::Tensor gi = dgrad_direct(go, x, w, g), gw, gb;
-    if (mask[1] || mask[2])
-      std::tie(std::ignore, gw, gb) =
-          backward_cpu(go, x, w, stride, padding, dilation, groups, {false, mask[1], mask[2]}, 0);
+  const bool force = algo == kDirect, automatic = algo == 0, framed = share > 0.03 && share <= 0.12;
+  const bool s12 = (g.sh == 1 && g.sw == 1) || (g.sh == 2 && g.sw == 2);
+  const bool dgrad = mask[0] && (force || (automatic && framed)) && direct_dgrad_applies(g, go, x, w);
+  const bool wgrad = mask[1] && (force || (automatic && framed && s12 && g.OH * g.OW > 64)) &&
+                     direct_wgrad_applies(g, go, x, w);
+  if (dgrad || wgrad) {
+    at::Tensor gi = dgrad ? dgrad_direct(go, x, w, g) : at::Tensor();
+    at::Tensor gw = wgrad ? wgrad_direct(go, x, w, g) : at::Tensor(), gb;
+    const bool rest_i = mask[0] && !dgrad, rest_w = mask[1] && !wgrad;
+    if (rest_i || rest_w || mask[2]) {  // the rest from the automatic pick
+      at::Tensor ri, rw;
+      std::tie(ri, rw, gb) = backward_cpu(go, x, w, stride, padding, dilation, groups, {rest_i, rest_w, mask[2]}, 0);
+      if (rest_i) gi = ri;
+      if (rest_w) gw = rw;
+    }
     return {gi, gw, gb};
   }
   const int design = pick_backward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);

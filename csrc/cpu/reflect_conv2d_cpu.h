@@ -282,6 +282,10 @@ bool direct_dgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor&
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                           const Geom& g);
 at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g);
+// its grad_weight (reflect_conv2d_direct_wgrad.cpp), any stride and dilation: [OC, C, KH, KW] with channels_last
+// strides (direct_wgrad_applies: grad_output fp32 channels_last too)
+bool direct_wgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w);
+at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g);
 at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const Geom& g, at::IntArrayRef stride, at::IntArrayRef dilation, bool use_block);
 // (c)'s backward (use_block) and "fold"'s (reflect_conv2d_split_backward.cpp)
