@@ -72,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                                             int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  // grad_input by the direct design where it applies (stride 1) and, automatically, where the frame holds 3-12% of
-  // the work (ResNet's 28x28 and 14x14): measured on the Xeon against oneDNN's zero-padded backward (session 24,
+  // grad_input by the direct design where it applies and, automatically, where the frame holds 3-12% of the work
+  // (ResNet's 28x28 and 14x14; at stride 2 too, over 8x8 outputs, since session 25): measured on the Xeon against oneDNN's zero-padded backward (session 24,
   // batch 16, channels_last), its grad_input took 1.02x at 28x28 and 1.07x at 14x14 against the picked designs'
   // 1.11x and 1.13x (their whole backward: 1.08x and 1.10x against 1.11x and 1.14x), but 1.11x against 1.08x at 56x56
   // and 1.26x against 1.03x at 7x7.
@@ -86,9 +86,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
   const double share = g.dh == 1 && g.dw == 1 ? rconv::correction_share(g) : 0.0;
   const bool force = algo == kDirect, automatic = algo == 0, framed = share > 0.03 && share <= 0.12;
   const bool s12 = (g.sh == 1 && g.sw == 1) || (g.sh == 2 && g.sw == 2);
-  const bool dgrad = mask[0] && (force || (automatic && framed)) && direct_dgrad_applies(g, go, x, w);
-  const bool wgrad = mask[1] && (force || (automatic && framed && s12 && g.OH * g.OW > 64)) &&
-                     direct_wgrad_applies(g, go, x, w);
+  const bool pick = automatic && framed && s12 && g.OH * g.OW > 64;
+  const bool dgrad = mask[0] && (force || pick) && direct_dgrad_applies(g, go, x, w);
+  const bool wgrad = mask[1] && (force || pick) && direct_wgrad_applies(g, go, x, w);
   if (dgrad || wgrad) {
     at::Tensor gi = dgrad ? dgrad_direct(go, x, w, g) : at::Tensor();
     at::Tensor gw = wgrad ? wgrad_direct(go, x, w, g) : at::Tensor(), gb;

@@ -4,7 +4,7 @@
 // reflect_conv2d_backward.cpp: the backward of both, and the backward's pick) and two CPU-only ones
 // (reflect_conv2d_split.cpp and reflect_conv2d_split_backward.cpp: (c) oneDNN's unpadded convolution on the
 // interior plus a folded-tap GEMM on the frame, and "fold", that GEMM everywhere; reflect_conv2d_direct.cpp: (d) our
-// own AVX-512 kernel, forward and stride-1 grad_input). reflect_conv2d_kernel.cpp picks
+// own AVX-512 kernel, forward and grad_input; reflect_conv2d_direct_wgrad.cpp its grad_weight). reflect_conv2d_kernel.cpp picks
 // the forward's per shape and registers the ops.
 //
 // The work is cut into fixed tasks (about kTaskRows GEMM rows of one region; whole images for (a)), run in
@@ -276,7 +276,7 @@ void add_columns(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, cons
 void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& out,
                   const Geom& g, bool gemm);
 // (d) "direct" (reflect_conv2d_direct.cpp): fp32 channels_last, one group, AVX-512 only (direct_applies); its
-// grad_input at stride 1 (direct_dgrad_applies: grad_output fp32 channels_last too)
+// grad_input (direct_dgrad_applies: grad_output fp32 channels_last too)
 bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w);
 bool direct_dgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w);
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,

@@ -5,7 +5,7 @@
 // every pixel once, reading its input in place, with the taps that read one pixel folded (as in (c)); it runs the
 // interior at oneDNN's own rate on 2 Xeon cores.
 //
-// The same machinery gives grad_input at stride 1: each input pixel gathers grad_output through the reflection
+// The same machinery gives grad_input: each input pixel gathers grad_output through the reflection
 // (the pairs (output pixel, tap) that read it, those of one output pixel folded), so no pixel is written twice and
 // nothing is atomic.
 #include "cpu/reflect_conv2d_direct_kernel.h"
@@ -173,7 +173,7 @@ bool direct_wgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor&
 }
 
 bool direct_dgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w) {
-  return direct_wgrad_applies(g, go, x, w) && g.sh == 1 && g.sw == 1;
+  return direct_wgrad_applies(g, go, x, w);
 }
 
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
@@ -196,17 +196,22 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::o
 
 at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
   TORCH_CHECK(direct_dgrad_applies(g, go, x, w), "fastfuse reflect_conv2d: the direct grad_input takes fp32 "
-              "channels_last tensors with one group and stride 1 on an AVX-512 CPU");
+              "channels_last tensors with one group on an AVX-512 CPU");
   at::Tensor gi = empty_cached_4d({g.N, g.C, g.H, g.W}, at::kFloat, at::MemoryFormat::ChannelsLast);
   if (gi.numel() == 0) return gi;
   if (go.numel() == 0) return gi.zero_();
-  const auto regions = direct_plan(dgrad_axis(g.H, g.OH, g.KH, g.ph, g.dh), dgrad_axis(g.W, g.OW, g.KW, g.pw, g.dw),
-                                   g.N);
   Packed pk(w.permute({2, 3, 0, 1}));  // [KH, KW, OC, C]
-  const Problem pr{go.const_data_ptr<float>(), go.stride(0), go.stride(2), go.stride(3),
-                   gi.mutable_data_ptr<float>(), gi.stride(0), gi.stride(2), gi.stride(3),
-                   g.N, g.OC, g.C, nullptr};
-  run_direct(pr, regions, pk);
+  // one problem per residue of the stride (rh, rw): the input pixels (rh + sh*m, rw + sw*n), each a plain direct
+  // convolution of grad_output (at stride 1 the one residue is the whole input)
+  for (int64_t rh = 0; rh < std::min(g.sh, g.H); ++rh)
+    for (int64_t rw = 0; rw < std::min(g.sw, g.W); ++rw) {
+      const auto regions = direct_plan(dgrad_axis(g.H, g.OH, g.KH, g.sh, rh, g.ph, g.dh),
+                                       dgrad_axis(g.W, g.OW, g.KW, g.sw, rw, g.pw, g.dw), g.N);
+      const Problem pr{go.const_data_ptr<float>(), go.stride(0), go.stride(2), go.stride(3),
+                       gi.mutable_data_ptr<float>() + rh * gi.stride(2) + rw * gi.stride(3), gi.stride(0),
+                       g.sh * gi.stride(2), g.sw * gi.stride(3), g.N, g.OC, g.C, nullptr};
+      run_direct(pr, regions, pk);
+    }
   return gi;
 }
 

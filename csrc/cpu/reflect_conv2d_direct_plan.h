@@ -46,14 +46,15 @@ inline AxisPlan forward_axis(int64_t out, int64_t in, int64_t k, int64_t s, int6
   return ax;
 }
 
-// grad_input at stride 1: input i gathers grad_output o through tap t wherever reflect(o - p + t*d) = i; o moves
-// with i (o = i + p - t*d), or against it where the read was reflected.
-inline AxisPlan dgrad_axis(int64_t in, int64_t out, int64_t k, int64_t p, int64_t d) {
-  AxisPlan ax(in);
+// grad_input at stride s, on the input pixels i = rho + s*m (one residue rho of the stride; m is the coordinate
+// computed): i gathers grad_output o through tap t wherever reflect(o*s - p + t*d) = i, and o moves by one per step
+// of m, or against it where the read was reflected.
+inline AxisPlan dgrad_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t rho, int64_t p, int64_t d) {
+  AxisPlan ax((in - rho + s - 1) / s);
   for (int t = 0; t < k; ++t)
     for (int64_t o = 0; o < out; ++o) {
-      const int64_t u = o - p + t * d, i = reflect(u, in);
-      add_read(ax[i], t, o, u == i ? 1 : -1);
+      const int64_t u = o * s - p + t * d, i = reflect(u, in);
+      if ((i - rho) % s == 0) add_read(ax[(i - rho) / s], t, o, u == i ? 1 : -1);
     }
   for (auto& cls : ax)  // in order of their first tap, as the forward's
     std::stable_sort(cls.begin(), cls.end(), [](const AxisClass& a, const AxisClass& b) {

@@ -87,7 +87,7 @@ def _format(x, w):
 # "gemm" = reflected im2col + GEMM; "split" (CPU) = vendor convolution without padding on the block it gets
 # right + folded-tap GEMM on the rest, forward and backward; "fold" (CPU) = the folded-tap GEMM everywhere;
 # "direct" (CPU, AVX-512, fp32 channels_last, one group) = our own micro-kernel on every pixel with folded taps,
-# forward, and grad_input at stride 1 (the weight's gradient as "auto"). On CUDA the last three run "frame";
+# forward and backward. On CUDA the last three run "frame";
 # "direct" where it cannot run runs "auto". FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
 _ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4, "direct": 5}
 
