@@ -111,7 +111,6 @@ at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
   const bool even = tiles % threads == 0;
   const int64_t tsplit = even ? threads : std::min(tiles, 2 * threads);
   const int64_t bsplit = even ? 1 : std::min(blocks, (2 * threads + tsplit - 1) / tsplit);
-  static const int64_t kb = getenv("FF_CHUNK_KB") ? atoll(getenv("FF_CHUNK_KB")) : 1024;
   for_each_task(
       bsplit * tsplit, [] { return 0; },
       [&](int&, int64_t ti) {
@@ -121,7 +120,7 @@ at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
         // images per chunk: the task's channels of x and grad_output in a chunk about 1 MB (the L2 of the Xeon's cores
         // is 2 MB; from 4 MB up the kernel waited on memory, 1.3-3.4x slower)
         const int64_t task_bytes = 4 * (g.H * g.W * (c1 - c0) + g.OH * g.OW * (block(b1 - 1).second - block(b0).first));
-        const int64_t chunk = std::max<int64_t>(1, (kb << 10) / task_bytes);
+        const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 20) / task_bytes);
         for (int64_t oc = block(b0).first; oc < block(b1 - 1).second; ++oc)
           for (int64_t t = 0; t < g.KH * g.KW; ++t) std::fill_n(gwp + oc * ds + t * g.C + c0, c1 - c0, 0.0f);
         // region i over images [n0, n1), every block and tile of the task
