@@ -93,6 +93,7 @@ at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
               "AVX-512 CPU");
   // [OC, KH, KW, C]: each block's rows are 32 contiguous input channels
   at::Tensor gw = empty_cached({g.OC, g.KH, g.KW, g.C}, at::kFloat);
+  if (gw.numel() == 0 || go.numel() == 0) return gw.zero_().permute({0, 3, 1, 2});
   float* gwp = gw.mutable_data_ptr<float>();
   const auto regions = direct_plan(forward_axis(g.OH, g.H, g.KH, g.sh, g.ph, g.dh),
                                    forward_axis(g.OW, g.W, g.KW, g.sw, g.pw, g.dw), g.N);
