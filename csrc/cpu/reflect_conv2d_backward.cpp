@@ -72,16 +72,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
                                                             int64_t groups, std::array<bool, 3> mask, int64_t algo) {
   const Geom g = rconv::geometry(x, w, stride, padding, dilation, groups);
-  // grad_input by the direct design where it applies and, automatically, where the frame holds 3-12% of the work
-  // (ResNet's 28x28 and 14x14; at stride 2 too, over 8x8 outputs, since session 25): measured on the Xeon against oneDNN's zero-padded backward (session 24,
-  // batch 16, channels_last), its grad_input took 1.02x at 28x28 and 1.07x at 14x14 against the picked designs'
-  // 1.11x and 1.13x (their whole backward: 1.08x and 1.10x against 1.11x and 1.14x), but 1.11x against 1.08x at 56x56
-  // and 1.26x against 1.03x at 7x7.
-  //
-  // grad_weight by the direct design (reflect_conv2d_direct_wgrad.cpp) where the frame holds 3-12% of the work at
-  // stride 1 or 2 and the output is over 8x8: against oneDNN's zero-padded grad_weight (session 25, batch 16,
-  // channels_last) it took 1.06x at 28x28, 0.99x at stride-2 28x28 and 1.10x at 14x14, against the old picks' 1.12x,
-  // 0.99-1.02x and 1.10x; at 56x56 (2.4%) it lost, 1.14x against 1.07x, and at outputs of up to 8x8 "fold" stays
+  // Both gradients by the direct design where it applies and, automatically, where the frame holds 3-12% of the
+  // work at stride 1 or 2 over 8x8 outputs (ResNet's 28x28 and 14x14, stride-2 28x28). Against oneDNN's
+  // zero-padded backward on the Xeon (batch 16, channels_last): grad_input (session 24) 1.02x at 28x28 and 1.07x at
+  // 14x14 against the picked designs' 1.11x and 1.13x, but 1.11x against 1.08x at 56x56 and 1.26x against 1.03x at
+  // 7x7; at stride 2 (session 25) 0.94x at 28x28 against 1.10-1.17x. grad_weight (reflect_conv2d_direct_wgrad.cpp,
+  // session 25) 1.03x at 28x28 and at 14x14 and 0.86-0.99x at stride-2 28x28, against the old picks' 1.12x, 1.10x
+  // and 0.99-1.02x; at 56x56 (2.4%) 1.07-1.09x against 1.06-1.07x, and at outputs of up to 8x8 "fold" stays
   // (0.72-0.83x).
   const double share = g.dh == 1 && g.dw == 1 ? rconv::correction_share(g) : 0.0;
   const bool force = algo == kDirect, automatic = algo == 0, framed = share > 0.03 && share <= 0.12;

@@ -4,8 +4,8 @@
 // reflect_conv2d_backward.cpp: the backward of both, and the backward's pick) and two CPU-only ones
 // (reflect_conv2d_split.cpp and reflect_conv2d_split_backward.cpp: (c) oneDNN's unpadded convolution on the
 // interior plus a folded-tap GEMM on the frame, and "fold", that GEMM everywhere; reflect_conv2d_direct.cpp: (d) our
-// own AVX-512 kernel, forward and grad_input; reflect_conv2d_direct_wgrad.cpp its grad_weight). reflect_conv2d_kernel.cpp picks
-// the forward's per shape and registers the ops.
+// own AVX-512 kernel, forward and grad_input; reflect_conv2d_direct_wgrad.cpp its grad_weight).
+// reflect_conv2d_kernel.cpp picks the forward's per shape and registers the ops.
 //
 // The work is cut into fixed tasks (about kTaskRows GEMM rows of one region; whole images for (a)), run in
 // ONE parallel region (gather, small GEMM and write-back all inside a task; nested at:: ops run serially
