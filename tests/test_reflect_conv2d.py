@@ -260,6 +260,7 @@ DIRECT = [
     (3, 16, 5, 5, 200, 3, 1, 1, 1, True),     # the weight outweighs the activations: a task per tile, 7 tiles
     (2, 40, 12, 10, 30, 3, 2, 1, 1, False),   # grad_weight: input channels in a tile of 32 and a masked one of 8
     (2, 70, 16, 16, 29, 3, 1, 1, 1, False),   # grad_weight: three tiles (the last of 6 lanes), blocks of 9-10
+    (2, 96, 40, 40, 96, 3, 1, 1, 1, False),   # grad_weight: an image over 1 MB, summed in bands of rows
 ]
 
 

@@ -177,21 +177,25 @@ at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
   const bool even = tiles % threads == 0;
   const int64_t tsplit = even ? threads : std::min(tiles, 2 * threads);
   const int64_t bsplit = even ? 1 : std::min(blocks, (2 * threads + tsplit - 1) / tsplit);
+  // Images per chunk: x's and grad_output's pixels of a chunk about kChunkBytes, and where one image is more, bands
+  // of output rows of about that (both from the shape alone: they set the order of the sums, so they must not
+  // depend on the task split). From 4 MB up (chunks of 4 MB, or whole images at 112x112) the kernel waited on
+  // memory, 1.3-3.4x slower.
+  constexpr int64_t kChunkBytes = int64_t(1) << 20;  // 512 KB and 2 MB lost 0-18% at 14x14 to 56x56
+  const int64_t img_bytes = 4 * (g.H * g.W * g.C + g.OH * g.OW * g.OC);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / img_bytes);
+  const int64_t band = img_bytes <= kChunkBytes ? g.OH : std::max<int64_t>(1, g.OH * kChunkBytes / img_bytes);
   for_each_task(
       bsplit * tsplit, [] { return 0; },
       [&](int&, int64_t ti) {
         const int64_t b0 = (ti / tsplit) * blocks / bsplit, b1 = (ti / tsplit + 1) * blocks / bsplit;
         const int64_t t0 = (ti % tsplit) * tiles / tsplit, t1 = (ti % tsplit + 1) * tiles / tsplit;
         const int64_t c0 = t0 * kTile, c1 = std::min(g.C, t1 * kTile);
-        // images per chunk: the task's channels of x and grad_output in a chunk about 1 MB (the L2 of the Xeon's cores
-        // is 2 MB; from 4 MB up the kernel waited on memory, 1.3-3.4x slower)
         const int64_t oc0 = block(b0).first, oc1 = block(b1 - 1).second;
-        const int64_t task_bytes = 4 * (g.H * g.W * (c1 - c0) + g.OH * g.OW * (oc1 - oc0));
-        const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 20) / task_bytes);
         for (int64_t oc = oc0; oc < oc1; ++oc)
           for (int64_t t = 0; t < g.KH * g.KW; ++t) std::fill_n(gwp + oc * ds + t * g.C + c0, c1 - c0, 0.0f);
-        // a region over images [n0, n1), every block and tile of the task
-        const auto run = [&](size_t ri, int64_t n0, int64_t n1) {
+        // rows [ra, rb) of a region over images [n0, n1), every block and tile of the task
+        const auto run = [&](size_t ri, int64_t n0, int64_t n1, int64_t ra, int64_t rb) {
           const DRegion& reg = regions[ri];
           for (int64_t b = b0; b < b1; ++b)
             for (int64_t t = t0; t < t1; ++t) {
@@ -200,7 +204,7 @@ at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
               for (const std::vector<int>& tr : runs[ri]) {
                 const int T = (int)tr.size();
                 const LineTap& lt = reg.taps[tr[0]];
-                const Walk wk{n1 - n0, reg.rows(), reg.cols(), sN, lt.sr * sH, lt.sc * sW, dN, dH, dW};
+                const Walk wk{n1 - n0, rb - ra, reg.cols(), sN, lt.sr * sH, lt.sc * sW, dN, dH, dW};
                 const auto [o0, o1] = block(b);
                 const int64_t pieces = (o1 - o0 + kRunCap[T - 1] - 1) / kRunCap[T - 1];
                 for (int64_t k = 0; k < pieces; ++k) {  // output channels [p0, p1) of the block
@@ -217,17 +221,24 @@ at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
                     for (int i : tr) dst[nd++] = tap_dst(reg.taps[i].mh, reg.taps[i].mw);
                   }
                   kWgrad[T - 1][lanes > 16][lanes % 16 != 0][p1 - p0](
-                      xp + n0 * sN + lt.r * sH + lt.c * sW + t * kTile, gp + n0 * dN + reg.r0 * dH + reg.c0 * dW + p0,
+                      xp + n0 * sN + (lt.r + lt.sr * (ra - reg.r0)) * sH + lt.c * sW + t * kTile,
+                      gp + n0 * dN + ra * dH + reg.c0 * dW + p0,
                       wk, dst, nd, ds, mask);
                 }
               }
             }
         };
         for (int64_t n0 = 0; n0 < g.N; n0 += chunk)
-          for (size_t ri = 0; ri < regions.size(); ++ri)
-            if (regions[ri].rows() * regions[ri].cols() >= kChunkRegionPixels) run(ri, n0, std::min(g.N, n0 + chunk));
+          for (int64_t r0 = 0; r0 < g.OH; r0 += band)
+            for (size_t ri = 0; ri < regions.size(); ++ri) {
+              const DRegion& reg = regions[ri];
+              const int64_t ra = std::max(reg.r0, r0), rb = std::min(reg.r1, r0 + band);
+              if (reg.rows() * reg.cols() >= kChunkRegionPixels && ra < rb)
+                run(ri, n0, std::min(g.N, n0 + chunk), ra, rb);
+            }
         for (size_t ri = 0; ri < regions.size(); ++ri)
-          if (regions[ri].rows() * regions[ri].cols() < kChunkRegionPixels) run(ri, 0, g.N);
+          if (regions[ri].rows() * regions[ri].cols() < kChunkRegionPixels)
+            run(ri, 0, g.N, regions[ri].r0, regions[ri].r1);
       });
   return gw.permute({0, 3, 1, 2});  // [OC, C, KH, KW], channels_last strides
 }
