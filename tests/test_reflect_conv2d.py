@@ -321,10 +321,17 @@ def test_direct_design_only_where_it_applies():
         assert (picked == "direct") == want, (size, s, picked)
     assert fastfuse._C.reflect_conv2d_cpu_design(stem, torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1, 0) == \
         ("direct" if torch.get_num_threads() <= 2 else "frame")
-    # the backward at 14x14 takes its grad_input from the direct design, the weight's gradient from another
-    x14 = torch.randn(16, 32, 14, 14).to(memory_format=torch.channels_last)
-    grad = (torch.randn_like(x14), x14, torch.randn(32, 32, 3, 3), [1, 1], [1, 1], [1, 1], 1, [True, True, False])
-    assert _auto_matches(torch.ops.fastfuse_C.reflect_conv2d_backward, grad, ["direct"]) == ["direct"]
+    # the backward takes both gradients from the direct design at 14x14, at 56x56 (below 3% of frame share) from 32
+    # channels at either stride, not with 16 channels, nor for a 7x7 output
+    cases = (((16, 32, 14, 14), 32, 1, True), ((2, 32, 56, 56), 32, 1, True), ((2, 32, 56, 56), 32, 2, True),
+             ((2, 16, 56, 56), 16, 1, False), ((16, 32, 14, 14), 32, 2, False))
+    for shape, oc, s, want in cases:
+        x = torch.randn(shape).to(memory_format=torch.channels_last)
+        go = torch.randn(shape[0], oc, (shape[2] - 1) // s + 1, (shape[3] - 1) // s + 1)
+        grad = (go.to(memory_format=torch.channels_last), x, torch.randn(oc, shape[1], 3, 3), [s, s], [1, 1], [1, 1],
+                1, [True, True, False])
+        assert _auto_matches(torch.ops.fastfuse_C.reflect_conv2d_backward, grad, ["direct"]) == \
+            (["direct"] if want else []), (shape, oc, s)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
