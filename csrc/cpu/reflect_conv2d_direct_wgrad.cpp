@@ -31,7 +31,8 @@ struct Walk {
 // 1.03x, stride-2 28x28 0.91x to 0.86x; one run each).
 constexpr int kMaxRun = 3;
 constexpr int kRunCap[kMaxRun] = {kMaxM, 6, 4};
-// output channels per block of grad_weight: runs of 2 and 3 split a block into 2 and 3 calls
+// output channels per block of grad_weight (of the 14 a lone tap could hold): runs of 2 and 3 split a block into 2
+// and 3 calls
 constexpr int64_t kBlock = 12;
 
 // vector v of NV of a tile's pixel: the last one masked where the tile is partial
@@ -51,7 +52,7 @@ __attribute__((target("avx512f"))) void wgrad_micro(const float* x, const float*
   for (int i = 0; i < T; ++i)
     for (int j = 0; j < M; ++j)
       for (int v = 0; v < NV; ++v) acc[i][j][v] = _mm512_setzero_ps();
-  // one loop over the rows of every image (a loop nest over images and rows kept acc on the stack)
+  // one loop over the rows of every image
   const int64_t rows = wk.n * wk.r, cols = wk.c, xc = wk.xc, gc = wk.gc;
   const float* xrow = x;
   const float* grow = g;
