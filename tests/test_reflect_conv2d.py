@@ -312,13 +312,16 @@ def test_direct_design_only_where_it_applies():
     assert design(cl, w) == "direct"
     assert design(x, w) != "direct" and design(cl.double(), w.double()) != "direct"
     assert design(cl, w[:, :2], 2) != "direct" and design(cl.bfloat16(), w.bfloat16()) != "direct"
-    # auto: ResNet-34's 14x14 and 28x28 stages at batch 16 (28x28 at stride 1 and 2, not 56x56), and the stem
+    # auto: ResNet-34's 14x14, 28x28 and 56x56 stages (stride 1 and 2) from 32 channels, not with 16 channels at
+    # 56x56 nor for images over 1 MB there; and the stem
     stem = torch.randn(16, 3, 32, 32).to(memory_format=torch.channels_last)
-    for size, s, want in ((14, 1, True), (28, 1, True), (28, 2, True), (56, 1, False), (56, 2, False)):
+    cases = ((14, 32, 1, True), (28, 32, 1, True), (28, 32, 2, True), (56, 32, 1, True), (56, 32, 2, True),
+             (56, 16, 1, False), (96, 32, 1, False))
+    for size, c, s, want in cases:
         picked = fastfuse._C.reflect_conv2d_cpu_design(
-            torch.randn(16, 32, size, size).to(memory_format=torch.channels_last), torch.randn(64, 32, 3, 3),
+            torch.randn(16, c, size, size).to(memory_format=torch.channels_last), torch.randn(64, c, 3, 3),
             [s, s], [1, 1], [1, 1], 1, 0)
-        assert (picked == "direct") == want, (size, s, picked)
+        assert (picked == "direct") == want, (size, c, s, picked)
     assert fastfuse._C.reflect_conv2d_cpu_design(stem, torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1, 0) == \
         ("direct" if torch.get_num_threads() <= 2 else "frame")
     # the backward takes both gradients from the direct design at 14x14, at 56x56 (below 3% of frame share) from 32

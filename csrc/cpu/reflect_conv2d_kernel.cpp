@@ -73,11 +73,16 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_o
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
   // stride 1 or 2 with a 3-12% frame share: 28x28 (4.7%) and 14x14 (9.3%) at stride 1, 28x28 at stride 2 (outputs
   // of up to 8x8 go by the rule below: at batch 1, 256 -> 512 channels at stride 2 from 14x14, (a) ran 0.93x the
-  // zero-padded conv against direct's 1.09x)
+  // zero-padded conv against direct's 1.09x). Below 3% (56x56), from 32 channels and images of up to 1 MB, with
+  // two tiles per line: forward+backward interleaved in one process (the backward then all direct) 0.95-0.98x the
+  // zero-padded conv against 1.00-1.01x with (b)'s forward, 1.03-1.04x against 1.03-1.05x at stride 2 (two runs
+  // each, batch 16); forward alone a tie at batch 16, 1.05x against 1.10-1.20x at batch 4 (32 and 64 channels). At
+  // 112x112 (64 channels, 3.2 MB images, batch 4) the forward lost, 1.10x against 1.04x.
   const bool s12 = (g.sh == 1 && g.sw == 1) || (g.sh == 2 && g.sw == 2);
   if (direct_ok && s12 && g.dh == 1 && g.dw == 1 && g.OH * g.OW > 64) {
     const double share = rconv::correction_share(g);
-    if (share <= 0.12 && share > 0.03) return kDirect;
+    const bool thin = share > 0 && g.Cg >= 32 && g.OC >= 32 && g.H * g.W * g.C * 4 <= (int64_t(1) << 20);
+    if (share <= 0.12 && (share > 0.03 || thin)) return kDirect;
   }
   // Outputs of up to 8x8 (7x7 stride 1, stride-2 14x14 inputs), where the weight outweighs the activations and the
   // direct design runs a tile per task over the batch: 0.95-0.98x the zero-padded conv against "fold"'s and (a)'s
