@@ -325,9 +325,10 @@ def test_direct_design_only_where_it_applies():
     assert fastfuse._C.reflect_conv2d_cpu_design(stem, torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1, 0) == \
         ("direct" if torch.get_num_threads() <= 2 else "frame")
     # the backward takes both gradients from the direct design at 14x14, at 56x56 (below 3% of frame share) from 32
-    # channels at either stride, not with 16 channels, nor for a 7x7 output
+    # channels at either stride, not with 16 channels there, nor for a 7x7 output, nor with input channels that
+    # leave a partial 16-lane vector (40)
     cases = (((16, 32, 14, 14), 32, 1, True), ((2, 32, 56, 56), 32, 1, True), ((2, 32, 56, 56), 32, 2, True),
-             ((2, 16, 56, 56), 16, 1, False), ((16, 32, 14, 14), 32, 2, False))
+             ((2, 16, 56, 56), 16, 1, False), ((16, 32, 14, 14), 32, 2, False), ((4, 40, 28, 28), 64, 1, False))
     for shape, oc, s, want in cases:
         x = torch.randn(shape).to(memory_format=torch.channels_last)
         go = torch.randn(shape[0], oc, (shape[2] - 1) // s + 1, (shape[3] - 1) // s + 1)
