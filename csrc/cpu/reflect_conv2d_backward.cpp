@@ -47,7 +47,7 @@ int64_t backward_chunks(const Geom& g, const std::vector<Region>& regions) {
 // oneDNN's backward is far from the cores' peak and "fold" is picked at any stride (stride 2, 14x14 input, 256
 // channels: 0.69-0.74x of the zero-padded backward against (a)'s 0.78-0.86x; at 28x28 the two tie at 1.07-1.11x).
 int pick_backward(const Geom& g, int64_t algo, bool channels_last) {
-  if (algo == kDirect) algo = 0;  // backward_cpu takes direct's grad_input where it applies; the rest as auto
+  if (algo == kDirect) algo = 0;  // backward_cpu takes direct's gradients where they apply; elsewhere as auto
   if (algo != 0) return algo == kSplit || algo == kFold ? int(algo) : (algo == kGemm ? kGemm : kFrame);
   if (rconv::cpu_avx512() && g.dh == 1 && g.dw == 1 && g.Cg * g.KH * g.KW >= 256 &&
       !rconv::small_conv(g, channels_last, true) && chunks_fill_threads(g.N)) {
@@ -82,28 +82,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
   // with (b)'s, but the whole forward+backward, timed interleaved in one process against auto's (b), took 0.96-0.98x
   // the zero-padded conv's against 1.06-1.11x (three runs, batch 16), 0.86x against 1.03x at batch 4, and with
   // grad_weight summed in bands of rows, 1.005x against 1.10x at 112x112 (batch 4) and 0.80x against 1.05x with 32
-  // channels at 56x56; stride-2 56x56 1.00-1.01x against 1.06x (two runs). The forward stays (b) there (a tie).
-  const double share = g.dh == 1 && g.dw == 1 ? rconv::correction_share(g) : 0.0;
-  const bool force = algo == kDirect, automatic = algo == 0, framed = share > 0.03 && share <= 0.12;
-  const bool s12 = (g.sh == 1 && g.sw == 1) || (g.sh == 2 && g.sw == 2);
-  // below 3% too, from 32 channels (56x56 at either stride, 112x112)
-  const bool thin = share > 0 && share <= 0.03 && g.Cg >= 32 && g.OCg >= 32;
-  // and input channels in whole 16-lane vectors: direct grad_weight reads a partial tile with a masked load, on
-  // which GCC spills its accumulators (3 and 40 channels at 28x28: the backward took 2.97x and 1.35x the zero-padded
-  // one against (b)'s 1.44x and 1.14x; 16 channels 1.05x against 1.51x)
-  const bool pick = automatic && (framed || thin) && s12 && g.OH * g.OW > 64 && g.Cg % 16 == 0;
-  const bool dgrad = mask[0] && (force || pick) && direct_dgrad_applies(g, go, x, w);
-  const bool wgrad = mask[1] && (force || pick) && direct_wgrad_applies(g, go, x, w);
-  if (dgrad || wgrad) {
-    at::Tensor gi = dgrad ? dgrad_direct(go, x, w, g) : at::Tensor();
-    at::Tensor gw = wgrad ? wgrad_direct(go, x, w, g) : at::Tensor(), gb;
-    const bool rest_i = mask[0] && !dgrad, rest_w = mask[1] && !wgrad;
-    if (rest_i || rest_w || mask[2]) {  // the rest from the automatic pick
-      at::Tensor ri, rw;
-      std::tie(ri, rw, gb) = backward_cpu(go, x, w, stride, padding, dilation, groups, {rest_i, rest_w, mask[2]}, 0);
-      if (rest_i) gi = ri;
-      if (rest_w) gw = rw;
-    }
+  // channels at 56x56; stride-2 56x56 1.00-1.01x against 1.06x (two runs).
+  // Below 3% from 32 channels (56x56 at either stride, 112x112); and only with input channels in whole 16-lane
+  // vectors: direct grad_weight reads a partial tile with a masked load, on which GCC spills its accumulators (3 and
+  // 40 channels at 28x28: the backward took 2.97x and 1.35x the zero-padded one against (b)'s 1.44x and 1.14x; 16
+  // channels 1.05x against 1.51x).
+  const bool pick = algo == 0 && g.Cg % 16 == 0 && direct_share_band(g, g.Cg >= 32 && g.OCg >= 32);
+  if ((mask[0] || mask[1]) && (algo == kDirect || pick) && direct_grads_apply(g, go, x, w)) {
+    const at::Tensor gi = mask[0] ? dgrad_direct(go, x, w, g) : at::Tensor();
+    const at::Tensor gw = mask[1] ? wgrad_direct(go, x, w, g) : at::Tensor();
+    at::Tensor gb;  // the bias's gradient from the automatic pick
+    if (mask[2]) std::tie(std::ignore, std::ignore, gb) =
+        backward_cpu(go, x, w, stride, padding, dilation, groups, {false, false, true}, 0);
     return {gi, gw, gb};
   }
   const int design = pick_backward(g, algo, rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast);

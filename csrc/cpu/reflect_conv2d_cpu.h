@@ -276,16 +276,23 @@ void add_columns(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, cons
 void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& out,
                   const Geom& g, bool gemm);
 // (d) "direct" (reflect_conv2d_direct.cpp): fp32 channels_last, one group, AVX-512 only (direct_applies); its
-// grad_input (direct_dgrad_applies: grad_output fp32 channels_last too)
+// gradients (direct_grads_apply: grad_output fp32 channels_last too), grad_input there and grad_weight in
+// reflect_conv2d_direct_wgrad.cpp ([OC, C, KH, KW] with channels_last strides), any stride and dilation
 bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w);
-bool direct_dgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w);
+bool direct_grads_apply(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w);
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                           const Geom& g);
 at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g);
-// its grad_weight (reflect_conv2d_direct_wgrad.cpp), any stride and dilation: [OC, C, KH, KW] with channels_last
-// strides (direct_wgrad_applies: grad_output fp32 channels_last too)
-bool direct_wgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w);
 at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g);
+// Where `auto` takes the direct design by the frame's share of the work (rconv::correction_share), forward
+// (reflect_conv2d_kernel.cpp) and both gradients (reflect_conv2d_backward.cpp): stride 1 or 2, dilation 1, outputs
+// over 8x8, and a share between 3% and 12%, or up to 3% where the caller's thin_ok holds (its measured limits there)
+inline bool direct_share_band(const Geom& g, bool thin_ok) {
+  const bool s12 = (g.sh == 1 && g.sw == 1) || (g.sh == 2 && g.sw == 2);
+  if (!s12 || g.dh != 1 || g.dw != 1 || g.OH * g.OW <= 64) return false;
+  const double share = rconv::correction_share(g);
+  return share <= 0.12 && (share > 0.03 || (share > 0 && thin_ok));
+}
 at::Tensor forward_split(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          const Geom& g, at::IntArrayRef stride, at::IntArrayRef dilation, bool use_block);
 // (c)'s backward (use_block) and "fold"'s (reflect_conv2d_split_backward.cpp)

@@ -92,7 +92,6 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
 
-  // region i of images [n0, n1), one tile
   // region i of images [n0, n1) for tiles tl[0..ng): each line's calls for every tile in turn, its input still in L1
   const auto run_region = [&](int64_t i, const int64_t* tl, int ng, int64_t n0, int64_t n1) {
     const DRegion& reg = regions[i];
@@ -119,10 +118,9 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
         for (int t = 0; t < nt; ++t) ak[t] = a[t] + j0 * xs;
         for (int q = 0; q < ng; ++q) {
           const int64_t tile = tl[q], n_oc = std::min(kTile, pr.lanes - tile * kTile);
-          const __mmask16 mask = __mmask16((1u << (n_oc > 16 ? n_oc - 16 : n_oc)) - 1);
           (n_oc > 16 ? kMicro2 : kMicro1)[j1 - j0](
               ak, b[q], nt, xs, pr.K, pr.dst + n * pr.dN + r * pr.dH + c * pr.dW + j0 * os + tile * kTile, os,
-              pr.bias ? pr.bias + tile * kTile : nullptr, mask);
+              pr.bias ? pr.bias + tile * kTile : nullptr, last_vector_mask(n_oc));
         }
       }
     };
@@ -181,12 +179,8 @@ bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w) {
   return rconv::cpu_avx512() && g.G == 1 && w.scalar_type() == at::kFloat && cl_fp32(x);
 }
 
-bool direct_wgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w) {
+bool direct_grads_apply(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w) {
   return direct_applies(g, x, w) && cl_fp32(go);
-}
-
-bool direct_dgrad_applies(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w) {
-  return direct_wgrad_applies(g, go, x, w);
 }
 
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
@@ -208,7 +202,7 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::o
 }
 
 at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
-  TORCH_CHECK(direct_dgrad_applies(g, go, x, w), "fastfuse reflect_conv2d: the direct grad_input takes fp32 "
+  TORCH_CHECK(direct_grads_apply(g, go, x, w), "fastfuse reflect_conv2d: the direct grad_input takes fp32 "
               "channels_last tensors with one group on an AVX-512 CPU");
   at::Tensor gi = empty_cached_4d({g.N, g.C, g.H, g.W}, at::kFloat, at::MemoryFormat::ChannelsLast);
   if (gi.numel() == 0) return gi;

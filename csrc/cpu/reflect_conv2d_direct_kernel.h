@@ -21,6 +21,9 @@ namespace rconv_direct {
 constexpr int kMaxM = 14;  // output pixels per kernel call: 2 x kMaxM accumulators of the 32 zmm registers
 constexpr int64_t kTile = 32;
 
+// The lanes that exist of the last 16-lane vector of a tile of `lanes` (1 to kTile) channels
+inline __mmask16 last_vector_mask(int64_t lanes) { return __mmask16((1u << (lanes > 16 ? lanes - 16 : lanes)) - 1); }
+
 // A tap's weight: the sum of n packed [K, 32] matrices (a folded class: the taps that read one pixel), summed in
 // the kernel as it streams them (2 adds per 2 x kMaxM FMAs on the frame) rather than packed per call: at 7x7 with
 // 512 channels the folded sums were 19 MB of pack against 9 for the taps.

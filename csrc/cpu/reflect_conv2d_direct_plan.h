@@ -84,6 +84,7 @@ inline std::vector<std::pair<int64_t, int64_t>> axis_runs(const AxisPlan& ax) {
 struct LineTap {
   uint64_t mh, mw;
   int64_t r, c, sr, sc;
+  bool single() const { return __builtin_popcountll(mh) == 1 && __builtin_popcountll(mw) == 1; }  // not folded
 };
 struct DRegion {
   int64_t r0, r1, c0, c1;
@@ -100,11 +101,12 @@ inline std::vector<DRegion> direct_plan(const AxisPlan& rows, const AxisPlan& co
   for (const auto& [r0, r1] : axis_runs(rows))
     for (const auto& [c0, c1] : axis_runs(cols)) {
       DRegion reg{r0, r1, c0, c1, 2, {}};
-      for (int folded = 0; folded < 2; ++folded)
+      for (bool single : {true, false})
         for (const AxisClass& h : rows[r0])
-          for (const AxisClass& w : cols[c0])
-            if ((__builtin_popcountll(h.mask) * __builtin_popcountll(w.mask) > 1) == bool(folded))
-              reg.taps.push_back({h.mask, w.mask, h.src, w.src, h.slope, w.slope});
+          for (const AxisClass& w : cols[c0]) {
+            const LineTap t{h.mask, w.mask, h.src, w.src, h.slope, w.slope};
+            if (t.single() == single) reg.taps.push_back(t);
+          }
       bool row_step = true, col_step = true;
       for (const LineTap& t : reg.taps) {
         row_step &= t.sr == reg.taps[0].sr;

@@ -117,9 +117,6 @@ const std::array<std::array<std::array<WRow, 2>, 2>, kMaxRun> kWgrad{{
 // A region's taps as calls (indices into reg.taps): runs of up to max_run single taps one step apart along the
 // columns, else one class
 std::vector<std::vector<int>> tap_runs(const DRegion& reg, int max_run) {
-  const auto single = [](const LineTap& t) {
-    return __builtin_popcountll(t.mh) == 1 && __builtin_popcountll(t.mw) == 1;
-  };
   std::vector<bool> used(reg.taps.size());
   std::vector<std::vector<int>> runs;
   for (size_t a = 0; a < reg.taps.size(); ++a) {
@@ -127,12 +124,12 @@ std::vector<std::vector<int>> tap_runs(const DRegion& reg, int max_run) {
     std::vector<int> run{int(a)};
     used[a] = true;
     const LineTap& A = reg.taps[a];
-    if (single(A) && A.sc != 0 && reg.cols() > 1)
+    if (A.single() && A.sc != 0 && reg.cols() > 1)
       for (bool grew = true; grew && (int)run.size() < max_run;) {
         grew = false;
         for (size_t b = 0; b < reg.taps.size() && !grew; ++b) {
           const LineTap& B = reg.taps[b];
-          if (!used[b] && single(B) && B.r == A.r && B.sr == A.sr && B.sc == A.sc &&
+          if (!used[b] && B.single() && B.r == A.r && B.sr == A.sr && B.sc == A.sc &&
               B.c == A.c + A.sc * (int64_t)run.size()) {
             run.push_back(int(b));
             used[b] = grew = true;
@@ -152,7 +149,7 @@ constexpr int64_t kChunkRegionPixels = 64;
 }  // namespace
 
 at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
-  TORCH_CHECK(direct_wgrad_applies(g, go, x, w),
+  TORCH_CHECK(direct_grads_apply(g, go, x, w),
               "fastfuse reflect_conv2d: the direct grad_weight takes fp32 channels_last tensors with one group on an "
               "AVX-512 CPU");
   // [OC, KH, KW, C]: each block's rows are 32 contiguous input channels
@@ -201,7 +198,7 @@ at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
           for (int64_t b = b0; b < b1; ++b)
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t lanes = std::min(kTile, g.C - t * kTile);
-              const __mmask16 mask = __mmask16((1u << (lanes > 16 ? lanes - 16 : lanes)) - 1);
+              const __mmask16 mask = last_vector_mask(lanes);
               for (const std::vector<int>& tr : runs[ri]) {
                 const int T = (int)tr.size();
                 const LineTap& lt = reg.taps[tr[0]];

@@ -57,8 +57,8 @@ using rconv_cpu::kSplit;
 // per task of images; see the weight-bound rule below.)
 // Session 25: with its pixels read through base + scaled-index addresses (reflect_conv2d_direct_kernel.h) it won
 // 28x28 too, 1.03x against (b)'s 1.06-1.08x, and stride-2 28x28, 1.05x against (b)'s 1.09-1.10x (forward under
-// no_grad, two in-process runs of ResNet-34's shapes); at 56x56 (2.4% frame) (b) still edged it out at either stride
-// (1.03-1.04x against 1.05-1.08x).
+// no_grad, two in-process runs of ResNet-34's shapes); at 56x56 (2.4% frame) it tied (b) until it ran two weight
+// tiles per line (below).
 int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_ok) {
   if (algo == kGemm || algo == kSplit || algo == kFold || algo == kDirect) return int(algo);
   if (algo != 0) return kFrame;
@@ -78,12 +78,9 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_o
   // zero-padded conv against 1.00-1.01x with (b)'s forward, 1.03-1.04x against 1.03-1.05x at stride 2 (two runs
   // each, batch 16); forward alone a tie at batch 16, 1.05x against 1.10-1.20x at batch 4 (32 and 64 channels). At
   // 112x112 (64 channels, 3.2 MB images, batch 4) the forward lost, 1.10x against 1.04x.
-  const bool s12 = (g.sh == 1 && g.sw == 1) || (g.sh == 2 && g.sw == 2);
-  if (direct_ok && s12 && g.dh == 1 && g.dw == 1 && g.OH * g.OW > 64) {
-    const double share = rconv::correction_share(g);
-    const bool thin = share > 0 && g.Cg >= 32 && g.OC >= 32 && g.H * g.W * g.C * 4 <= (int64_t(1) << 20);
-    if (share <= 0.12 && (share > 0.03 || thin)) return kDirect;
-  }
+  if (direct_ok && rconv_cpu::direct_share_band(
+                       g, g.Cg >= 32 && g.OC >= 32 && g.H * g.W * g.C * 4 <= (int64_t(1) << 20)))
+    return kDirect;
   // Outputs of up to 8x8 (7x7 stride 1, stride-2 14x14 inputs), where the weight outweighs the activations and the
   // direct design runs a tile per task over the batch: 0.95-0.98x the zero-padded conv against "fold"'s and (a)'s
   // 1.07-1.13x from 392 output pixels (batch 8 at 7x7) up; at batch 4 they tied, at batch 1 (a) won (0.95x against
