@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cpu/alloc.h"
+#include "cpu/relayout.h"
 #include "reflect_conv2d.h"
 
 TORCH_LIBRARY(fastfuse_C, m) {
@@ -53,4 +54,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return fastfuse::reflect_conv2d_cpu_design(x, w, stride, padding, dilation, groups, algo);
         },
         "The design reflect_conv2d's CPU forward runs for these arguments (algo 0: the automatic pick)");
+  m.def("relayout",
+        [](const at::Tensor& t, bool channels_last) {
+          return fastfuse::relayout(t, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+        },
+        "An fp32 4-d tensor in NCHW or channels_last (the AVX-512 transpose the direct conv design uses; for tests)");
+  m.def("relayout_applies", &fastfuse::relayout_applies, "Whether relayout takes this tensor on this CPU");
 }

@@ -265,22 +265,23 @@ DIRECT = [
 
 
 @pytest.mark.skipif(not AVX512, reason="the direct design runs on AVX-512 CPUs only")
-@pytest.mark.parametrize("weight_cl", [False, True], ids=["oihw", "ohwi"])
+@pytest.mark.parametrize("layout", ["cl", "cl-ohwi", "nchw"])
 @pytest.mark.parametrize("cfg", DIRECT, ids=[str(i) for i in range(len(DIRECT))])
-def test_direct_design_against_float64(cfg, weight_cl):
-    """The direct design, forced: it must be the design that runs (fp32 channels_last), match the float64 reference
-    to fp32 accuracy with channels_last output, and give the same bits run to run and on 1, 2 or 3 threads; its
-    grad_input and grad_weight likewise."""
+def test_direct_design_against_float64(cfg, layout):
+    """The direct design, forced: it must be the design that runs (fp32, channels_last input or NCHW through the
+    relayout), match the float64 reference to fp32 accuracy with torch's output and grad_input layout, and give the
+    same bits run to run and on 1, 2 or 3 threads; its grad_input and grad_weight likewise."""
     N, C, H, W, OC, k, s, p, d, has_bias = cfg
-    x = torch.randn(N, C, H, W).to(memory_format=torch.channels_last)
+    fmt = torch.contiguous_format if layout == "nchw" else torch.channels_last
+    x = torch.randn(N, C, H, W).to(memory_format=fmt)
     w = torch.randn(OC, C, k, k)
-    w = w.to(memory_format=torch.channels_last) if weight_cl else w
+    w = w.to(memory_format=torch.channels_last) if layout == "cl-ohwi" else w
     b = torch.randn(OC) if has_bias else None
     conv = (x, w, b, [s, s], [p, p], [d, d], 1, rc_ops._ALGOS["direct"])
     assert fastfuse._C.reflect_conv2d_cpu_design(*conv[:2], *conv[3:]) == "direct"
     xr = x.double().requires_grad_()
     go = torch.randn(N, OC, (H + 2 * p - d * (k - 1) - 1) // s + 1,
-                     (W + 2 * p - d * (k - 1) - 1) // s + 1).to(memory_format=torch.channels_last)
+                     (W + 2 * p - d * (k - 1) - 1) // s + 1).to(memory_format=fmt)
     wr = w.double().requires_grad_()
     ref = F.conv2d(F.pad(xr, (p, p, p, p), mode="reflect"), wr, None if b is None else b.double(), s, 0, d)
     gi_ref, gw_ref = torch.autograd.grad(ref, (xr, wr), go.double())
@@ -293,10 +294,10 @@ def test_direct_design_against_float64(cfg, weight_cl):
                              *torch.ops.fastfuse_C.reflect_conv2d_backward(*grad)[:2]))
     y, gi, gw = runs[0]
     torch.testing.assert_close(y, ref.detach().float(), **TOL[torch.float32])
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=fmt) and y.stride() == torch.empty_like(y, memory_format=fmt).stride()
     torch.testing.assert_close(gw, gw_ref.float(), **TOL[torch.float32])
     torch.testing.assert_close(gi, gi_ref.float(), **TOL[torch.float32])
-    assert gi.is_contiguous(memory_format=torch.channels_last)
+    assert gi.is_contiguous(memory_format=fmt)
     for again in runs[1:]:
         assert torch.equal(bits(y), bits(again[0])) and torch.equal(bits(gi), bits(again[1]))
         assert torch.equal(bits(gw), bits(again[2]))
@@ -304,13 +305,13 @@ def test_direct_design_against_float64(cfg, weight_cl):
 
 @pytest.mark.skipif(not AVX512, reason="the direct design runs on AVX-512 CPUs only")
 def test_direct_design_only_where_it_applies():
-    """Forced, it runs on fp32 channels_last input with one group; elsewhere the automatic pick runs."""
+    """Forced, it runs on fp32 channels_last or NCHW input with one group; elsewhere the automatic pick runs."""
     x = torch.randn(2, 4, 8, 8)
     w = torch.randn(8, 4, 3, 3)
     design = lambda x, w, g=1: fastfuse._C.reflect_conv2d_cpu_design(x, w, [1, 1], [1, 1], [1, 1], g, 5)  # noqa: E731
     cl = x.to(memory_format=torch.channels_last)
-    assert design(cl, w) == "direct"
-    assert design(x, w) != "direct" and design(cl.double(), w.double()) != "direct"
+    assert design(cl, w) == "direct" and design(x, w) == "direct"
+    assert design(x.transpose(2, 3), w) != "direct" and design(cl.double(), w.double()) != "direct"
     assert design(cl, w[:, :2], 2) != "direct" and design(cl.bfloat16(), w.bfloat16()) != "direct"
     # auto: ResNet-34's 14x14, 28x28 and 56x56 stages (stride 1 and 2) from 32 channels, not with 16 channels at
     # 56x56 nor for images over 1 MB there; and the stem
@@ -324,15 +325,22 @@ def test_direct_design_only_where_it_applies():
         assert (picked == "direct") == want, (size, c, s, picked)
     assert fastfuse._C.reflect_conv2d_cpu_design(stem, torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1, 0) == \
         ("direct" if torch.get_num_threads() <= 2 else "frame")
+    # NCHW (through the relayout): also with 16 channels, images over 1 MB and the stem at batch 4
+    for shape, s, k in (((16, 16, 56, 56), 1, 3), ((2, 32, 96, 96), 1, 3), ((4, 3, 64, 64), 2, 7)):
+        assert fastfuse._C.reflect_conv2d_cpu_design(torch.randn(shape), torch.randn(16, shape[1], k, k), [s, s],
+                                                     [k // 2] * 2, [1, 1], 1, 0) == "direct", shape
     # the backward takes both gradients from the direct design at 14x14, at 56x56 (below 3% of frame share) from 32
     # channels at either stride, not with 16 channels there, nor for a 7x7 output, nor with input channels that
     # leave a partial 16-lane vector (40)
     cases = (((16, 32, 14, 14), 32, 1, True), ((2, 32, 56, 56), 32, 1, True), ((2, 32, 56, 56), 32, 2, True),
              ((2, 16, 56, 56), 16, 1, False), ((16, 32, 14, 14), 32, 2, False), ((4, 40, 28, 28), 64, 1, False))
-    for shape, oc, s, want in cases:
-        x = torch.randn(shape).to(memory_format=torch.channels_last)
+    # NCHW: 16 channels at 56x56 too
+    cases += tuple((shape, oc, s, True, torch.contiguous_format) for shape, oc, s, _ in cases[3:4])
+    for shape, oc, s, want, *fmt in cases:
+        fmt = fmt[0] if fmt else torch.channels_last
+        x = torch.randn(shape).to(memory_format=fmt)
         go = torch.randn(shape[0], oc, (shape[2] - 1) // s + 1, (shape[3] - 1) // s + 1)
-        grad = (go.to(memory_format=torch.channels_last), x, torch.randn(oc, shape[1], 3, 3), [s, s], [1, 1], [1, 1],
+        grad = (go.to(memory_format=fmt), x, torch.randn(oc, shape[1], 3, 3), [s, s], [1, 1], [1, 1],
                 1, [True, True, False])
         assert _auto_matches(torch.ops.fastfuse_C.reflect_conv2d_backward, grad, ["direct"]) == \
             (["direct"] if want else []), (shape, oc, s)
@@ -493,10 +501,10 @@ def test_triton_matches_reference_op():
 
 def test_auto_leaves_batched_designs_with_more_threads_than_tasks():
     """(c) runs in tasks of 8 images: at batch 16 it is picked on up to 2 threads, and with more threads auto takes a
-    design that every thread works on ((b) here), rather than leave threads idle. (NCHW: in channels_last an AVX-512
-    CPU runs this shape on the direct design.)"""
-    x = torch.randn(16, 32, 14, 14)
-    w = torch.randn(32, 32, 3, 3)
+    design that every thread works on ((b) here), rather than leave threads idle. (NCHW float64: an AVX-512 CPU runs
+    this shape in float32 on the direct design.)"""
+    x = torch.randn(16, 32, 14, 14, dtype=torch.float64)
+    w = torch.randn(32, 32, 3, 3, dtype=torch.float64)
     args = (x, w, None, [1, 1], [1, 1], [1, 1], 1)
     picked = {}
     for n in (2, 3):

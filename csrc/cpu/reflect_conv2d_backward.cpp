@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 
 #include "cpu/reflect_conv2d_cpu.h"
+#include "cpu/relayout.h"
 
 namespace fastfuse {
 namespace rconv_cpu {
@@ -87,10 +88,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
   // vectors: direct grad_weight reads a partial tile with a masked load, on which GCC spills its accumulators (3 and
   // 40 channels at 28x28: the backward took 2.97x and 1.35x the zero-padded one against (b)'s 1.44x and 1.14x; 16
   // channels 1.05x against 1.51x).
-  const bool pick = algo == 0 && g.Cg % 16 == 0 && direct_share_band(g, g.Cg >= 32 && g.OCg >= 32);
+  const bool cl = rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast;
+  const bool pick = algo == 0 && g.Cg % 16 == 0 && direct_share_band(g, !cl || (g.Cg >= 32 && g.OCg >= 32));
   if ((mask[0] || mask[1]) && (algo == kDirect || pick) && direct_grads_apply(g, go, x, w)) {
-    const at::Tensor gi = mask[0] ? dgrad_direct(go, x, w, g) : at::Tensor();
-    const at::Tensor gw = mask[1] ? wgrad_direct(go, x, w, g) : at::Tensor();
+    // NCHW tensors relayout to channels_last (and grad_input back), each once
+    const at::Tensor go_cl = channels_last_fp32(go) ? go : relayout(go, at::MemoryFormat::ChannelsLast);
+    const at::Tensor x_cl = channels_last_fp32(x) ? x : relayout(x, at::MemoryFormat::ChannelsLast);
+    at::Tensor gi = mask[0] ? dgrad_direct(go_cl, x_cl, w, g) : at::Tensor();
+    if (gi.defined() && !cl) gi = relayout(gi, at::MemoryFormat::Contiguous);
+    const at::Tensor gw = mask[1] ? wgrad_direct(go_cl, x_cl, w, g) : at::Tensor();
     at::Tensor gb;  // the bias's gradient from the automatic pick
     if (mask[2]) std::tie(std::ignore, std::ignore, gb) =
         backward_cpu(go, x, w, stride, padding, dilation, groups, {false, false, true}, 0);

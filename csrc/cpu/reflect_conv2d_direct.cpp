@@ -11,6 +11,7 @@
 #include "cpu/reflect_conv2d_direct_kernel.h"
 #include "cpu/reflect_conv2d_direct_plan.h"
 #include "cpu/reflect_conv2d_cpu.h"
+#include "cpu/relayout.h"
 
 namespace fastfuse {
 namespace rconv_cpu {
@@ -169,24 +170,24 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
       });
 }
 
-bool cl_fp32(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous(at::MemoryFormat::ChannelsLast) && t.stride(1) == 1;
-}
+// channels_last, or NCHW through a relayout
+bool direct_layout(const at::Tensor& t) { return channels_last_fp32(t) || relayout_applies(t); }
 
 }  // namespace
 
 bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w) {
-  return rconv::cpu_avx512() && g.G == 1 && w.scalar_type() == at::kFloat && cl_fp32(x);
+  return rconv::cpu_avx512() && g.G == 1 && w.scalar_type() == at::kFloat && direct_layout(x);
 }
 
 bool direct_grads_apply(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w) {
-  return direct_applies(g, x, w) && cl_fp32(go);
+  return direct_applies(g, x, w) && direct_layout(go);
 }
 
-at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+at::Tensor forward_direct(const at::Tensor& x_any, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                           const Geom& g) {
-  TORCH_CHECK(direct_applies(g, x, w), "fastfuse reflect_conv2d: the direct design takes fp32 channels_last input "
-              "with one group on an AVX-512 CPU");
+  TORCH_CHECK(direct_applies(g, x_any, w), "fastfuse reflect_conv2d: the direct design takes fp32 input, "
+              "channels_last or NCHW, with one group on an AVX-512 CPU");
+  const at::Tensor x = channels_last_fp32(x_any) ? x_any : relayout(x_any, at::MemoryFormat::ChannelsLast);
   at::Tensor out = empty_cached_4d({g.N, g.OC, g.OH, g.OW}, at::kFloat, at::MemoryFormat::ChannelsLast);
   if (out.numel() == 0) return out;
   const auto regions = direct_plan(forward_axis(g.OH, g.H, g.KH, g.sh, g.ph, g.dh),
@@ -198,12 +199,14 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::o
                    out.mutable_data_ptr<float>(), out.stride(0), out.stride(2), out.stride(3),
                    g.N, g.C, g.OC, has_bias ? bias_f.const_data_ptr<float>() : nullptr};
   run_direct(pr, regions, pk);
-  return out;
+  return rconv::conv_format(x_any, w) == at::MemoryFormat::ChannelsLast ? out
+                                                                         : relayout(out, at::MemoryFormat::Contiguous);
 }
 
 at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
-  TORCH_CHECK(direct_grads_apply(g, go, x, w), "fastfuse reflect_conv2d: the direct grad_input takes fp32 "
-              "channels_last tensors with one group on an AVX-512 CPU");
+  TORCH_CHECK(direct_grads_apply(g, go, x, w) && channels_last_fp32(go) && channels_last_fp32(x),
+              "fastfuse reflect_conv2d: the direct grad_input takes fp32 channels_last tensors with one group on an "
+              "AVX-512 CPU");
   at::Tensor gi = empty_cached_4d({g.N, g.C, g.H, g.W}, at::kFloat, at::MemoryFormat::ChannelsLast);
   if (gi.numel() == 0) return gi;
   if (go.numel() == 0) return gi.zero_();

@@ -149,7 +149,7 @@ constexpr int64_t kChunkRegionPixels = 64;
 }  // namespace
 
 at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
-  TORCH_CHECK(direct_grads_apply(g, go, x, w),
+  TORCH_CHECK(direct_grads_apply(g, go, x, w) && channels_last_fp32(go) && channels_last_fp32(x),
               "fastfuse reflect_conv2d: the direct grad_weight takes fp32 channels_last tensors with one group on an "
               "AVX-512 CPU");
   // [OC, KH, KW, C]: each block's rows are 32 contiguous input channels

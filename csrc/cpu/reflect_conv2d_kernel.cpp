@@ -59,6 +59,15 @@ using rconv_cpu::kSplit;
 // 28x28 too, 1.03x against (b)'s 1.06-1.08x, and stride-2 28x28, 1.05x against (b)'s 1.09-1.10x (forward under
 // no_grad, two in-process runs of ResNet-34's shapes); at 56x56 (2.4% frame) it tied (b) until it ran two weight
 // tiles per line (below).
+// NCHW (session 26): the direct design takes NCHW tensors through an AVX-512 relayout to channels_last and back
+// (cpu/relayout.h, at a plain copy's speed), and there it wins wider than in channels_last, as oneDNN's own NCHW
+// convolution is slower (and swings up to 2x between processes: a zero-padded 16 -> 16 channel 56x56 batch 16 took
+// 1.06 ms in one and 3.44 in another, while the direct design took 1.2-1.3 ms in both). Against torch's
+// zero-padded NCHW conv, forward under no_grad at batch 16: ResNet-34's shapes 0.64-1.19x where the old picks took
+// 0.74-1.38x (28x28 1.19x to 0.99x, 7x7 1.38x to 1.05x, the stem 1.00x to 0.45x); 16 channels at 56x56 0.36-0.42x
+// against (c)'s 0.54-0.61x; 64 channels at 112x112 (batch 4) 13.1-13.7 ms against (b)'s 12.8-22.1. So NCHW takes
+// it below 3% of frame share with any channels and image size, and the stem at any batch (batch 1-8: 0.38-0.52x
+// against (b)'s 1.11-1.18x; at batch 1 in a process where oneDNN ran its fast NCHW stem, 1.31 ms against 1.25).
 int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_ok) {
   if (algo == kGemm || algo == kSplit || algo == kFold || algo == kDirect) return int(algo);
   if (algo != 0) return kFrame;
@@ -67,7 +76,10 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_o
   const int64_t K = g.Cg * g.KH * g.KW;
   const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
   if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
-    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return chunks ? (direct_ok ? kDirect : kSplit) : kFrame;
+    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) {
+      if (direct_ok && (chunks || !channels_last)) return kDirect;  // NCHW: see the NCHW note above
+      return chunks ? kSplit : kFrame;
+    }
     if (g.KH == 3 && g.KW == 3 && unit) return direct_ok ? kDirect : kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
@@ -78,9 +90,8 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_o
   // zero-padded conv against 1.00-1.01x with (b)'s forward, 1.03-1.04x against 1.03-1.05x at stride 2 (two runs
   // each, batch 16); forward alone a tie at batch 16, 1.05x against 1.10-1.20x at batch 4 (32 and 64 channels). At
   // 112x112 (64 channels, 3.2 MB images, batch 4) the forward lost, 1.10x against 1.04x.
-  if (direct_ok && rconv_cpu::direct_share_band(
-                       g, g.Cg >= 32 && g.OC >= 32 && g.H * g.W * g.C * 4 <= (int64_t(1) << 20)))
-    return kDirect;
+  const bool thin_ok = !channels_last || (g.Cg >= 32 && g.OC >= 32 && g.H * g.W * g.C * 4 <= (int64_t(1) << 20));
+  if (direct_ok && rconv_cpu::direct_share_band(g, thin_ok)) return kDirect;
   // Outputs of up to 8x8 (7x7 stride 1, stride-2 14x14 inputs), where the weight outweighs the activations and the
   // direct design runs a tile per task over the batch: 0.95-0.98x the zero-padded conv against "fold"'s and (a)'s
   // 1.07-1.13x from 392 output pixels (batch 8 at 7x7) up; at batch 4 they tied, at batch 1 (a) won (0.95x against

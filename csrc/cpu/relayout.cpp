@@ -1,0 +1,95 @@
+// NCHW <-> channels_last for fp32 (relayout.h): per image, a [rows, cols] matrix transposed in 16x16 tiles held in
+// registers; each tile loads 16 source lines and stores 16 full destination lines.
+#include "cpu/relayout.h"
+
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "cpu/alloc.h"
+
+// GCC 12's unpack and shuffle intrinsics start from _mm512_undefined_ps(), which it reports as used uninitialized
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace fastfuse {
+namespace {
+
+// dst[j * ldd + i] = src[i * lds + j] for i < ni, j < nj (both at most 16)
+__attribute__((target("avx512f"))) void tile16(const float* src, int64_t lds, float* dst, int64_t ldd, int ni,
+                                               int nj) {
+  const __mmask16 cols = __mmask16((1u << nj) - 1), rows = __mmask16((1u << ni) - 1);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < ni ? _mm512_maskz_loadu_ps(cols, src + i * lds) : _mm512_setzero_ps();
+  // pairs of rows interleaved, then pairs of pairs: r[4k + m]'s 128-bit lane L holds column 4L + m of rows 4k..4k+3
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 2]), d = _mm512_castps_pd(t[4 * k + 3]);
+    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // then the 128-bit lanes: column 4L + m is lane L of r[m], r[4 + m], r[8 + m], r[12 + m]
+  for (int m = 0; m < 4; ++m) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), hi01 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE);
+    const __m512 lo23 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512 hi23 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+    t[8 + m] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+  }
+  for (int j = 0; j < nj; ++j) _mm512_mask_storeu_ps(dst + j * ldd, rows, t[j]);
+}
+
+// Each image's [rows, cols] source becomes [cols, rows]. Tasks: one image's band of 64 source columns (all rows),
+// so a task reads 16 lines of one cache line each per tile and writes whole destination lines.
+void transpose_images(const float* src, float* dst, int64_t N, int64_t rows, int64_t cols) {
+  constexpr int64_t kBand = 64;
+  const int64_t bands = (cols + kBand - 1) / kBand;
+  at::parallel_for(0, N * bands, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / bands, j0 = b % bands * kBand, j1 = std::min(cols, j0 + kBand);
+      const float* s = src + n * rows * cols;
+      float* d = dst + n * rows * cols;
+      for (int64_t i = 0; i < rows; i += 16)
+        for (int64_t j = j0; j < j1; j += 16)
+          tile16(s + i * cols + j, cols, d + j * rows + i, rows, (int)std::min<int64_t>(16, rows - i),
+                 (int)std::min<int64_t>(16, j1 - j));
+    }
+  });
+}
+
+}  // namespace
+
+bool relayout_applies(const at::Tensor& t) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 && t.is_cpu() && t.dim() == 4 && t.scalar_type() == at::kFloat &&
+         (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor relayout(const at::Tensor& t, at::MemoryFormat fmt) {
+  TORCH_CHECK(relayout_applies(t), "fastfuse relayout: expected a contiguous or channels_last 4-d fp32 CPU tensor");
+  const int64_t N = t.size(0), C = t.size(1), P = t.size(2) * t.size(3);
+  // already laid out: t with the layout's own strides (a size-1 dimension's stride can be anything)
+  if (t.is_contiguous(fmt))
+    return fmt == at::MemoryFormat::ChannelsLast ? t.as_strided(t.sizes(), {P * C, 1, t.size(3) * C, C})
+                                                 : t.as_strided(t.sizes(), {C * P, P, t.size(3), 1});
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    at::Tensor out = empty_cached({N, t.size(2), t.size(3), C}, at::kFloat);
+    transpose_images(t.const_data_ptr<float>(), out.mutable_data_ptr<float>(), N, C, P);
+    return out.permute({0, 3, 1, 2});
+  }
+  at::Tensor out = empty_cached(t.sizes(), at::kFloat);
+  transpose_images(t.const_data_ptr<float>(), out.mutable_data_ptr<float>(), N, P, C);
+  return out;
+}
+
+}  // namespace fastfuse
