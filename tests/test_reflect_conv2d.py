@@ -261,6 +261,8 @@ DIRECT = [
     (2, 40, 12, 10, 30, 3, 2, 1, 1, False),   # grad_weight: input channels in a tile of 32 and a masked one of 8
     (2, 70, 16, 16, 29, 3, 1, 1, 1, False),   # grad_weight: three tiles (the last of 6 lanes), blocks of 9-10
     (2, 96, 40, 40, 96, 3, 1, 1, 1, False),   # grad_weight: an image over 1 MB, summed in bands of rows
+    (1, 4, 40, 36, 16, 3, 1, 1, 1, True),     # one image, one tile: bands of rows, as many as the threads want
+    (1, 3, 30, 28, 16, 7, 2, 3, 1, False),    # the stem at batch 1: bands, and runs of taps 7 x 3 channels long
 ]
 
 

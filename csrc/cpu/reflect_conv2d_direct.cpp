@@ -35,6 +35,7 @@ struct Task {
                    // across images
   int64_t n0, n1, tile0, tile1;  // images [n0, n1), tiles [tile0, tile1)
   int64_t cost;
+  int64_t h0 = 0, h1 = INT64_MAX;  // the rows it computes (a band of a whole-image task's images)
 };
 
 // Tiles per line: each line's calls run for kGroup tiles in turn, the line's input still in L1 for the second.
@@ -46,7 +47,9 @@ constexpr int kGroup = 2;
 
 void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& pk) {
   int64_t image_cost = 0, all_cost = 0, image_px = 0;  // per tile and image: of its regions that run inside an
-  for (const DRegion& reg : regions) {                 // image, of all
+  int64_t out_rows = 0;                                 // image, of all
+  for (const DRegion& reg : regions) {
+    out_rows = std::max(out_rows, reg.r1);
     image_px += reg.rows() * reg.cols();
     all_cost += reg.rows() * reg.cols() * (int64_t)reg.taps.size();
     if (reg.axis != 2) image_cost += reg.rows() * reg.cols() * (int64_t)reg.taps.size();
@@ -85,31 +88,66 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
           more.push_back({t.region, t.n0, t.n1, k * tiles / split, (k + 1) * tiles / split, 0});
       tasks.swap(more);
     }
+    // and still too few (a large image, one tile: batch-1 inference), whole-image tasks by bands of rows. Every
+    // pixel is one kernel call's whatever the split, so no result depends on it. (One task ran a 112x112 image of
+    // 32 channels on one thread: 1.95x the zero-padded conv.)
+    const int64_t bands = std::min(out_rows, (want + (int64_t)tasks.size() - 1) / std::max<int64_t>(1, tasks.size()));
+    if (!tasks.empty() && bands > 1) {
+      std::vector<Task> more;
+      for (const Task& t : tasks)
+        for (int64_t k = 0; k < (t.region == -1 ? bands : 1); ++k) {
+          more.push_back(t);
+          if (t.region == -1) more.back().h0 = k * out_rows / bands, more.back().h1 = (k + 1) * out_rows / bands;
+        }
+      tasks.swap(more);
+    }
   }
   for (Task& t : tasks) {
     const DRegion* reg = t.region < 0 ? nullptr : &regions[t.region];
     t.cost = (t.n1 - t.n0) * (t.tile1 - t.tile0) *
              (reg ? reg->rows() * reg->cols() * (int64_t)reg->taps.size() : t.region == -1 ? image_cost : all_cost);
+    if (t.h1 != INT64_MAX) t.cost = t.cost * (t.h1 - t.h0) / out_rows;
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
 
-  // region i of images [n0, n1) for tiles tl[0..ng): each line's calls for every tile in turn, its input still in L1
-  const auto run_region = [&](int64_t i, const int64_t* tl, int ng, int64_t n0, int64_t n1) {
+  // region i of images [n0, n1), its rows in [h0, h1), for tiles tl[0..ng): each line's calls for every tile in
+  // turn, its input still in L1
+  const auto run_region = [&](int64_t i, const int64_t* tl, int ng, int64_t n0, int64_t n1, int64_t h0 = 0,
+                              int64_t h1 = INT64_MAX) {
     const DRegion& reg = regions[i];
-    const int nt = (int)reg.taps.size();
+    const int64_t r0 = std::max(reg.r0, h0), r1 = std::min(reg.r1, h1);
+    if (r0 >= r1) return;
+    // Single taps (kh, kw), (kh, kw + 1), ... whose inputs lie one pixel apart, channels contiguous (channels_last,
+    // dilation 1, unreflected), run as one tap over their channels in turn, as their packed weights follow on too:
+    // the stem's 49 taps of 3 channels become 7 of 21. tap[m]: the first of run m, of run[m] taps.
+    int tap[rconv::kMaxTaps], run[rconv::kMaxTaps], nt = 0;
+    for (int t = 0; t < (int)reg.taps.size(); ++t) {
+      const LineTap& u = reg.taps[t];
+      if (nt > 0) {
+        const LineTap& v = reg.taps[tap[nt - 1] + run[nt - 1] - 1];
+        if (pr.sW == pr.K && u.single() && v.single() && u.mh == v.mh && u.mw == v.mw << 1 && u.r == v.r &&
+            u.sr == v.sr && u.sc == v.sc && u.c == v.c + 1) {
+          ++run[nt - 1];
+          continue;
+        }
+      }
+      tap[nt] = t, run[nt] = 1, ++nt;
+    }
     TapWeight b[kGroup][rconv::kMaxTaps];
     for (int q = 0; q < ng; ++q)
-      for (int t = 0; t < nt; ++t) {  // the taps of each folded class, in tap order
-        b[q][t].n = 0;
-        for (uint64_t mh = reg.taps[t].mh; mh; mh &= mh - 1)
-          for (uint64_t mw = reg.taps[t].mw; mw; mw &= mw - 1)
-            b[q][t].p[b[q][t].n++] = pk.tap(tl[q], __builtin_ctzll(mh), __builtin_ctzll(mw));
+      for (int m = 0; m < nt; ++m) {  // the taps of each folded class, in tap order
+        const LineTap& lt = reg.taps[tap[m]];
+        b[q][m].n = 0;
+        b[q][m].k = run[m] * pr.K;
+        for (uint64_t mh = lt.mh; mh; mh &= mh - 1)
+          for (uint64_t mw = lt.mw; mw; mw &= mw - 1)
+            b[q][m].p[b[q][m].n++] = pk.tap(tl[q], __builtin_ctzll(mh), __builtin_ctzll(mw));
       }
     // one line of M pixels from (n, r, c), pixel steps xs in src and os in dst, in even pieces of at most kMaxM
     const auto line = [&](int64_t n, int64_t r, int64_t c, int64_t M, int64_t xs, int64_t os) {
       const float* a[rconv::kMaxTaps];
       for (int t = 0; t < nt; ++t) {
-        const LineTap& lt = reg.taps[t];
+        const LineTap& lt = reg.taps[tap[t]];
         a[t] = pr.src + n * pr.sN + (lt.r + lt.sr * (r - reg.r0)) * pr.sH + (lt.c + lt.sc * (c - reg.c0)) * pr.sW;
       }
       const int64_t chunks = (M + kMaxM - 1) / kMaxM;
@@ -120,13 +158,13 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
         for (int q = 0; q < ng; ++q) {
           const int64_t tile = tl[q], n_oc = std::min(kTile, pr.lanes - tile * kTile);
           (n_oc > 16 ? kMicro2 : kMicro1)[j1 - j0](
-              ak, b[q], nt, xs, pr.K, pr.dst + n * pr.dN + r * pr.dH + c * pr.dW + j0 * os + tile * kTile, os,
+              ak, b[q], nt, xs, pr.dst + n * pr.dN + r * pr.dH + c * pr.dW + j0 * os + tile * kTile, os,
               pr.bias ? pr.bias + tile * kTile : nullptr, last_vector_mask(n_oc));
         }
       }
     };
     if (reg.axis == 2) {
-      for (int64_t r = reg.r0; r < reg.r1; ++r)
+      for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = reg.c0; c < reg.c1; ++c) line(n0, r, c, n1 - n0, pr.sN, pr.dN);
       return;
     }
@@ -134,9 +172,9 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
     const int64_t sr = nt ? reg.taps[0].sr : 0, sc = nt ? reg.taps[0].sc : 0;
     for (int64_t n = n0; n < n1; ++n) {
       if (reg.axis == 0)
-        for (int64_t r = reg.r0; r < reg.r1; ++r) line(n, r, reg.c0, reg.cols(), sc * pr.sW, pr.dW);
+        for (int64_t r = r0; r < r1; ++r) line(n, r, reg.c0, reg.cols(), sc * pr.sW, pr.dW);
       else
-        for (int64_t c = reg.c0; c < reg.c1; ++c) line(n, reg.r0, c, reg.rows(), sr * pr.sH, pr.dH);
+        for (int64_t c = reg.c0; c < reg.c1; ++c) line(n, r0, c, r1 - r0, sr * pr.sH, pr.dH);
     }
   };
   for_each_task(
@@ -165,7 +203,7 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
           }
           for (int64_t n = tk.n0; n < tk.n1; ++n)
             for (int64_t i = 0; i < (int64_t)regions.size(); ++i)
-              if (regions[i].axis != 2) run_region(i, tl, ng, n, n + 1);
+              if (regions[i].axis != 2) run_region(i, tl, ng, n, n + 1, tk.h0, tk.h1);
         }
       });
 }

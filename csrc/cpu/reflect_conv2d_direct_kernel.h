@@ -30,6 +30,7 @@ inline __mmask16 last_vector_mask(int64_t lanes) { return __mmask16((1u << (lane
 constexpr int kMaxFold = 9;  // a pixel is read unreflected and reflected off either edge: 3 taps per axis at most
 struct TapWeight {
   int n;
+  int64_t k;  // channels reduced over: K, or for a run of single taps whose inputs follow on in memory, K per tap
   const float* p[kMaxFold];
 };
 
@@ -64,11 +65,11 @@ __attribute__((target("avx512f"), always_inline)) inline void fma_rows(__m512 (&
   }
 }
 
-// o[j * os + lane] (+ bias) for j < M: the sum over taps t and channels k < K of a[t][j * as + k] * w_t[k][lane].
-// NV vectors of 16 output channels; mask: the lanes of the last one that exist.
+// o[j * os + lane] (+ bias) for j < M: the sum over taps t and channels k < b[t].k of a[t][j * as + k] *
+// w_t[k][lane]. NV vectors of 16 output channels; mask: the lanes of the last one that exist.
 template <int M, int NV>
 __attribute__((target("avx512f"))) void micro(const float* const* a, const TapWeight* b, int nt, int64_t as,
-                                               int64_t K, float* o, int64_t os, const float* bias, __mmask16 mask) {
+                                               float* o, int64_t os, const float* bias, __mmask16 mask) {
   __m512 acc[M][NV];
   for (int j = 0; j < M; ++j)
     for (int v = 0; v < NV; ++v) acc[j][v] = _mm512_setzero_ps();
@@ -76,7 +77,7 @@ __attribute__((target("avx512f"))) void micro(const float* const* a, const TapWe
   int t = 0;
   for (; t < nt && b[t].n == 1; ++t) {  // the plan puts single taps first: their loop has no per-channel branch
     PixelRows<M> px(a[t], as);
-    for (const float *bt = b[t].p[0], *be = bt + K * kTile; bt != be; bt += kTile) {
+    for (const float *bt = b[t].p[0], *be = bt + b[t].k * kTile; bt != be; bt += kTile) {
       for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bt + 16 * v);
       fma_rows<M, NV>(acc, bv, px);
       px.next();
@@ -85,7 +86,7 @@ __attribute__((target("avx512f"))) void micro(const float* const* a, const TapWe
   for (; t < nt; ++t) {
     PixelRows<M> px(a[t], as);
     const TapWeight& tw = b[t];
-    for (int64_t c = 0; c < K; ++c) {
+    for (int64_t c = 0; c < tw.k; ++c) {
       for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(tw.p[0] + c * kTile + 16 * v);
       for (int k = 1; k < tw.n; ++k)
         for (int v = 0; v < NV; ++v) bv[v] = _mm512_add_ps(bv[v], _mm512_loadu_ps(tw.p[k] + c * kTile + 16 * v));
@@ -101,8 +102,7 @@ __attribute__((target("avx512f"))) void micro(const float* const* a, const TapWe
     }
 }
 
-using Micro = void (*)(const float* const*, const TapWeight*, int, int64_t, int64_t, float*, int64_t, const float*,
-                       __mmask16);
+using Micro = void (*)(const float* const*, const TapWeight*, int, int64_t, float*, int64_t, const float*, __mmask16);
 
 template <int NV, int... Ms>
 constexpr std::array<Micro, sizeof...(Ms) + 1> micro_table(std::integer_sequence<int, Ms...>) {
