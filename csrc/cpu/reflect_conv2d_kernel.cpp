@@ -53,8 +53,8 @@ using rconv_cpu::kSplit;
 // 0.82-0.84x; 3x3 stride 1 on 3 channels 0.27-0.39x against "fold"'s 0.83-1.24x; batches of 1-4 at 14x14 and 28x28
 // 1.07-1.11x against 1.11-1.24x. It lost where the frame is small and oneDNN's whole conv is hard to beat (28x28
 // and 56x56 at batch 16: 1.06-1.10x against (b)'s 1.01-1.05x) and for the stem at batch 1-4 (1.23-1.42x against
-// 1.08-1.13x). (At 7x7 it first lost too, 1.10-1.12x against "fold"'s 1.08-1.12x, streaming its 9 MB weight once
-// per task of images; see the weight-bound rule below.)
+// 1.08-1.13x; it wins there since, below). (At 7x7 it first lost too, 1.10-1.12x against "fold"'s 1.08-1.12x,
+// streaming its 9 MB weight once per task of images; see the weight-bound rule below.)
 // Session 25: with its pixels read through base + scaled-index addresses (reflect_conv2d_direct_kernel.h) it won
 // 28x28 too, 1.03x against (b)'s 1.06-1.08x, and stride-2 28x28, 1.05x against (b)'s 1.09-1.10x (forward under
 // no_grad, two in-process runs of ResNet-34's shapes); at 56x56 (2.4% frame) it tied (b) until it ran two weight
@@ -66,8 +66,10 @@ using rconv_cpu::kSplit;
 // zero-padded NCHW conv, forward under no_grad at batch 16: ResNet-34's shapes 0.64-1.19x where the old picks took
 // 0.74-1.38x (28x28 1.19x to 0.99x, 7x7 1.38x to 1.05x, the stem 1.00x to 0.45x); 16 channels at 56x56 0.36-0.42x
 // against (c)'s 0.54-0.61x; 64 channels at 112x112 (batch 4) 13.1-13.7 ms against (b)'s 12.8-22.1. So NCHW takes
-// it below 3% of frame share with any channels and image size, and the stem at any batch (batch 1-8: 0.38-0.52x
-// against (b)'s 1.11-1.18x; at batch 1 in a process where oneDNN ran its fast NCHW stem, 1.31 ms against 1.25).
+// it below 3% of frame share with any channels and image size. The stem takes it at any batch in both layouts:
+// NCHW batch 1-8 0.38-0.52x against (b)'s 1.11-1.18x (at batch 1 in a process where oneDNN ran its fast NCHW stem,
+// 1.31 ms against 1.25); channels_last batch 1, 2 and 4 1.20x, 1.06x and 1.06x against (b)'s 1.22x, 1.13x and 1.11x,
+// once a task too few for the threads splits into bands of rows (reflect_conv2d_direct.cpp).
 int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_ok) {
   if (algo == kGemm || algo == kSplit || algo == kFold || algo == kDirect) return int(algo);
   if (algo != 0) return kFrame;
@@ -76,10 +78,7 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_o
   const int64_t K = g.Cg * g.KH * g.KW;
   const bool unit = g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
   if (g.G == 1 && g.Cg == 3 && g.dh == 1 && g.dw == 1) {
-    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) {
-      if (direct_ok && (chunks || !channels_last)) return kDirect;  // NCHW: see the NCHW note above
-      return chunks ? kSplit : kFrame;
-    }
+    if (g.KH == 7 && g.KW == 7 && g.sh == 2 && g.sw == 2) return direct_ok ? kDirect : chunks ? kSplit : kFrame;
     if (g.KH == 3 && g.KW == 3 && unit) return direct_ok ? kDirect : kFold;
   }
   if (rconv::small_conv(g, channels_last, false)) return kGemm;
