@@ -1,6 +1,7 @@
 """Reflection-padded conv2d on ResNet-34's 3x3 shapes at batch 16 (stride 1 and the stride-2 entries) and the
 7x7 stride-2 stem: fastfuse backends vs eager nn.Conv2d(padding_mode='reflect') ("eager"), the same conv with
-zero padding ("zeros", the speed target) and torch.compile of eager ("compile"); fwd and fwd+bwd.
+zero padding ("zeros", the speed target) and torch.compile of eager ("compile"); fwd and fwd+bwd. Channels_last
+(the faster layout on CPU, where the targets are), and the same in NCHW ("reflect_conv2d_nchw", torch's default).
 Also ConvLayer (reflect conv -> BN -> ReLU) fwd+bwd against its eager and compiled nn.Sequential twin, and batch-1
 inference ("reflect_conv2d_b1": the stride-1 shapes' forward under no_grad, NCHW and channels_last)."""
 import torch
@@ -49,25 +50,27 @@ def _ours(backend, weight, stride, padding):
     return fn
 
 
-def _conv_case(shape, oc, k, stride, device, dtype, backends):
-    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+def _conv_case(shape, oc, k, stride, device, dtype, backends, fmt=torch.channels_last):
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=fmt)
     p = (k - 1) // 2
-    # the module in channels_last too, weight included, as model.to(memory_format=torch.channels_last) leaves it (and
-    # as the ConvLayer case below): every provider gets this one weight. From an OIHW weight fastfuse's designs
+    # the module in the input's layout, weight included, as model.to(memory_format=torch.channels_last) leaves it
+    # (and as the ConvLayer case below): every provider gets this one weight. From an OIHW weight fastfuse's designs
     # re-lay it out per call (~0.6 ms at 512x512x3x3, up to ~10% of a 7x7 forward here; benchmarks/NOTES.md)
     eager = nn.Conv2d(shape[1], oc, k, stride, p, bias=False, padding_mode="reflect").to(
-        device, dtype, memory_format=torch.channels_last)
+        device, dtype, memory_format=fmt)
     zeros = nn.Conv2d(shape[1], oc, k, stride, p, bias=False).to(device, dtype)
     zeros.weight = eager.weight
     params = [eager.weight]
     provs = {b: _modes(_ours(b, eager.weight, stride, p), x, params) for b in backends}
     provs["eager"] = _modes(eager, x, params)
     provs["zeros"] = _modes(zeros, x, params)
-    provs["compile"] = _modes(torch.compile(eager), x, params)
+    if fmt == torch.channels_last:  # NCHW: no compile rows (compile converts convolutions to channels_last itself)
+        provs["compile"] = _modes(torch.compile(eager), x, params)
     out_numel = shape[0] * oc * (shape[2] // stride) * (shape[3] // stride)
     nbytes = (x.numel() + eager.weight.numel() + out_numel) * x.element_size()
     y = torch.empty_like(x)
-    return Case("reflect_conv2d", shape + (oc, k, stride), dtype, nbytes, 2 * nbytes, provs,
+    op = "reflect_conv2d" if fmt == torch.channels_last else "reflect_conv2d_nchw"
+    return Case(op, shape + (oc, k, stride), dtype, nbytes, 2 * nbytes, provs,
                 copy=lambda: y.copy_(x), clone=lambda: x.clone())
 
 
@@ -117,6 +120,8 @@ def cases(device, quick):
         backends = [b for b in ("cpp",) if fastfuse.backends()[b]["available"]]
     shapes = QUICK if quick else RESNET34
     out = [_conv_case(s, oc, k, st, device, dtype, backends) for s, oc, k, st in shapes]
+    # the same in NCHW, torch's default layout (no targets there)
+    out += [_conv_case(s, oc, k, st, device, dtype, backends, torch.contiguous_format) for s, oc, k, st in shapes]
     # ConvLayer (the issue's GPU target; on CPU too, as what a fastai model's conv blocks get)
     out += [_conv_layer_case(s, device, dtype) for s, _, k, st in shapes if k == 3 and st == 1]
     out += [_infer_case(s, oc, cl, device, dtype, backends) for s, oc in (QUICK_INFER if quick else INFER)
