@@ -27,6 +27,13 @@ def test_relayout_both_ways_is_an_exact_copy(shape):
     assert same.data_ptr() == x.data_ptr() and same.stride() == x.stride()
 
 
+def test_relayout_of_a_slice_reads_from_its_offset():
+    x = torch.randn(4, 5, 6, 7)[1:3]
+    assert torch.equal(fastfuse._C.relayout(x, True), x)
+    y = torch.randn(4, 5, 6, 7).to(memory_format=torch.channels_last)[2:]
+    assert torch.equal(fastfuse._C.relayout(y, False), y)
+
+
 def test_relayout_takes_only_dense_fp32():
     assert fastfuse._C.relayout_applies(torch.randn(2, 3, 4, 5))
     assert not fastfuse._C.relayout_applies(torch.randn(2, 3, 4, 5).double())
