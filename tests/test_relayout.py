@@ -1,5 +1,5 @@
 """The AVX-512 relayout (csrc/cpu/relayout.cpp) the direct reflect_conv2d design takes NCHW tensors through: exact
-copies between NCHW and channels_last, over shapes that cut its 16x16 tiles and 64-column bands anywhere."""
+copies between NCHW and channels_last, over shapes that cut its 16x16 tiles and 256 x 64 blocks anywhere."""
 import pytest
 import torch
 
@@ -10,7 +10,7 @@ AVX512 = CPP and torch.backends.cpu.get_cpu_capability() == "AVX512"
 pytestmark = pytest.mark.skipif(not AVX512, reason="the relayout runs on AVX-512 CPUs only")
 
 SHAPES = [(2, 3, 5, 7), (1, 17, 4, 9), (3, 33, 6, 6), (2, 64, 1, 1), (1, 1, 5, 5), (2, 16, 16, 1), (0, 4, 3, 3),
-          (2, 130, 7, 9), (1, 20, 9, 10)]
+          (2, 130, 7, 9), (1, 20, 9, 10), (2, 20, 17, 19), (1, 300, 3, 5)]  # the last two: blocks of 256 rows
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -49,19 +49,21 @@ __attribute__((target("avx512f"))) void tile16(const float* src, int64_t lds, fl
   for (int j = 0; j < nj; ++j) _mm512_mask_storeu_ps(dst + j * ldd, rows, t[j]);
 }
 
-// Each image's [rows, cols] source becomes [cols, rows]. Tasks: one image's band of 64 source columns (all rows),
-// so a task reads 16 lines of one cache line each per tile and writes whole destination lines.
+// Each image's [rows, cols] source becomes [cols, rows]. Tasks: blocks of 256 rows x 64 columns of one image (64 KB),
+// so that a batch of one image still spreads over the threads; a tile reads 16 lines of one cache line each and
+// writes 16 whole destination lines.
 void transpose_images(const float* src, float* dst, int64_t N, int64_t rows, int64_t cols) {
-  constexpr int64_t kBand = 64;
-  const int64_t bands = (cols + kBand - 1) / kBand;
-  at::parallel_for(0, N * bands, 1, [&](int64_t b0, int64_t b1) {
+  constexpr int64_t kRows = 256, kCols = 64;
+  const int64_t rb = (rows + kRows - 1) / kRows, cb = (cols + kCols - 1) / kCols;
+  at::parallel_for(0, N * rb * cb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / bands, j0 = b % bands * kBand, j1 = std::min(cols, j0 + kBand);
+      const int64_t n = b / (rb * cb), i0 = b / cb % rb * kRows, j0 = b % cb * kCols;
+      const int64_t i1 = std::min(rows, i0 + kRows), j1 = std::min(cols, j0 + kCols);
       const float* s = src + n * rows * cols;
       float* d = dst + n * rows * cols;
-      for (int64_t i = 0; i < rows; i += 16)
+      for (int64_t i = i0; i < i1; i += 16)
         for (int64_t j = j0; j < j1; j += 16)
-          tile16(s + i * cols + j, cols, d + j * rows + i, rows, (int)std::min<int64_t>(16, rows - i),
+          tile16(s + i * cols + j, cols, d + j * rows + i, rows, (int)std::min<int64_t>(16, i1 - i),
                  (int)std::min<int64_t>(16, j1 - j));
     }
   });
