@@ -328,6 +328,13 @@ def test_direct_design_only_where_it_applies():
     for n in (16, 1):  # the stem at any batch
         assert fastfuse._C.reflect_conv2d_cpu_design(stem[:n], torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1,
                                                      0) == "direct"
+    # outputs of up to 8x8: at any batch in channels_last, from two images in NCHW
+    w7 = torch.randn(512, 512, 3, 3)
+    for n, fmt, want in ((1, torch.channels_last, True), (1, torch.contiguous_format, False),
+                         (2, torch.contiguous_format, True)):
+        picked = fastfuse._C.reflect_conv2d_cpu_design(torch.randn(n, 512, 7, 7).to(memory_format=fmt), w7, [1, 1],
+                                                       [1, 1], [1, 1], 1, 0)
+        assert (picked == "direct") == want, (n, fmt, picked)
     # NCHW (through the relayout): also with 16 channels, images over 1 MB and the stem at batch 4
     for shape, s, k in (((16, 16, 56, 56), 1, 3), ((2, 32, 96, 96), 1, 3), ((4, 3, 64, 64), 2, 7)):
         assert fastfuse._C.reflect_conv2d_cpu_design(torch.randn(shape), torch.randn(16, shape[1], k, k), [s, s],

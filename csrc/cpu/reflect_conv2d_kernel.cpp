@@ -94,8 +94,12 @@ int pick_by_shape(const Geom& g, int64_t algo, bool channels_last, bool direct_o
   // Outputs of up to 8x8 (7x7 stride 1, stride-2 14x14 inputs), where the weight outweighs the activations and the
   // direct design runs a tile per task over the batch: 0.95-0.98x the zero-padded conv against "fold"'s and (a)'s
   // 1.07-1.13x from 392 output pixels (batch 8 at 7x7) up; at batch 4 they tied, at batch 1 (a) won (0.95x against
-  // 1.13x at stride 2, 1.25x against 1.30x at 7x7).
-  if (direct_ok && g.dh == 1 && g.dw == 1 && g.OH * g.OW <= 64 && g.N * g.OH * g.OW >= 256) return kDirect;
+  // 1.13x at stride 2, 1.25x against 1.30x at 7x7). Session 26, with the weight packed by a transpose (its pack had
+  // been a large part of a small batch's time): channels_last batch 1 1.15x against (a)'s 1.23x at 7x7, a tie at
+  // stride 2 (0.94x, 0.92x), batch 4 0.93x and 0.85x against 1.02x and 0.94x; NCHW batch 2-4 1.05-1.15x against
+  // 1.17-1.70x, but batch 1 1.08x and 0.97x against (a)'s 0.89x and 0.81x. So: any batch in channels_last, from
+  // two images in NCHW.
+  if (direct_ok && g.dh == 1 && g.dw == 1 && g.OH * g.OW <= 64 && (channels_last || g.N >= 2)) return kDirect;
   // Small batches (one chunk: (c) and "fold" run on one thread) of long GEMM rows (K = Cg*KH*KW >= 2048, ResNet's
   // 14x14 and 7x7 stages), up to 1024 output pixels: (a)'s one GEMM per task beats (b), whose weight copies cost
   // as much as its small correction, and "fold". Measured on AVX-512, batch 1, 2, 4 (and 8 at 7x7): 256 channels at

@@ -49,6 +49,17 @@ __attribute__((target("avx512f"))) void tile16(const float* src, int64_t lds, fl
   for (int j = 0; j < nj; ++j) _mm512_mask_storeu_ps(dst + j * ldd, rows, t[j]);
 }
 
+}  // namespace
+
+void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; i += 16)
+    for (int64_t j = 0; j < cols; j += 16)
+      tile16(src + i * lds + j, lds, dst + j * ldd + i, ldd, (int)std::min<int64_t>(16, rows - i),
+             (int)std::min<int64_t>(16, cols - j));
+}
+
+namespace {
+
 // Each image's [rows, cols] source becomes [cols, rows]. Tasks: blocks of 256 rows x 64 columns of one image (64 KB),
 // so that a batch of one image still spreads over the threads; a tile reads 16 lines of one cache line each and
 // writes 16 whole destination lines.
@@ -59,12 +70,8 @@ void transpose_images(const float* src, float* dst, int64_t N, int64_t rows, int
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / (rb * cb), i0 = b / cb % rb * kRows, j0 = b % cb * kCols;
       const int64_t i1 = std::min(rows, i0 + kRows), j1 = std::min(cols, j0 + kCols);
-      const float* s = src + n * rows * cols;
-      float* d = dst + n * rows * cols;
-      for (int64_t i = i0; i < i1; i += 16)
-        for (int64_t j = j0; j < j1; j += 16)
-          tile16(s + i * cols + j, cols, d + j * rows + i, rows, (int)std::min<int64_t>(16, i1 - i),
-                 (int)std::min<int64_t>(16, j1 - j));
+      const int64_t img = n * rows * cols;
+      transpose_block(src + img + i0 * cols + j0, cols, dst + img + j0 * rows + i0, rows, i1 - i0, j1 - j0);
     }
   });
 }

@@ -14,4 +14,8 @@ bool relayout_applies(const at::Tensor& t);
 // Takes what relayout_applies takes.
 at::Tensor relayout(const at::Tensor& t, at::MemoryFormat fmt);
 
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols, on the calling thread (AVX-512 only: where
+// relayout_applies holds for some tensor)
+void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
+
 }  // namespace fastfuse
