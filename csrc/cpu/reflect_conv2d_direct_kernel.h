@@ -115,9 +115,9 @@ const auto kMicro2 = micro_table<2>(std::make_integer_sequence<int, kMaxM>());
 
 // The weight packed per 32-lane tile, [tiles, KH, KW, K, 32] (lanes past `lanes` zero), from a [KH, KW, K, lanes]
 // view of it: one tile is one sequential stream for the kernel, cache-sized at ResNet's widths (9 x 256 x 32
-// floats: 288 KB). Packing is memory-bound (2.4 MB for 256 channels: ATen's permuted copy took 0.18 ms on the
-// 2-core Xeon VM, the transpose that channels_last weights take 0.07; a plain copy 0.06), so each tile is packed by the first task that needs it while the others run their FMAs;
-// a task that finds its tile being packed waits for it (never for a tile nobody has claimed: nothing deadlocks).
+// floats: 288 KB). Packing is memory-bound (see pack()), so each tile is packed by the first task that needs it
+// while the others run their FMAs; a task that finds its tile being packed waits for it (never for a tile nobody has
+// claimed: nothing deadlocks).
 class Packed {
  public:
   explicit Packed(at::Tensor view)  // [KH, KW, K, lanes]
@@ -147,38 +147,34 @@ class Packed {
 
  private:
   float* base(int64_t tile) { return buf_.mutable_data_ptr<float>() + tile * tile_elems_; }
-  // A channels_last weight's forward view ([KH, KW, K] contiguous, lanes R = KH*KW*K apart) as one transpose
-  // (cpu/relayout.h: batch-1 forwards of 256 and 512 channels took 6-10% less time, batch 16 at 7x7 3%); other
-  // views by ATen's copy of the permuted slice (AVX-512 gathers were ~4x slower here)
+  // By the view's strides ([KH, KW, K, lanes]; the packed rows are (kh, kw, k), 32 lanes each):
+  // - lanes contiguous (a channels_last weight's grad_input view): a 32-lane run per row;
+  // - (kh, kw, k) contiguous (its forward view): one transpose of [lanes, KH*KW*K] (cpu/relayout.h);
+  // - (kh, kw) contiguous (torch's OIHW weight, either view): per k a transpose of [lanes, KH*KW] onto its rows;
+  // else ATen's copy of the permuted slice. That copy had taken 1.9-3.8x a plain copy's time (2.4 MB: 0.10-0.20 ms
+  // against 0.05), AVX-512 gathers ~4x more still; with the transposes, batch-1 forwards of 256 and 512 channels took
+  // 6-15% less time, batch 16 at 7x7 3%.
   void pack(int64_t tile) {
     const int64_t l0 = tile * kTile, n = std::min(kTile, v_.size(3) - l0);
-    const int64_t R = v_.size(0) * v_.size(1) * v_.size(2);
-    if (v_.stride(2) == 1 && v_.stride(1) == v_.size(2) && v_.stride(0) == v_.size(1) * v_.size(2) && v_.stride(3) == R) {
-      float* dst = base(tile);
-      transpose_block(v_.const_data_ptr<float>() + l0 * R, R, dst, kTile, n, R);
-      if (n < kTile)
-        for (int64_t r = 0; r < R; ++r) std::fill(dst + r * kTile + n, dst + (r + 1) * kTile, 0.f);
-      return;
-    }
-    // torch's default (OIHW) weight's: each lane's [K, KH*KW] contiguous; transposed into [K, KH*KW, 32], then its
-    // 32-lane rows reordered to [KH*KW, K, 32] (batch-1 forwards of 256 and 512 channels 8-15% faster, batch 16 even)
-    const int64_t T = v_.size(0) * v_.size(1), K = v_.size(2);
-    if (v_.stride(1) == 1 && v_.stride(0) == v_.size(1) && v_.stride(2) == T && v_.stride(3) == R) {
-      thread_local std::vector<float> scratch;
-      scratch.resize(R * kTile);
-      transpose_block(v_.const_data_ptr<float>() + l0 * R, R, scratch.data(), kTile, n, R);
-      float* dst = base(tile);
+    const int64_t B = v_.size(1), K = v_.size(2), T = v_.size(0) * B, R = T * K;
+    const auto s = v_.strides();
+    const float* src = v_.const_data_ptr<float>() + l0 * s[3];
+    float* dst = base(tile);
+    if (s[3] == 1) {
       for (int64_t t = 0; t < T; ++t)
-        for (int64_t k = 0; k < K; ++k) {
-          float* row = dst + (t * K + k) * kTile;
-          std::copy(scratch.data() + (k * T + t) * kTile, scratch.data() + (k * T + t) * kTile + n, row);
-          std::fill(row + n, row + kTile, 0.f);
-        }
-      return;
+        for (int64_t k = 0; k < K; ++k)
+          std::copy(src + t / B * s[0] + t % B * s[1] + k * s[2], src + t / B * s[0] + t % B * s[1] + k * s[2] + n,
+                    dst + (t * K + k) * kTile);
+    } else if (s[2] == 1 && s[1] == K && s[0] == B * K) {
+      transpose_block(src, s[3], dst, kTile, n, R);
+    } else if (s[1] == 1 && s[0] == B) {
+      for (int64_t k = 0; k < K; ++k) transpose_block(src + k * s[2], s[3], dst + k * kTile, K * kTile, n, T);
+    } else {
+      at::Tensor d = at::from_blob(dst, {v_.size(0), B, K, kTile}, at::kFloat);
+      d.narrow(3, 0, n).copy_(v_.narrow(3, l0, n));
     }
-    at::Tensor dst = at::from_blob(base(tile), {v_.size(0), v_.size(1), v_.size(2), kTile}, at::kFloat);
-    dst.narrow(3, 0, n).copy_(v_.narrow(3, l0, n));
-    if (n < kTile) dst.narrow(3, n, kTile - n).zero_();
+    if (n < kTile)
+      for (int64_t r = 0; r < R; ++r) std::fill(dst + r * kTile + n, dst + (r + 1) * kTile, 0.f);
   }
   at::Tensor v_;
   int64_t tiles_, tile_elems_;
