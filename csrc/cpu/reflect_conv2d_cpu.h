@@ -275,10 +275,11 @@ void add_columns(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, cons
 // out += the gathered GEMM over (a)'s whole output (gemm) or (b)'s frame regions, as tasks
 void add_gathered(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& out,
                   const Geom& g, bool gemm);
-// (d) "direct" (reflect_conv2d_direct.cpp): fp32, one group, AVX-512 only (direct_applies); it computes in
-// channels_last, and takes NCHW tensors through cpu/relayout.h. Its gradients (direct_grads_apply: grad_output fp32
-// too), grad_input there and grad_weight in reflect_conv2d_direct_wgrad.cpp ([OC, C, KH, KW] with channels_last
-// strides), any stride and dilation, take channels_last tensors (channels_last_fp32): backward_cpu relayouts.
+// (d) "direct" (reflect_conv2d_direct.cpp): fp32, one group, AVX-512 only (direct_applies); it reads channels_last,
+// taking NCHW input through cpu/relayout.h, and writes either layout. Its gradients (direct_grads_apply: grad_output
+// fp32 too), grad_input there and grad_weight in reflect_conv2d_direct_wgrad.cpp ([OC, C, KH, KW] with
+// channels_last strides), any stride and dilation, read channels_last tensors (channels_last_fp32): backward_cpu
+// relayouts.
 inline bool channels_last_fp32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.is_contiguous(at::MemoryFormat::ChannelsLast) && t.stride(1) == 1;
 }
@@ -286,7 +287,8 @@ bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w);
 bool direct_grads_apply(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w);
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                           const Geom& g);
-at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g);
+at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g,
+                        at::MemoryFormat fmt);  // grad_input's layout
 at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g);
 // Where `auto` takes the direct design by the frame's share of the work (rconv::correction_share), forward
 // (reflect_conv2d_kernel.cpp) and both gradients (reflect_conv2d_backward.cpp): stride 1 or 2, dilation 1, outputs

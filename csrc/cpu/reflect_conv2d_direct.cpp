@@ -20,12 +20,13 @@ namespace {
 using namespace rconv_direct;
 
 // One direct convolution: dst[n, r, c, :] (+ bias) = sum over a region's taps and k < K of
-// src[n, tap row, tap column, k] * weight[tap][k, :]; pixel strides in floats, channels contiguous in both.
+// src[n, tap row, tap column, k] * weight[tap][k, :]; strides in floats, src's channels contiguous, dst's channels
+// contiguous (channels_last) or planes dC apart (NCHW: the kernel transposes its sums as it stores them).
 struct Problem {
   const float* src;
   int64_t sN, sH, sW;
   float* dst;
-  int64_t dN, dH, dW;
+  int64_t dN, dH, dW, dC;
   int64_t N, K, lanes;
   const float* bias;
 };
@@ -157,9 +158,9 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
         for (int t = 0; t < nt; ++t) ak[t] = a[t] + j0 * xs;
         for (int q = 0; q < ng; ++q) {
           const int64_t tile = tl[q], n_oc = std::min(kTile, pr.lanes - tile * kTile);
-          (n_oc > 16 ? kMicro2 : kMicro1)[j1 - j0](
-              ak, b[q], nt, xs, pr.dst + n * pr.dN + r * pr.dH + c * pr.dW + j0 * os + tile * kTile, os,
-              pr.bias ? pr.bias + tile * kTile : nullptr, last_vector_mask(n_oc));
+          kMicro[pr.dC != 1][n_oc > 16][j1 - j0](
+              ak, b[q], nt, xs, pr.dst + n * pr.dN + r * pr.dH + c * pr.dW + j0 * os + tile * kTile * pr.dC, os,
+              pr.dC, pr.bias ? pr.bias + tile * kTile : nullptr, last_vector_mask(n_oc));
         }
       }
     };
@@ -226,7 +227,7 @@ at::Tensor forward_direct(const at::Tensor& x_any, const at::Tensor& w, const c1
   TORCH_CHECK(direct_applies(g, x_any, w), "fastfuse reflect_conv2d: the direct design takes fp32 input, "
               "channels_last or NCHW, with one group on an AVX-512 CPU");
   const at::Tensor x = channels_last_fp32(x_any) ? x_any : relayout(x_any, at::MemoryFormat::ChannelsLast);
-  at::Tensor out = empty_cached_4d({g.N, g.OC, g.OH, g.OW}, at::kFloat, at::MemoryFormat::ChannelsLast);
+  at::Tensor out = empty_out(g, x_any, w);  // NCHW written by the kernel's transposing store
   if (out.numel() == 0) return out;
   const auto regions = direct_plan(forward_axis(g.OH, g.H, g.KH, g.sh, g.ph, g.dh),
                                    forward_axis(g.OW, g.W, g.KW, g.sw, g.pw, g.dw), g.N);
@@ -234,18 +235,18 @@ at::Tensor forward_direct(const at::Tensor& x_any, const at::Tensor& w, const c1
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_f = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const Problem pr{x.const_data_ptr<float>(), x.stride(0), x.stride(2), x.stride(3),
-                   out.mutable_data_ptr<float>(), out.stride(0), out.stride(2), out.stride(3),
+                   out.mutable_data_ptr<float>(), out.stride(0), out.stride(2), out.stride(3), out.stride(1),
                    g.N, g.C, g.OC, has_bias ? bias_f.const_data_ptr<float>() : nullptr};
   run_direct(pr, regions, pk);
-  return rconv::conv_format(x_any, w) == at::MemoryFormat::ChannelsLast ? out
-                                                                         : relayout(out, at::MemoryFormat::Contiguous);
+  return out;
 }
 
-at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
+at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const Geom& g,
+                        at::MemoryFormat fmt) {
   TORCH_CHECK(direct_grads_apply(g, go, x, w) && channels_last_fp32(go) && channels_last_fp32(x),
               "fastfuse reflect_conv2d: the direct grad_input takes fp32 channels_last tensors with one group on an "
               "AVX-512 CPU");
-  at::Tensor gi = empty_cached_4d({g.N, g.C, g.H, g.W}, at::kFloat, at::MemoryFormat::ChannelsLast);
+  at::Tensor gi = empty_cached_4d({g.N, g.C, g.H, g.W}, at::kFloat, fmt);
   if (gi.numel() == 0) return gi;
   if (go.numel() == 0) return gi.zero_();
   Packed pk(w.permute({2, 3, 0, 1}));  // [KH, KW, OC, C]
@@ -257,7 +258,7 @@ at::Tensor dgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
                                        dgrad_axis(g.W, g.OW, g.KW, g.sw, rw, g.pw, g.dw), g.N);
       const Problem pr{go.const_data_ptr<float>(), go.stride(0), go.stride(2), go.stride(3),
                        gi.mutable_data_ptr<float>() + rh * gi.stride(2) + rw * gi.stride(3), gi.stride(0),
-                       g.sh * gi.stride(2), g.sw * gi.stride(3), g.N, g.OC, g.C, nullptr};
+                       g.sh * gi.stride(2), g.sw * gi.stride(3), gi.stride(1), g.N, g.OC, g.C, nullptr};
       run_direct(pr, regions, pk);
     }
   return gi;

@@ -16,6 +16,7 @@
 
 #include "cpu/alloc.h"
 #include "cpu/relayout.h"
+#include "cpu/transpose16.h"
 
 namespace fastfuse {
 namespace rconv_direct {
@@ -67,11 +68,13 @@ __attribute__((target("avx512f"), always_inline)) inline void fma_rows(__m512 (&
   }
 }
 
-// o[j * os + lane] (+ bias) for j < M: the sum over taps t and channels k < b[t].k of a[t][j * as + k] *
-// w_t[k][lane]. NV vectors of 16 output channels; mask: the lanes of the last one that exist.
-template <int M, int NV>
+// o[j * os + lane * cs] (+ bias) for j < M: the sum over taps t and channels k < b[t].k of a[t][j * as + k] *
+// w_t[k][lane]. NV vectors of 16 output channels; mask: the lanes of the last one that exist. Channels contiguous
+// (cs == 1, channels_last: kPlanar false), or planes of cs (NCHW): each vector of the M pixels' sums transposed in
+// registers and stored as a run of M pixels per channel (os == 1, lines along a row), else pixel by pixel.
+template <int M, int NV, bool kPlanar>
 __attribute__((target("avx512f"))) void micro(const float* const* a, const TapWeight* b, int nt, int64_t as,
-                                               float* o, int64_t os, const float* bias, __mmask16 mask) {
+                                               float* o, int64_t os, int64_t cs, const float* bias, __mmask16 mask) {
   __m512 acc[M][NV];
   for (int j = 0; j < M; ++j)
     for (int v = 0; v < NV; ++v) acc[j][v] = _mm512_setzero_ps();
@@ -96,22 +99,48 @@ __attribute__((target("avx512f"))) void micro(const float* const* a, const TapWe
       px.next();
     }
   }
-  for (int j = 0; j < M; ++j)
+  if constexpr (!kPlanar) {
+    for (int j = 0; j < M; ++j)
+      for (int v = 0; v < NV; ++v) {
+        __m512 r = acc[j][v];
+        if (bias) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(v == NV - 1 ? mask : 0xffff, bias + 16 * v));
+        _mm512_mask_storeu_ps(o + j * os + 16 * v, v == NV - 1 ? mask : 0xffff, r);
+      }
+  } else {
     for (int v = 0; v < NV; ++v) {
-      __m512 r = acc[j][v];
-      if (bias) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(v == NV - 1 ? mask : 0xffff, bias + 16 * v));
-      _mm512_mask_storeu_ps(o + j * os + 16 * v, v == NV - 1 ? mask : 0xffff, r);
+      const __mmask16 lanes = v == NV - 1 ? mask : 0xffff;
+      const __m512 bv = bias ? _mm512_maskz_loadu_ps(lanes, bias + 16 * v) : _mm512_setzero_ps();
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = j < M ? _mm512_add_ps(acc[j < M ? j : 0][v], bv) : _mm512_setzero_ps();
+      transpose16(r);  // r[c]: channel 16v + c of the M pixels
+      for (int c = 0; c < 16; ++c) {
+        if (!((lanes >> c) & 1)) break;
+        float* oc = o + (16 * v + c) * cs;
+        if (os == 1) {
+          _mm512_mask_storeu_ps(oc, __mmask16((1u << M) - 1), r[c]);
+        } else {
+          alignas(64) float px[16];
+          _mm512_store_ps(px, r[c]);
+          for (int j = 0; j < M; ++j) oc[j * os] = px[j];
+        }
+      }
     }
+  }
 }
 
-using Micro = void (*)(const float* const*, const TapWeight*, int, int64_t, float*, int64_t, const float*, __mmask16);
+using Micro = void (*)(const float* const*, const TapWeight*, int, int64_t, float*, int64_t, int64_t, const float*,
+                       __mmask16);
 
-template <int NV, int... Ms>
+template <int NV, bool kPlanar, int... Ms>
 constexpr std::array<Micro, sizeof...(Ms) + 1> micro_table(std::integer_sequence<int, Ms...>) {
-  return {nullptr, &micro<Ms + 1, NV>...};
+  return {nullptr, &micro<Ms + 1, NV, kPlanar>...};
 }
-const auto kMicro1 = micro_table<1>(std::make_integer_sequence<int, kMaxM>());
-const auto kMicro2 = micro_table<2>(std::make_integer_sequence<int, kMaxM>());
+// [planar][vectors - 1][M]
+const std::array<Micro, kMaxM + 1> kMicro[2][2] = {
+    {micro_table<1, false>(std::make_integer_sequence<int, kMaxM>()),
+     micro_table<2, false>(std::make_integer_sequence<int, kMaxM>())},
+    {micro_table<1, true>(std::make_integer_sequence<int, kMaxM>()),
+     micro_table<2, true>(std::make_integer_sequence<int, kMaxM>())}};
 
 // The weight packed per 32-lane tile, [tiles, KH, KW, K, 32] (lanes past `lanes` zero), from a [KH, KW, K, lanes]
 // view of it: one tile is one sequential stream for the kernel, cache-sized at ResNet's widths (9 x 256 x 32
