@@ -1,13 +1,12 @@
-// Design (d) on CPU, "direct": fp32 channels_last, one group, AVX-512. The vendor's convolution cannot read through
-// the reflection, so (b) repeats the reflected taps and (c) splits the output between oneDNN's unpadded convolution
-// (90% of its zero-padded efficiency at 14x14) and MKL GEMMs on a gathered frame (half of it): both stay 1.1x over
-// the zero-padded conv at ResNet's 14x14. Here our own micro-kernel (reflect_conv2d_direct_kernel.h) computes
-// every pixel once, reading its input in place, with the taps that read one pixel folded (as in (c)); it runs the
-// interior at oneDNN's own rate on 2 Xeon cores.
+// Design (d) on CPU, "direct": fp32, one group, AVX-512; reads channels_last (NCHW input through cpu/relayout.h),
+// writes either layout. The vendor's convolution cannot read through the reflection, so (b) repeats the reflected taps
+// and (c) splits the output between oneDNN's unpadded convolution (90% of its zero-padded efficiency at 14x14) and MKL
+// GEMMs on a gathered frame (half of it): both stay 1.1x over the zero-padded conv at ResNet's 14x14. Here our own
+// micro-kernel (reflect_conv2d_direct_kernel.h) computes every pixel once, reading its input in place, with the taps
+// that read one pixel folded (as in (c)); it runs the interior at oneDNN's own rate on 2 Xeon cores.
 //
-// The same machinery gives grad_input: each input pixel gathers grad_output through the reflection
-// (the pairs (output pixel, tap) that read it, those of one output pixel folded), so no pixel is written twice and
-// nothing is atomic.
+// The same machinery gives grad_input: each input pixel gathers grad_output through the reflection (the pairs (output
+// pixel, tap) that read it, those of one output pixel folded), so no pixel is written twice and nothing is atomic.
 #include "cpu/reflect_conv2d_direct_kernel.h"
 #include "cpu/reflect_conv2d_direct_plan.h"
 #include "cpu/reflect_conv2d_cpu.h"

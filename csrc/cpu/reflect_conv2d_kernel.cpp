@@ -46,7 +46,7 @@ using rconv_cpu::kSplit;
 // ms and (b) 26.0-26.7, while the zero-padded conv took 24.9-25.9 ms, or 41.9 in one process from an OIHW weight;
 // (c) 0.48-0.81x of it, (b) 0.62-1.05x). An earlier session had read the swing as (c)'s (0.92x to 1.39x).
 //
-// Design (d) "direct" (our own AVX-512 kernel for the whole output; fp32 channels_last, one group: direct_ok)
+// Design (d) "direct" (our own AVX-512 kernel for the whole output; fp32, one group: direct_ok; NCHW since session 26)
 // computes each pixel once with the frame's taps folded, at about oneDNN's own rate on the interior. Measured
 // against the zero-padded conv on the Xeon (session 24, forward under no_grad, two runs of ResNet-34's shapes and
 // one of small batches): 14x14 stride 1 1.04x against (c)'s 1.10-1.11x; the stem 0.60-0.63x against (c)'s
