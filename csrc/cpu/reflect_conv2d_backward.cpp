@@ -91,9 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& go
   const bool cl = rconv::conv_format(x, w) == at::MemoryFormat::ChannelsLast;
   const bool pick = algo == 0 && g.Cg % 16 == 0 && direct_share_band(g, !cl || (g.Cg >= 32 && g.OCg >= 32));
   if ((mask[0] || mask[1]) && (algo == kDirect || pick) && direct_grads_apply(g, go, x, w)) {
-    // NCHW tensors relayout to channels_last, each once (grad_input is written in its layout)
-    const at::Tensor go_cl = channels_last_fp32(go) ? go : relayout(go, at::MemoryFormat::ChannelsLast);
-    const at::Tensor x_cl = channels_last_fp32(x) ? x : relayout(x, at::MemoryFormat::ChannelsLast);
+    // NCHW tensors relayout to channels_last, each once (views where they are; grad_input is written in its layout)
+    const at::Tensor go_cl = relayout(go, at::MemoryFormat::ChannelsLast);
+    const at::Tensor x_cl = relayout(x, at::MemoryFormat::ChannelsLast);
     const at::Tensor gi = mask[0] ? dgrad_direct(go_cl, x_cl, w, g, cl ? at::MemoryFormat::ChannelsLast
                                                                        : at::MemoryFormat::Contiguous)
                                   : at::Tensor();

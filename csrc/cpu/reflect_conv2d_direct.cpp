@@ -208,24 +208,21 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
       });
 }
 
-// channels_last, or NCHW through a relayout
-bool direct_layout(const at::Tensor& t) { return channels_last_fp32(t) || relayout_applies(t); }
-
 }  // namespace
 
 bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w) {
-  return rconv::cpu_avx512() && g.G == 1 && w.scalar_type() == at::kFloat && direct_layout(x);
+  return rconv::cpu_avx512() && g.G == 1 && w.scalar_type() == at::kFloat && relayout_applies(x);
 }
 
 bool direct_grads_apply(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w) {
-  return direct_applies(g, x, w) && direct_layout(go);
+  return direct_applies(g, x, w) && relayout_applies(go);
 }
 
 at::Tensor forward_direct(const at::Tensor& x_any, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                           const Geom& g) {
   TORCH_CHECK(direct_applies(g, x_any, w), "fastfuse reflect_conv2d: the direct design takes fp32 input, "
               "channels_last or NCHW, with one group on an AVX-512 CPU");
-  const at::Tensor x = channels_last_fp32(x_any) ? x_any : relayout(x_any, at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = relayout(x_any, at::MemoryFormat::ChannelsLast);  // a view where x_any is channels_last
   at::Tensor out = empty_out(g, x_any, w);  // NCHW written by the kernel's transposing store
   if (out.numel() == 0) return out;
   const auto regions = direct_plan(forward_axis(g.OH, g.H, g.KH, g.sh, g.ph, g.dh),

@@ -191,9 +191,10 @@ class Packed {
     float* dst = base(tile);
     if (s[3] == 1) {
       for (int64_t t = 0; t < T; ++t)
-        for (int64_t k = 0; k < K; ++k)
-          std::copy(src + t / B * s[0] + t % B * s[1] + k * s[2], src + t / B * s[0] + t % B * s[1] + k * s[2] + n,
-                    dst + (t * K + k) * kTile);
+        for (int64_t k = 0; k < K; ++k) {
+          const float* run = src + t / B * s[0] + t % B * s[1] + k * s[2];
+          std::copy(run, run + n, dst + (t * K + k) * kTile);
+        }
     } else if (s[2] == 1 && s[1] == K && s[0] == B * K) {
       transpose_block(src, s[3], dst, kTile, n, R);
     } else if (s[1] == 1 && s[0] == B) {

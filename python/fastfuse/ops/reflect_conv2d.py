@@ -86,8 +86,8 @@ def _format(x, w):
 # C++ designs: "auto" picks per shape; "frame" = vendor convolution with zero padding + frame correction;
 # "gemm" = reflected im2col + GEMM; "split" (CPU) = vendor convolution without padding on the block it gets
 # right + folded-tap GEMM on the rest, forward and backward; "fold" (CPU) = the folded-tap GEMM everywhere;
-# "direct" (CPU, AVX-512, fp32 channels_last, one group) = our own micro-kernel on every pixel with folded taps,
-# forward and backward; where it cannot run, "auto" runs. On CUDA the last three run "frame".
+# "direct" (CPU, AVX-512, fp32, one group; NCHW through a relayout) = our own micro-kernel on every pixel with
+# folded taps, forward and backward; where it cannot run, "auto" runs. On CUDA the last three run "frame".
 # FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
 _ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4, "direct": 5}
 
