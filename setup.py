@@ -80,7 +80,7 @@ def build_extensions():
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     debug = os.environ.get("FASTFUSE_DEBUG", "0") == "1"
 
-    sources = ["csrc/fastfuse.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math lets GCC turn `keep ? x * s : 0` into a vector select (results are unchanged)
     # -ffp-contract=off: no multiply-add fused where the source does not say so (GCC's C++ default fuses them): the

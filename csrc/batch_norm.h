@@ -119,9 +119,6 @@ FASTFUSE_BN_DECLARE(cpu)
 // CPU only: training forward / backward of a contiguous (N, C, *) tensor, one channel at a time, and the backward
 // of a rows tensor with few rows, a block of channels at a time (see cpu/batch_norm_impl.h). weight and bias are
 // given for planes (ones / zeros when the module has none); rows take an undefined weight for none.
-// bn_train_rows_forward (fastfuse_C::lin_bn_drop at small batch) runs in one parallel region of two fixed column
-// halves of a 2-D (R, C) x, calling produce(half, c0, width) to write those columns of x before it reduces them.
-using BnBlockFn = c10::function_ref<void(int64_t, int64_t, int64_t)>;
 #define FASTFUSE_BN_PLANES_DECLARE                                                                            \
   Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,          \
                               const c10::optional<at::Tensor>& residual, double eps, bool pre_relu,          \
@@ -135,10 +132,7 @@ using BnBlockFn = c10::function_ref<void(int64_t, int64_t, int64_t)>;
                                      const c10::optional<at::Tensor>& out, const at::Tensor& weight,         \
                                      const at::Tensor& mean, const at::Tensor& var, double eps, bool pre_relu, \
                                      bool post_relu, double p, int64_t seed, int64_t offset, bool need_gw,   \
-                                     bool need_gb, bool need_g);                                              \
-  Tensor3 bn_train_rows_forward_cpu(const at::Tensor& x, BnBlockFn produce, const at::Tensor& weight,         \
-                                    const at::Tensor& bias, double eps, bool pre_relu, double p, int64_t seed, \
-                                    int64_t offset);
+                                     bool need_gb, bool need_g);
 FASTFUSE_BN_PLANES_DECLARE
 // Whether a training backward on x can take bn_train_rows_backward (a rows tensor with at most a few hundred rows
 // and 256 columns or more; cpu/batch_norm_impl.h), given the bytes one element brings into cache:

@@ -1,15 +1,16 @@
-// Host-side pieces of dropout shared by the CPU and CUDA kernels.
+// fastfuse::dropout: y = keep(i) ? x * scale : 0 over the dense storage of x, keep(i) from Philox (csrc/philox.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 namespace fastfuse {
 
 // keep <=> 16-bit key >= threshold (csrc/philox.h): P(keep) = 1 - floor(p * 2^16) / 2^16.
-// p == 1 cannot be expressed this way; the Python router returns zeros for it without a kernel.
+// p == 1 cannot be expressed this way; the op returns x * 0 for it without a kernel.
 inline uint32_t dropout_threshold(double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "fastfuse dropout kernel: p must be in [0, 1), got ", p);
   return static_cast<uint32_t>(std::floor(p * 65536.0));
@@ -20,14 +21,32 @@ inline double dropout_scale(double p) { return 1.0 / (1.0 - p); }
 inline void check_dropout_input(const at::Tensor& x) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastfuse dropout: expected a floating-point tensor, got ",
               x.scalar_type());
-  TORCH_CHECK(x.is_non_overlapping_and_dense(),
-              "fastfuse dropout kernel: expected a dense tensor (the Python router makes it so)");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fastfuse dropout kernel: expected a dense tensor");
 }
 
-// Kernels: y = keep(i) ? x * scale : 0 over the dense storage of x; y has x's strides.
-at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset);
+// The op's seed argument, a CPU int64 tensor [key, offset] (drawn by fastfuse::seed), as two integers.
+inline std::pair<int64_t, int64_t> seed_words(const at::Tensor& seed) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 && seed.is_cpu(),
+              "fastfuse: seed must be a CPU int64 tensor [key, offset], got ", seed.scalar_type(), " of shape ",
+              seed.sizes(), " on ", seed.device());
+  const at::Tensor s = seed.contiguous();
+  return {s.data_ptr<int64_t>()[0], s.data_ptr<int64_t>()[1]};
+}
+
+// The masked multiply over dense x's storage; the kernels of each device.
+at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t key, int64_t offset);
 #ifdef FASTFUSE_WITH_CUDA
-at::Tensor dropout_cuda(const at::Tensor& x, double p, int64_t seed, int64_t offset);
+at::Tensor dropout_cuda(const at::Tensor& x, double p, int64_t key, int64_t offset);
 #endif
+
+// fastfuse::dropout and fastfuse::dropout_backward on one device (both multiply by the same mask): the layout and
+// p == 1 rules around the device's masked multiply.
+template <typename Kernel>
+at::Tensor dropout_op(const at::Tensor& x_in, double p, const at::Tensor& seed, Kernel kernel) {
+  const at::Tensor x = x_in.is_non_overlapping_and_dense() ? x_in : x_in.contiguous();
+  if (p >= 1) return at::mul(x, 0);  // as torch: NaN and inf stay NaN, negatives give -0
+  const auto [key, offset] = seed_words(seed);
+  return kernel(x, p, key, offset);
+}
 
 }  // namespace fastfuse

@@ -8,6 +8,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "dropout.h"
+
 #include <string>
 #include <vector>
 
@@ -31,8 +33,7 @@ inline TableLayout table_layout(const at::TensorList& weights) {
   return L;
 }
 
-// The per-table checks of the Python wrapper (ops/embedding_concat_dropout.py, _validate), with its errors (ValueError,
-// the same messages), for the eager path that skips them in Python: a loop over the tables there cost ~10 us.
+// The per-table checks, with the errors the Python wrapper raises for its own arguments (ValueError).
 inline void check_tables(const at::Tensor& x_cat, const at::TensorList& weights) {
   auto dtype = [](const at::Tensor& w) { return "torch." + std::string(c10::getDtypeNames(w.scalar_type()).first); };
   for (size_t t = 0; t < weights.size(); ++t) {
@@ -66,20 +67,6 @@ at::Tensor embedding_concat_dropout_cpu(const at::Tensor& x_cat, at::TensorList 
 std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& x_cat,
                                                               at::TensorList weights, double p, int64_t seed,
                                                               int64_t offset);
-// With the continuous columns' batch norm in the same call (the eager CPU path;
-// cpu/embedding_concat_dropout_kernel.cpp).
-// seed and offset None: drawn from torch's default CPU generator as _rng.new_seed() draws them (cpu/seed.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
-    const at::Tensor& x_cat, at::TensorList weights, double p, c10::optional<int64_t> seed,
-    c10::optional<int64_t> offset, const at::Tensor& cont,
-    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
-    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
-    const c10::optional<at::Tensor>& num_batches_tracked, bool batch_stats, bool update,
-    c10::optional<double> momentum, double eps, bool check_index);
-std::vector<at::Tensor> embedding_concat_dropout_bn_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed,
-    int64_t offset, const at::Tensor& cont, const c10::optional<at::Tensor>& bn_weight, const at::Tensor& mean,
-    const at::Tensor& var, bool batch_stats, double eps, bool need_tables, bool need_gi, bool need_gw, bool need_gb);
 #ifdef FASTFUSE_WITH_CUDA
 at::Tensor embedding_concat_dropout_cuda(const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed,
                                          int64_t offset, const c10::optional<at::Tensor>& cont, bool check_index);
@@ -87,5 +74,66 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cuda(const at::Tensor&
                                                                at::TensorList weights, double p, int64_t seed,
                                                                int64_t offset);
 #endif
+
+// Codes outside [0, n_t): IndexError naming the first bad one (the CPU kernel checks inside its gather loop; on
+// GPUs this costs a reduction and a device sync, which check_index=False skips).
+inline void check_codes(const at::Tensor& x_cat, const at::TensorList& weights) {
+  if (x_cat.numel() == 0) return;
+  std::vector<int64_t> rows;
+  for (const auto& w : weights) rows.push_back(w.size(0));
+  const at::Tensor n = at::tensor(rows, x_cat.options().device(at::kCPU)).to(x_cat.device());
+  const at::Tensor bad = (x_cat < 0).logical_or(x_cat >= n);
+  if (!bad.any().item<bool>()) return;
+  const at::Tensor where = bad.nonzero()[0].cpu();
+  const int64_t b = where[0].item<int64_t>(), t = where[1].item<int64_t>();
+  TORCH_CHECK_INDEX(false, "embedding_concat_dropout: x_cat column ", t, " has code ", x_cat[b][t].item<int64_t>(),
+                    " (row ", b, "), outside [0, ", rows[t], ") of its embedding table");
+}
+
+// The op on one device: the layouts and rules around the device's kernels. Forward kernel(x_cat, weights, p, key,
+// offset, cont, check_index); p == 1 runs it with p = 0 and zeroes the embedding block as torch's x * 0 would.
+template <typename Kernel>
+at::Tensor embedding_concat_dropout_op(const at::Tensor& x_cat_in, at::TensorList weights_in, double p,
+                                       const at::Tensor& seed, const c10::optional<at::Tensor>& cont_in,
+                                       bool check_index, Kernel kernel) {
+  TORCH_CHECK(x_cat_in.dim() == 2 && x_cat_in.size(1) == static_cast<int64_t>(weights_in.size()),
+              "embedding_concat_dropout: x_cat must be (batch, n_tables)");
+  check_tables(x_cat_in, weights_in);
+  const at::Tensor x_cat = x_cat_in.to(at::kLong).contiguous();
+  std::vector<at::Tensor> weights;
+  for (const auto& w : weights_in) weights.push_back(w.contiguous());
+  if (weights.empty()) {  // the continuous columns alone (or nothing)
+    return cont_in.has_value() ? cont_in->clone() : x_cat.new_empty({x_cat.size(0), 0}, at::kFloat);
+  }
+  c10::optional<at::Tensor> cont;
+  if (cont_in.has_value()) cont = cont_in->to(weights[0].scalar_type()).contiguous();
+  if (check_index && !x_cat.is_cpu()) check_codes(x_cat, weights);
+  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
+  if (p >= 1) {
+    at::Tensor out = kernel(x_cat, weights, 0.0, key, offset, cont, check_index);
+    int64_t width = 0;
+    for (const auto& w : weights) width += w.size(1);
+    out.narrow(1, 0, width).mul_(0);
+    return out;
+  }
+  return kernel(x_cat, weights, p, key, offset, cont, check_index);
+}
+
+// Backward kernel(grad, x_cat, weights, p, key, offset) -> every table's gradient.
+template <typename Kernel>
+std::vector<at::Tensor> embedding_concat_dropout_backward_op(const at::Tensor& grad, const at::Tensor& x_cat_in,
+                                                             at::TensorList weights_in, double p,
+                                                             const at::Tensor& seed, Kernel kernel) {
+  const at::Tensor x_cat = x_cat_in.to(at::kLong).contiguous();
+  std::vector<at::Tensor> weights;
+  for (const auto& w : weights_in) weights.push_back(w.contiguous());
+  if (p >= 1 || weights.empty()) {
+    std::vector<at::Tensor> zeros;
+    for (const auto& w : weights) zeros.push_back(at::zeros_like(w));
+    return zeros;
+  }
+  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
+  return kernel(grad.contiguous(), x_cat, weights, p, key, offset);
+}
 
 }  // namespace fastfuse

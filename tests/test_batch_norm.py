@@ -164,26 +164,34 @@ def test_gradcheck_float64(training, combo):
     seed = torch.tensor([123, 4], dtype=torch.int64)  # fixed, so every gradcheck call sees the same mask
 
     def f(x, w, b, *r):
-        return torch.ops.fastfuse.batch_norm(x, w, b, rm, rv, r[0] if r else None, training, 1e-5,
+        return torch.ops.fastfuse.batch_norm(x, w, b, rm, rv, None, r[0] if r else None, training, 0.1, 1e-5,
                                              bool(combo.get("pre_act")), bool(combo.get("post_act")),
                                              combo.get("p", 0.0), seed)[0]
     inputs = (x, w, b) + ((res,) if res is not None else ())
     assert torch.autograd.gradcheck(f, inputs)
-    assert torch.autograd.gradgradcheck(f, inputs)  # create_graph=True: through the reference (_double_backward)
+    assert torch.autograd.gradgradcheck(f, inputs)  # create_graph=True: through the reference composition
 
 
 def test_opcheck():
     x = torch.randn(4, 3, 5, 2)
     seed = torch.tensor([5, 0], dtype=torch.int64)
+    nbt = torch.tensor(0)
     samples = [
-        (x, torch.rand(3), torch.randn(3), torch.zeros(3), torch.ones(3), None, True, 1e-5, False, False, 0.0, seed),
+        (x, torch.rand(3), torch.randn(3), torch.zeros(3), torch.ones(3), nbt, None, True, 0.1, 1e-5, False, False,
+         0.0, seed),
         (x.to(memory_format=torch.channels_last).requires_grad_(), torch.rand(3, requires_grad=True), None,
-         torch.zeros(3), torch.ones(3), torch.randn(4, 3, 5, 2), True, 1e-5, True, True, 0.25, seed),
-        (torch.randn(6, 3, requires_grad=True), None, None, torch.zeros(3), torch.ones(3), None, False, 1e-3,
-         False, False, 0.5, seed),
+         torch.zeros(3), torch.ones(3), nbt, torch.randn(4, 3, 5, 2), True, None, 1e-5, True, True, 0.25, seed),
+        (torch.randn(6, 3, requires_grad=True), None, None, torch.zeros(3), torch.ones(3), None, None, False, 0.1,
+         1e-3, False, False, 0.5, seed),
+        (torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True), None, torch.randn(3, requires_grad=True),
+         None, None, None, None, True, 0.1, 1e-5, False, True, 0.0, seed),
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.fastfuse.batch_norm, args)
+    g = torch.randn(4, 3, 5, 2)
+    torch.library.opcheck(torch.ops.fastfuse.batch_norm_backward,
+                          (g, x, torch.rand(3), torch.rand(3), torch.rand(3) + 0.5, None, True, 1e-5, True, False,
+                           0.25, seed, [True, True, True, False]))
 
 
 def test_large_mean_small_variance():
@@ -361,25 +369,23 @@ def test_fused_sequential_keeps_module_modes():
                                    dict(residual=True, post_act="relu", dropout_p=0.2)], ids=str)
 def test_one_read_planes_path_matches_two_pass(monkeypatch, dtype, combo):
     """Contiguous (N, C, *) training on cpp takes bn_train_planes(_backward); they must agree with the four
-    two-pass primitives (the path channels_last takes), dropout masks included."""
+    two-pass primitives (the Python backends' composition of the C++ primitives), dropout masks included."""
     bn_ops = importlib.import_module("fastfuse.ops.batch_norm")  # the module (fastfuse.ops.batch_norm is the function)
     x = torch.randn(4, 6, 5, 7, dtype=dtype) + 3
     w, b = torch.rand(6) + 0.5, torch.randn(6)
     res = torch.randn_like(x) if combo.get("residual") else None
     kw = {k: v for k, v in combo.items() if k != "residual"}
     g = torch.randn_like(x)
-    results, taken = {}, []
-    one_read = bn_ops._one_read
+    results = {}
+    monkeypatch.setattr(bn_ops, "_kernels", lambda backend: torch.ops.fastfuse_C)
     for allowed in (True, False):
-        monkeypatch.setattr(bn_ops, "_one_read", lambda t, allowed=allowed: taken.append(one_read(t)) or
-                            (allowed and taken[-1]))
         ins = [t.detach().clone().requires_grad_() for t in (x, w, b) + ((res,) if res is not None else ())]
         rm, rv = torch.zeros(6), torch.ones(6)
         torch.manual_seed(5)
-        y = fastfuse.batch_norm(ins[0], rm, rv, ins[1], ins[2], True, residual=ins[3] if res is not None else None,
-                                **kw)
-        results[allowed] = (y, *torch.autograd.grad(y, ins, g), rm, rv)
-    assert taken == [True, True] * 2  # the forward and the backward both took (or could take) it
+        with fastfuse.use_backend("cpp" if allowed else "reference"):
+            y = fastfuse.batch_norm(ins[0], rm, rv, ins[1], ins[2], True,
+                                    residual=ins[3] if res is not None else None, **kw)
+            results[allowed] = (y, *torch.autograd.grad(y, ins, g), rm, rv)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else TOL[dtype]
     for a, e in zip(results[True], results[False]):
         torch.testing.assert_close(a, e, **tol)
@@ -403,72 +409,18 @@ def test_rows_backward_route_matches_two_pass(monkeypatch, dtype, shape, combo):
     g = torch.randn(shape).to(dtype)
     results = {}
     for route in ("cpp", "primitives"):
-        if route == "primitives":  # the Python composition of the same C++ primitives (ops/batch_norm.py)
-            monkeypatch.setattr(bn_ops._backends, "select", lambda t: "primitives")
-            monkeypatch.setattr(bn_ops, "_kernels", lambda backend: torch.ops.fastfuse_C)
+        # "primitives": the Python backends' composition (ops/batch_norm.py) of the same C++ primitives
+        monkeypatch.setattr(bn_ops, "_kernels", lambda backend: torch.ops.fastfuse_C)
         ins = [t.detach().clone().requires_grad_() for t in (x, w, b, res) if t is not None]
         rm, rv = torch.zeros(C), torch.ones(C)
         torch.manual_seed(5)
-        y = fastfuse.batch_norm(ins[0], rm, rv, *(ins[1:3] if w is not None else (None, None)), True,
-                                residual=ins[-1] if res is not None else None, **kw)
-        results[route] = (y, *torch.autograd.grad(y, ins, g), rm, rv)
+        with fastfuse.use_backend("reference" if route == "primitives" else "cpp"):
+            y = fastfuse.batch_norm(ins[0], rm, rv, *(ins[1:3] if w is not None else (None, None)), True,
+                                    residual=ins[-1] if res is not None else None, **kw)
+            results[route] = (y, *torch.autograd.grad(y, ins, g), rm, rv)
     for a, e in zip(results["cpp"], results["primitives"]):
         if dtype == torch.bfloat16:
             torch.testing.assert_close(a, e, **TOL[dtype])
         else:
             assert torch.equal(bits(a), bits(e))
     assert torch.equal(results["cpp"][0] == 0, results["primitives"][0] == 0)  # the same dropout masks
-
-
-NODE_COMBOS = [dict(), dict(pre_act="relu", dropout_p=0.3), dict(residual=True, post_act="relu", dropout_p=0.2)]
-
-
-def _module_steps(m, x, combo, module_path):
-    """Two training steps and one eval step of BatchNorm module m on x, through the module's call (module_path) or
-    through module_batch_norm (fastfuse.batch_norm, the registered op's path): outputs, every gradient, buffers."""
-    from fastfuse.ops.batch_norm import module_batch_norm
-    kw = {k: v for k, v in combo.items() if k != "residual"}
-    got = []
-    for step, training in enumerate((True, True, False)):
-        m.train(training)
-        xi = (x + step).requires_grad_()
-        ins = [xi] + ([m.weight, m.bias] if m.affine else [])
-        res = None
-        if combo.get("residual"):
-            res = (x * 0.5 - step).requires_grad_()
-            ins.append(res)
-        torch.manual_seed(11 + step)
-        y = m(xi, residual=res, **kw) if module_path else module_batch_norm(m, xi, training, residual=res, **kw)
-        if module_path and training:  # the path under test: one C++ node, not the op's autograd.Function
-            assert "BnModuleFunction" in y.grad_fn.name()
-        got += [y, *torch.autograd.grad(y, ins, torch.cos(y))]
-    return got + [t.clone() for t in m.buffers()]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("kind,shape,cl", LAYOUTS)
-@pytest.mark.parametrize("combo", NODE_COMBOS, ids=str)
-def test_module_node_gives_the_op_paths_bits(kind, shape, cl, dtype, combo):
-    """The modules' eager CPU path (fastfuse_C::bn_module: the kernels, dropout masks and running-statistics ops of
-    fastfuse.batch_norm in one C++ autograd node) gives exactly the bits of fastfuse.batch_norm, the path that
-    torch.compile traces: outputs, gradients, running statistics, on the planes, channels-inner and rows routes."""
-    pdt = torch.float64 if dtype == torch.float64 else torch.float32  # bf16 input: float32 module, as under autocast
-    m = getattr(fastfuse.nn, KINDS[kind])(shape[1]).to(pdt)
-    with torch.no_grad():
-        m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-    twin = getattr(fastfuse.nn, KINDS[kind])(shape[1]).to(pdt)
-    twin.load_state_dict(m.state_dict())
-    x = _input(shape, cl, dtype)
-    for a, e in zip(_module_steps(m, x, combo, True), _module_steps(twin, x, combo, False)):
-        assert a.stride() == e.stride() and torch.equal(bits(a), bits(e))
-
-
-@pytest.mark.parametrize("kw", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False)], ids=str)
-@pytest.mark.parametrize("cl", [False, True])
-def test_module_node_options_give_the_op_paths_bits(kw, cl):
-    m = fastfuse.nn.BatchNorm2d(5, **kw)
-    twin = fastfuse.nn.BatchNorm2d(5, **kw)
-    x = _input((3, 5, 4, 6), cl, torch.float32)
-    combo = NODE_COMBOS[2]
-    for a, e in zip(_module_steps(m, x, combo, True), _module_steps(twin, x, combo, False)):
-        assert torch.equal(bits(a), bits(e))

@@ -1,6 +1,5 @@
 """fastfuse.embedding_concat_dropout against the eager composition (lookups, cat, reference dropout mask,
 BatchNorm1d), forward and every gradient, on every backend that runs CPU tensors here."""
-import importlib
 
 import pytest
 import torch
@@ -137,7 +136,7 @@ def test_cpp_kernel_checks_codes_itself():
     x, ws, _ = _data(TABLES["odd"], 6, 0)
     x[5, 1] = 1
     with pytest.raises(IndexError, match="column 1 has code 1"):
-        torch.ops.fastfuse_C.embedding_concat_dropout(x, ws, 0.0, 0, 0, None, True)
+        ecd(x, ws, 0.0, SEED, None, True)
 
 
 def test_input_errors():
@@ -180,7 +179,7 @@ def test_gradcheck_float64():
     x, ws, xc = _data([(4, 3), (3, 2)], 6, 2, torch.float64)
     inputs = [w.requires_grad_() for w in ws] + [xc.requires_grad_()]
     assert torch.autograd.gradcheck(lambda w0, w1, c: ecd(x, [w0, w1], 0.4, SEED, c, True), inputs)
-    # create_graph=True: through the reference (_double_backward); squared, so the second derivative is not 0
+    # create_graph=True: through the reference composition; squared, so the second derivative is not 0
     assert torch.autograd.gradgradcheck(lambda w0, w1, c: ecd(x, [w0, w1], 0.4, SEED, c, True) ** 2, inputs)
 
 
@@ -197,25 +196,6 @@ def test_opcheck(B, C):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_eager_fast_path_equals_registered_op(backend, monkeypatch):
-    mod = importlib.import_module("fastfuse.ops.embedding_concat_dropout")  # the package re-exports the function
-    x, ws, xc = _data(TABLES["odd"], 21, 3)
-    results = []
-    for fast in (True, False):
-        monkeypatch.setattr(mod, "EAGER_FAST_PATH", fast)
-        wr, cr = [w.clone().requires_grad_() for w in ws], xc.clone().requires_grad_()
-        bn = torch.nn.BatchNorm1d(3)
-        torch.manual_seed(9)
-        with fastfuse.use_backend(backend):
-            y = fastfuse.embedding_concat_dropout(x, wr, 0.4, True, cr, bn)
-            grads = torch.autograd.grad(y, wr + [cr], torch.arange(y.numel(), dtype=torch.float32).view(y.shape))
-        results.append((y, grads, bn.running_mean))
-    (y1, g1, m1), (y2, g2, m2) = results
-    assert torch.equal(y1, y2) and torch.equal(m1, m2)
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_dropout_nan_and_signed_zeros_as_torch(backend):
     # as torch's dropout after the cat: a dropped NaN stays NaN, a dropped negative value gives -0
     ws = [torch.tensor([[float("nan"), -1.0, 2.0]] * 3)]
@@ -229,9 +209,8 @@ def test_dropout_nan_and_signed_zeros_as_torch(backend):
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
 @pytest.mark.parametrize("affine", [True, False])
-def test_eager_bn_path_gradcheck_float64(affine):
-    """The eager CPU path with bn_cont (fastfuse_C::embedding_concat_dropout_bn and its C++ autograd node):
-    every gradient, the batch norm's weight and bias included, by finite differences."""
+def test_bn_cont_gradcheck_float64(affine):
+    """With bn_cont: every gradient, the batch norm's weight and bias included, by finite differences."""
     x, ws, xc = _data(TABLES["odd"], 9, 3, torch.float64)
     bn = torch.nn.BatchNorm1d(3, affine=affine).double()
     params = [w.requires_grad_() for w in ws] + [xc.requires_grad_()] + list(bn.parameters())
@@ -247,30 +226,26 @@ def test_eager_bn_path_gradcheck_float64(affine):
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
 @pytest.mark.parametrize("which", ["tables", "cont", "bn"])
-def test_eager_bn_path_partial_requires_grad(which):
-    """Only some inputs need a gradient: the C++ node gives exactly those, equal to the unfused path's."""
-    mod = importlib.import_module("fastfuse.ops.embedding_concat_dropout")
+def test_bn_cont_partial_requires_grad(which):
+    """Only some inputs need a gradient: exactly those come back, equal to the ones of a call where all do."""
     x, ws, xc = _data(TABLES["odd"], 11, 3)
+    g = torch.randn(11, sum(w.shape[1] for w in ws) + 3)
     grads = []
-    for fast in (True, False):
-        mod.EAGER_FAST_PATH = fast
-        try:
-            bn = torch.nn.BatchNorm1d(3)
-            bn.weight.data = torch.linspace(0.5, 1.5, 3)  # not 1: the grads of cont depend on it
-            wr = [w.clone().requires_grad_(which == "tables") for w in ws]
-            cr = xc.clone().requires_grad_(which == "cont")
-            bn.requires_grad_(which == "bn")
-            torch.manual_seed(5)
-            y = fastfuse.embedding_concat_dropout(x, wr, 0.3, True, cr, bn)
-            inputs = {"tables": wr, "cont": [cr], "bn": list(bn.parameters())}[which]
-            grads.append(torch.autograd.grad(y, inputs, torch.randn_like(y)))
-        finally:
-            mod.EAGER_FAST_PATH = True
+    for only in (which, None):
+        bn = torch.nn.BatchNorm1d(3)
+        bn.weight.data = torch.linspace(0.5, 1.5, 3)  # not 1: the grads of cont depend on it
+        wr = [w.clone().requires_grad_(only in ("tables", None)) for w in ws]
+        cr = xc.clone().requires_grad_(only in ("cont", None))
+        bn.requires_grad_(only in ("bn", None))
+        torch.manual_seed(5)
+        y = fastfuse.embedding_concat_dropout(x, wr, 0.3, True, cr, bn)
+        inputs = {"tables": wr, "cont": [cr], "bn": list(bn.parameters())}[which]
+        grads.append(torch.autograd.grad(y, inputs, g))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_input_errors_with_bn_cont():
-    """The eager CPU bn path checks the tables in C++ (check_tables): the same errors as the Python checks."""
+    """With bn_cont, the tables and the codes are checked before the batch norm runs: nothing runs half way."""
     x, ws, xc = _data(TABLES["odd"], 8, 3)
     bn = torch.nn.BatchNorm1d(3)
     state = {k: v.clone() for k, v in bn.state_dict().items()}
@@ -289,21 +264,15 @@ def test_input_errors_with_bn_cont():
 
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
-def test_eager_bn_path_non_contiguous_tables():
-    mod = importlib.import_module("fastfuse.ops.embedding_concat_dropout")
+def test_bn_cont_non_contiguous_tables():
     x, ws, xc = _data(TABLES["odd"], 10, 3)
-    wt = [w.t().contiguous().t() if w.shape[1] > 1 else w for w in ws]  # column-major tables
-    assert not all(w.is_contiguous() for w in wt)
     outs = []
-    for fast in (True, False):
-        mod.EAGER_FAST_PATH = fast
-        try:
-            wr = [w.clone().t().contiguous().t().requires_grad_() if w.shape[1] > 1 else w.clone().requires_grad_()
-                  for w in ws]
-            torch.manual_seed(2)
-            y = fastfuse.embedding_concat_dropout(x, wr, 0.3, True, xc, torch.nn.BatchNorm1d(3))
-            outs.append((y, torch.autograd.grad(y, wr, torch.ones_like(y))))
-        finally:
-            mod.EAGER_FAST_PATH = True
+    for column_major in (True, False):
+        wr = [w.clone().t().contiguous().t() if column_major and w.shape[1] > 1 else w.clone() for w in ws]
+        assert all(w.is_contiguous() for w in wr) != column_major
+        wr = [w.requires_grad_() for w in wr]
+        torch.manual_seed(2)
+        y = fastfuse.embedding_concat_dropout(x, wr, 0.3, True, xc, torch.nn.BatchNorm1d(3))
+        outs.append((y, torch.autograd.grad(y, wr, torch.ones_like(y))))
     assert torch.equal(outs[0][0], outs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))

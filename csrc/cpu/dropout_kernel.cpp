@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "backend.h"
 #include "dropout.h"
 #include "philox.h"
 #include "cpu/alloc.h"
@@ -49,6 +50,23 @@ at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offs
   return y;
 }
 
-TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) { m.impl("dropout", &dropout_cpu); }
+namespace {
+
+at::Tensor dropout_kernel(const at::Tensor& x, double p, const at::Tensor& seed) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CPU, "dropout", dropout_kernel, x, p, seed);
+  return dropout_op(x, p, seed, dropout_cpu);
+}
+
+at::Tensor dropout_backward_kernel(const at::Tensor& g, double p, const at::Tensor& seed) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CPU, "dropout_backward", dropout_backward_kernel, g, p, seed);
+  return dropout_op(g, p, seed, dropout_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfuse, CPU, m) {
+  m.impl("dropout", &dropout_kernel);
+  m.impl("dropout_backward", &dropout_backward_kernel);
+}
 
 }  // namespace fastfuse

@@ -14,12 +14,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include "backend.h"
 #include "dropout.h"
 #include "embedding_concat_dropout.h"
 #include "cpu/alloc.h"
-#include "cpu/bn_module.h"
 #include "cpu/philox_cpu.h"
-#include "cpu/seed.h"
 
 namespace fastfuse {
 namespace {
@@ -281,71 +280,30 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cpu(const at::Tensor& 
   return accs;
 }
 
-// ---- with the continuous columns' BatchNorm1d in the same call ------------------------------------------------
-// The eager CPU path of fastfuse.embedding_concat_dropout(..., x_cont, bn_cont) (python/fastfuse/ops/
-// embedding_concat_dropout.py, _with_bn_fast): one C++ call forward and one backward instead of a batch norm op,
-// its autograd node and its Python around the embedding op (at Rossmann sizes those cost more than the kernels).
-// The batch norm and the running statistics go through cpu/bn_module.h: the same bits as the unfused path
-// (tests/test_embedding_concat_dropout.py compares them). Its autograd is C++ too:
-// cpu/embedding_concat_dropout_autograd.cpp.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_concat_dropout_bn_cpu(
-    const at::Tensor& x_cat, at::TensorList weights, double p, c10::optional<int64_t> seed,
-    c10::optional<int64_t> offset, const at::Tensor& cont,
-    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean, const OptTensor& running_var,
-    const OptTensor& num_batches_tracked, bool batch_stats, bool update, c10::optional<double> momentum, double eps,
-    bool check_index) {
-  TORCH_CHECK(cont.dim() == 2 && cont.size(0) == x_cat.size(0),
-              "embedding_concat_dropout_bn: cont must be (B, C) with x_cat's batch size");
-  check_tables(x_cat, weights);
-  auto [ybn, mean, var] =
-      call_bn_forward(cont, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, false, 0.0, 0, 0);
-  // no seed given: draw one, as _rng.new_seed() would (the C++ autograd node draws it before, to keep it)
-  const auto [key, off] = seed_or_draw(seed, offset, p);
-  at::Tensor out = embedding_concat_dropout_cpu(x_cat, weights, p, key, off, ybn.contiguous(), check_index);
-  if (update && running_mean.has_value() && running_mean->defined())  // after the codes were checked
-    update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var, cont.size(0));
-  return {out, mean, var};
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+at::Tensor embedding_concat_dropout_kernel(const at::Tensor& x_cat, at::TensorList weights, double p,
+                                           const at::Tensor& seed, const OptTensor& cont, bool check_index) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CPU, "embedding_concat_dropout", embedding_concat_dropout_kernel, x_cat,
+                          weights, p, seed, cont, check_index);
+  return embedding_concat_dropout_op(x_cat, weights, p, seed, cont, check_index, embedding_concat_dropout_cpu);
 }
 
-// [every table's gradient (only when need_tables)..., grad_cont, grad_bn_weight, grad_bn_bias] (the last three empty
-// where not asked for)
-std::vector<at::Tensor> embedding_concat_dropout_bn_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x_cat, at::TensorList weights, double p, int64_t seed,
-    int64_t offset, const at::Tensor& cont, const OptTensor& bn_weight, const at::Tensor& mean, const at::Tensor& var,
-    bool batch_stats, double eps, bool need_tables, bool need_gi, bool need_gw, bool need_gb) {
-  const at::Tensor grad = grad_in.contiguous();
-  std::vector<at::Tensor> res;
-  if (need_tables) res = embedding_concat_dropout_backward_cpu(grad, x_cat, weights, p, seed, offset);
-  const at::Tensor empty = grad.new_empty({0});
-  if (need_gi || need_gw || need_gb) {
-    const int64_t C = cont.size(1);
-    const at::Tensor gc = grad.narrow(1, grad.size(1) - C, C);
-    auto [gi, gw, gb, gr] =
-        call_bn_backward(gc, cont, bn_weight, mean, var, batch_stats, eps, false, 0.0, 0, 0, need_gi, need_gw, need_gb);
-    res.push_back(need_gi ? gi : empty);
-    res.push_back(need_gw ? gw : empty);
-    res.push_back(need_gb ? gb : empty);
-  } else {
-    res.insert(res.end(), {empty, empty, empty});
-  }
-  return res;
+std::vector<at::Tensor> embedding_concat_dropout_backward_kernel(const at::Tensor& grad, const at::Tensor& x_cat,
+                                                                 at::TensorList weights, double p,
+                                                                 const at::Tensor& seed) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CPU, "embedding_concat_dropout_backward",
+                          embedding_concat_dropout_backward_kernel, grad, x_cat, weights, p, seed);
+  return embedding_concat_dropout_backward_op(grad, x_cat, weights, p, seed, embedding_concat_dropout_backward_cpu);
 }
 
-TORCH_LIBRARY_FRAGMENT(fastfuse_C, m) {
-  m.def("embedding_concat_dropout_bn(Tensor x_cat, Tensor[] weights, float p, int? seed, int? offset, Tensor cont, "
-        "Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-        "Tensor(c!)? num_batches_tracked, bool batch_stats, bool update, float? momentum, float eps, "
-        "bool check_index) -> (Tensor, Tensor, Tensor)");
-  m.def("embedding_concat_dropout_bn_backward(Tensor grad_output, Tensor x_cat, Tensor[] weights, float p, int seed, "
-        "int offset, Tensor cont, Tensor? bn_weight, Tensor mean, Tensor var, bool batch_stats, float eps, "
-        "bool need_tables, bool need_gi, bool need_gw, bool need_gb) -> Tensor[]");
-}
+}  // namespace
 
-TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
-  m.impl("embedding_concat_dropout", &embedding_concat_dropout_cpu);
-  m.impl("embedding_concat_dropout_backward", &embedding_concat_dropout_backward_cpu);
-  m.impl("embedding_concat_dropout_bn", &embedding_concat_dropout_bn_cpu);
-  m.impl("embedding_concat_dropout_bn_backward", &embedding_concat_dropout_bn_backward_cpu);
+TORCH_LIBRARY_IMPL(fastfuse, CPU, m) {
+  m.impl("embedding_concat_dropout", &embedding_concat_dropout_kernel);
+  m.impl("embedding_concat_dropout_backward", &embedding_concat_dropout_backward_kernel);
 }
 
 }  // namespace fastfuse

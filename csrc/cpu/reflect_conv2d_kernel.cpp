@@ -3,7 +3,9 @@
 // cpu/reflect_conv2d_cpu.h).
 #include <torch/library.h>
 
+#include "backend.h"
 #include "cpu/reflect_conv2d_cpu.h"
+#include "reflect_conv2d_op.h"
 
 namespace fastfuse {
 namespace {
@@ -174,6 +176,33 @@ std::string reflect_conv2d_cpu_design(const at::Tensor& x, const at::Tensor& w, 
   return names[design_for(x, w, rconv::geometry(x, w, stride, padding, dilation, groups), algo)];
 }
 
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+at::Tensor reflect_conv2d_kernel(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CPU, "reflect_conv2d", reflect_conv2d_kernel, x, w, b, stride, padding,
+                          dilation, groups);
+  return reflect_conv2d_op(x, w, b, stride, padding, dilation, groups, reflect_conv2d_cpu);
+}
+
+Tensor3 reflect_conv2d_backward_kernel(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w,
+                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups, std::array<bool, 3> mask) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CPU, "reflect_conv2d_backward", reflect_conv2d_backward_kernel, go, x, w,
+                          stride, padding, dilation, groups, mask);
+  return reflect_conv2d_backward_op(go, x, w, stride, padding, dilation, groups, mask, reflect_conv2d_backward_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfuse, CPU, m) {
+  m.impl("reflect_conv2d", &reflect_conv2d_kernel);
+  m.impl("reflect_conv2d_backward", &reflect_conv2d_backward_kernel);
+}
+
+// the helper ops with a forced design (tests, benchmarks)
 TORCH_LIBRARY_IMPL(fastfuse_C, CPU, m) {
   m.impl("reflect_conv2d", &reflect_conv2d_cpu);
   m.impl("reflect_conv2d_backward", &reflect_conv2d_backward_cpu);

@@ -8,7 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "backend.h"
 #include "batch_norm.h"
+#include "batch_norm_op.h"
 #include "dropout.h"
 #include "philox.h"
 
@@ -317,6 +319,50 @@ Tensor2 bn_grad_apply_cuda(const at::Tensor& grad_out, const at::Tensor& x, cons
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gi, gout};
+}
+
+namespace {
+
+struct CudaPrims {
+  static constexpr auto stats = bn_stats_cuda;
+  static constexpr auto apply = bn_apply_cuda;
+  static constexpr auto grad_reduce = bn_grad_reduce_cuda;
+  static constexpr auto grad_apply = bn_grad_apply_cuda;
+  static constexpr auto coeffs = channel_coeffs_aten;
+};
+
+Tensor3 batch_norm_kernel(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                          const OptTensor& running_mean, const OptTensor& running_var,
+                          const OptTensor& num_batches_tracked, const OptTensor& residual, bool training,
+                          c10::optional<double> momentum, double eps, bool pre_relu, bool post_relu, double p,
+                          const at::Tensor& seed) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "batch_norm", batch_norm_kernel, x, weight, bias, running_mean,
+                          running_var, num_batches_tracked, residual, training, momentum, eps, pre_relu, post_relu, p,
+                          seed);
+  return batch_norm_op(x, weight, bias, running_mean, running_var, num_batches_tracked, residual, training, momentum,
+                       eps, pre_relu, post_relu, p, seed, bn_forward_composite<CudaPrims>);
+}
+
+Tensor4 batch_norm_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x_in, const OptTensor& weight,
+                                   const at::Tensor& mean, const at::Tensor& var, const OptTensor& out_in,
+                                   bool training, double eps, bool pre_relu, bool post_relu, double p,
+                                   const at::Tensor& seed, std::array<bool, 4> mask) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "batch_norm_backward", batch_norm_backward_kernel, grad_out, x_in,
+                          weight, mean, var, out_in, training, eps, pre_relu, post_relu, p, seed, mask);
+  const at::Tensor x = bn_channel_dense(x_in);
+  if (x.numel() == 0 || p >= 1) return bn_backward_zeros(x, weight, mean, mask);
+  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
+  OptTensor out;
+  if (present(out_in)) out = to_strides(*out_in, x.strides());
+  return bn_backward_composite<CudaPrims>(to_strides(grad_out, x.strides()), x, weight, mean, var, out, training, eps,
+                                          pre_relu, post_relu, p, key, offset, mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfuse, CUDA, m) {
+  m.impl("batch_norm", &batch_norm_kernel);
+  m.impl("batch_norm_backward", &batch_norm_backward_kernel);
 }
 
 TORCH_LIBRARY_IMPL(fastfuse_C, CUDA, m) {

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "backend.h"
 #include "dropout.h"
 #include "philox.h"
 
@@ -79,6 +80,23 @@ at::Tensor dropout_cuda(const at::Tensor& x, double p, int64_t seed, int64_t off
   return y;
 }
 
-TORCH_LIBRARY_IMPL(fastfuse_C, CUDA, m) { m.impl("dropout", &dropout_cuda); }
+namespace {
+
+at::Tensor dropout_kernel(const at::Tensor& x, double p, const at::Tensor& seed) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "dropout", dropout_kernel, x, p, seed);
+  return dropout_op(x, p, seed, dropout_cuda);
+}
+
+at::Tensor dropout_backward_kernel(const at::Tensor& g, double p, const at::Tensor& seed) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "dropout_backward", dropout_backward_kernel, g, p, seed);
+  return dropout_op(g, p, seed, dropout_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfuse, CUDA, m) {
+  m.impl("dropout", &dropout_kernel);
+  m.impl("dropout_backward", &dropout_backward_kernel);
+}
 
 }  // namespace fastfuse

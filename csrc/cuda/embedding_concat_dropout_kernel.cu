@@ -17,6 +17,7 @@
 #include <algorithm>
 
 #include "dropout.h"
+#include "backend.h"
 #include "embedding_concat_dropout.h"
 #include "philox.h"
 
@@ -246,9 +247,30 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cuda(const at::Tensor&
   return grads;
 }
 
-TORCH_LIBRARY_IMPL(fastfuse_C, CUDA, m) {
-  m.impl("embedding_concat_dropout", &embedding_concat_dropout_cuda);
-  m.impl("embedding_concat_dropout_backward", &embedding_concat_dropout_backward_cuda);
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+at::Tensor embedding_concat_dropout_kernel(const at::Tensor& x_cat, at::TensorList weights, double p,
+                                           const at::Tensor& seed, const OptTensor& cont, bool check_index) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "embedding_concat_dropout", embedding_concat_dropout_kernel, x_cat,
+                          weights, p, seed, cont, check_index);
+  return embedding_concat_dropout_op(x_cat, weights, p, seed, cont, check_index, embedding_concat_dropout_cuda);
+}
+
+std::vector<at::Tensor> embedding_concat_dropout_backward_kernel(const at::Tensor& grad, const at::Tensor& x_cat,
+                                                                 at::TensorList weights, double p,
+                                                                 const at::Tensor& seed) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "embedding_concat_dropout_backward",
+                          embedding_concat_dropout_backward_kernel, grad, x_cat, weights, p, seed);
+  return embedding_concat_dropout_backward_op(grad, x_cat, weights, p, seed, embedding_concat_dropout_backward_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfuse, CUDA, m) {
+  m.impl("embedding_concat_dropout", &embedding_concat_dropout_kernel);
+  m.impl("embedding_concat_dropout_backward", &embedding_concat_dropout_backward_kernel);
 }
 
 }  // namespace fastfuse

@@ -10,7 +10,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "backend.h"
 #include "reflect_conv2d.h"
+#include "reflect_conv2d_op.h"
 
 namespace fastfuse {
 namespace {
@@ -141,6 +143,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reflect_conv2d_backward_cuda(
   TORCH_CHECK(x.is_cuda(), "fastfuse reflect_conv2d_backward_cuda: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return rconv::backward<CudaFrame>(go, x, w, stride, padding, dilation, groups, mask, algo);
+}
+
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+at::Tensor reflect_conv2d_kernel(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "reflect_conv2d", reflect_conv2d_kernel, x, w, b, stride, padding,
+                          dilation, groups);
+  return reflect_conv2d_op(x, w, b, stride, padding, dilation, groups, reflect_conv2d_cuda);
+}
+
+Tensor3 reflect_conv2d_backward_kernel(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w,
+                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups, std::array<bool, 3> mask) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "reflect_conv2d_backward", reflect_conv2d_backward_kernel, go, x, w,
+                          stride, padding, dilation, groups, mask);
+  return reflect_conv2d_backward_op(go, x, w, stride, padding, dilation, groups, mask, reflect_conv2d_backward_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfuse, CUDA, m) {
+  m.impl("reflect_conv2d", &reflect_conv2d_kernel);
+  m.impl("reflect_conv2d_backward", &reflect_conv2d_backward_kernel);
 }
 
 TORCH_LIBRARY_IMPL(fastfuse_C, CUDA, m) {

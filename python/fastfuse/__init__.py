@@ -1,5 +1,5 @@
 """fastfuse: fused PyTorch kernels (C++, CUDA, Triton) for the layers of fast.ai-style models."""
-from . import _extension, _library  # noqa: F401  (load _C if it is there; define every op schema)
+from . import _extension  # noqa: F401  (loads fastfuse._C: every op, its autograd and its C++ kernels)
 from . import nn, reference
 from ._backends import backends, use_backend
 from ._extension import empty_cpu_cache

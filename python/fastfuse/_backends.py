@@ -1,23 +1,28 @@
 """Which backend runs a fastfuse op: "cpp" (C++ CPU kernels), "cuda" (CUDA C++ kernels), "triton", or
 "reference" (pure PyTorch, fastfuse.reference).
 
-Defaults: "cpp" for CPU tensors, DEFAULT_CUDA for CUDA tensors. `use_backend(name)` or the environment
-variable FASTFUSE_BACKEND override the default. The choice is made when the kernel runs (inside the op),
-so it also applies to code compiled with torch.compile."""
+The C++ kernels are registered on the dispatcher for CPU and CUDA tensors, so the default path runs no Python.
+`use_backend(name)` (thread-local, nestable) or the environment variable FASTFUSE_BACKEND set an override that
+the C++ kernel reads (csrc/backend.h). For a Python backend the kernel calls fastfuse_py::<op>, an op with the
+public op's schema whose kernel, `_route` below, runs the implementation that ops/<op>.py registered. The choice
+is made when the kernel runs, so it applies to code compiled with torch.compile too; a backward runs on the
+backend of its forward."""
 import contextlib
 import importlib.util
 import os
-import threading
 
 import torch
 
 from . import _extension
 
 NAMES = ("cpp", "cuda", "triton", "reference")
+_CODE = {None: 0, "cpp": 1, "cuda": 2, "triton": 3, "reference": 4}
+_NAME = {v: k for k, v in _CODE.items()}
 # The faster of "cuda" and "triton" in `python -m fastfuse.bench --device cuda` (see benchmarks/results/).
 DEFAULT_CUDA = "cuda"
 
-_local = threading.local()
+_IMPLS = {}  # op name -> {"triton": fn, "reference": fn}
+_py_lib = None
 
 
 def triton_interpret() -> bool:
@@ -50,7 +55,7 @@ def backends() -> dict:
         "cuda": {"available": cuda_ok, "detail": cuda_detail},
         "triton": {"available": tri_ok, "detail": tri_detail},
         "reference": {"available": True, "detail": "pure PyTorch (fastfuse.reference)"},
-        "default": {"cpu": "cpp", "cuda": DEFAULT_CUDA, "override": _override()},
+        "default": {"cpu": "cpp", "cuda": DEFAULT_CUDA, "override": current()},
     }
 
 
@@ -60,48 +65,51 @@ def _check_name(name):
     return name
 
 
-def _override():
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    env = os.environ.get("FASTFUSE_BACKEND")
-    return _check_name(env) if env else None
-
-
-def eager_cpp(x) -> bool:
-    """True when x is a plain CPU tensor that the cpp backend would run in eager mode (not under torch.compile): the
-    test of the ops' C++ autograd nodes, which skip the registered op's Python (csrc/cpu/*_autograd.cpp). Reads what
-    select() reads without its checks, as it runs on every call."""
-    return (type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling() and _override() in (None, "cpp")
-            and _extension.available())
+def current():
+    """This thread's override (None: the default for the tensor's device)."""
+    return _NAME[_extension._C.current_backend()] if _extension.available() else None
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run fastfuse ops with this backend inside the block (thread-local, nestable)."""
-    _check_name(name)
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(name)
+    code = _CODE[_check_name(name)]
+    _extension.require()
+    prev = _extension._C.set_backend(code)
     try:
         yield
     finally:
-        stack.pop()
+        _extension._C.set_backend(prev)
 
 
-def select(x: torch.Tensor) -> str:
-    """The backend for an op whose main input is x; raises if that backend cannot take x's device."""
-    dev = x.device.type
-    name = _override() or ("cpp" if dev == "cpu" else DEFAULT_CUDA)
-    if name == "cpp" and dev != "cpu":
-        raise RuntimeError(f"fastfuse backend 'cpp' runs CPU tensors, got a {dev} tensor; use 'cuda' or 'triton'")
-    if name == "cuda" and dev != "cuda":
-        raise RuntimeError(f"fastfuse backend 'cuda' runs CUDA tensors, got a {dev} tensor; use 'cpp'")
-    if name == "triton" and dev == "cpu" and not triton_interpret():
-        raise RuntimeError("fastfuse backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "triton is imported to run on CPU tensors")
-    if name in ("cpp", "cuda"):
-        _extension.require()
-        if name == "cuda" and not _extension.has_cuda_kernels():
-            raise RuntimeError("fastfuse._C was built without CUDA kernels (no CUDA toolkit at build time). "
-                               + _extension.REBUILD_HINT)
-    return name
+def register(name: str, **impls):
+    """The Python backends of op fastfuse::<name> (triton=..., reference=...), each taking the op's arguments.
+    Defines fastfuse_py::<name>, which the C++ kernels call when the override names one of them."""
+    global _py_lib
+    if not _extension.available():
+        return
+    if _py_lib is None:
+        _py_lib = torch.library.Library("fastfuse_py", "DEF")
+    schema = str(getattr(torch.ops.fastfuse, name).default._schema).split("::", 1)[1]
+    _py_lib.define(schema)
+    _IMPLS[name] = impls
+    _py_lib.impl(name, lambda *args: _route(name, args), "CompositeExplicitAutograd")
+
+
+def _route(name, args):
+    backend = current()
+    if backend == "triton":
+        dev = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if dev == "cpu" and not triton_interpret():
+            raise RuntimeError("fastfuse backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                               "triton is imported to run on CPU tensors")
+    return _IMPLS[name][backend](*args)
+
+
+def _env_default():
+    env = os.environ.get("FASTFUSE_BACKEND")
+    if env and _extension.available():
+        _extension._C.set_backend(_CODE[_check_name(env)])  # the importing thread's override
+
+
+_env_default()

@@ -1,5 +1,5 @@
-"""Loads the compiled extension fastfuse._C. Import never fails: a missing or mismatched build is recorded,
-reported by fastfuse.backends(), and raised only when a C++-backed kernel is actually called."""
+"""Loads the compiled extension fastfuse._C, which defines every op. Import never fails: a missing or mismatched
+build is recorded, reported by fastfuse.backends(), and raised (with how to rebuild) when an op is called."""
 import torch
 
 REBUILD_HINT = ("Rebuild it against the installed torch from the fastfuse source folder: "
@@ -10,7 +10,7 @@ _error = None
 _info = {}
 
 try:
-    from fastfuse import _C  # noqa: F811  (runs the TORCH_LIBRARY registrations of namespace fastfuse_C)
+    from fastfuse import _C  # noqa: F811  (runs the TORCH_LIBRARY registrations of fastfuse and fastfuse_C)
     _info = dict(_C.build_info())
     if _info.get("torch_version") != torch.__version__:
         _error = (f"fastfuse._C was built for torch {_info.get('torch_version')} but torch {torch.__version__} "

@@ -1,4 +1,4 @@
-"""Seeds and dropout parameters shared by every backend (the C++ side mirrors these in csrc/dropout.h)."""
+"""Seeds and dropout parameters of the Python side (csrc/dropout.h has the C++ side's)."""
 import math
 import numbers
 
@@ -8,9 +8,10 @@ SEED_HIGH = 2**63 - 1
 
 
 def new_seed() -> torch.Tensor:
-    """[key, offset] for Philox, drawn from torch's default CPU generator: torch.manual_seed reproduces it,
-    and CPU and CUDA runs with the same seed draw the same masks."""
-    return torch.randint(0, SEED_HIGH, (2,), dtype=torch.int64)
+    """[key, offset] for Philox, drawn by fastfuse::seed from torch's default CPU generator as
+    torch.randint(0, 2**63 - 1, (2,)) would draw it: torch.manual_seed reproduces it, CPU and CUDA runs with the same
+    seed draw the same masks, and so does compiled code (it calls the same op)."""
+    return torch.ops.fastfuse.seed()
 
 
 def seed_ints(seed: torch.Tensor):

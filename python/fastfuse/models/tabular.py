@@ -1,15 +1,10 @@
 """fastai's TabularModel: the fused one (TabularModel) and its eager twin (EagerTabularModel, plain torch
 layers in fastai's exact structure). Both have fastai.tabular.model.TabularModel's signature, semantics and
 state_dict keys, so checkpoints move between the three and give the same eval outputs."""
-import sys
-
 import torch
 from torch import nn
 
-from .. import _backends
 from .. import nn as ffnn
-from ..nn._hooks import hooked
-from ..nn.lin_bn_drop import _FLOATS  # the dtypes the CPU fast paths take
 from ..nn.tabular import Embedding
 
 
@@ -83,48 +78,7 @@ class TabularModel(ffnn.TabularEmbedding):
                             lin_first, ffnn.LinBnDrop)
 
     def forward(self, x_cat, x_cont=None):
-        x = super().forward(x_cat, x_cont)
-        mods = list(self.layers._modules.values())
-        tail = _fusable_tail(self.layers, mods)
-        if tail is None:
-            return self.layers(x)
-        for m in mods[:-2]:
-            x = m(x)
-        return _linear_sigmoid_range(x, *tail)
-
-
-# ---- eager CPU: the head's last Linear and SigmoidRange in one C++ call each way ----------------------------------
-# fastfuse_C::linear_sigmoid_range (csrc/cpu/linear_sigmoid_range_kernel.cpp, C++ autograd): one node and plain
-# loops where torch runs four nodes and a rank-1 GEMM: the Rossmann step at batch 64 ran 90-130 us faster here.
-# torch.compile traces the modules instead.
-
-
-def _sigmoid_ranges():
-    """SigmoidRange classes with low / high and this forward: ours, and fastai's once it is imported (a fastai
-    TabularModel that fastfuse.fuse made ours keeps fastai's)."""
-    fa = getattr(sys.modules.get("fastai.layers"), "SigmoidRange", None)
-    return (SigmoidRange, fa) if isinstance(fa, type) else (SigmoidRange,)
-
-
-def _fusable_tail(layers, mods):
-    """(linear, sigmoid_range) when the head ends in a LinBnDrop that is a bare Linear and a SigmoidRange, with no
-    hooks on them (their own calls run their hooks) and not under torch.compile; None otherwise."""
-    if len(mods) < 2 or type(mods[-1]) not in _sigmoid_ranges() or torch.compiler.is_compiling():
-        return None
-    block = mods[-2]._modules if type(mods[-2]) is ffnn.LinBnDrop else {}
-    lin = block.get("0") if len(block) == 1 else None
-    if type(lin) is not nn.Linear or hooked([layers, mods[-2], lin, mods[-1]]):
-        return None
-    return lin, mods[-1]
-
-
-def _linear_sigmoid_range(x, lin, sr):
-    weight, bias = lin._parameters.get("weight"), lin._parameters.get("bias")
-    if (type(x) is not torch.Tensor or x.dim() != 2 or not x.is_cpu or x.dtype not in _FLOATS or weight is None
-            or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or x.shape[1] != weight.shape[1]
-            or _backends.select(x) != "cpp"):
-        return sr(lin(x))
-    return torch.ops.fastfuse_C.linear_sigmoid_range(x, weight, bias, float(sr.low), float(sr.high))[0]
+        return self.layers(super().forward(x_cat, x_cont))
 
 
 class EagerTabularModel(nn.Module):

@@ -1,8 +1,17 @@
-"""One module per op: functional wrapper, backend routing, fake kernel and autograd."""
-from .batch_norm import batch_norm
-from .dropout import dropout
+"""One module per op: the public function with its argument checks, the fake kernels (for torch.compile) and the
+Python backends. Schemas, autograd and the C++ kernels are in csrc/<op>.cpp (see docs/architecture.md)."""
+import torch
 
-from .embedding_concat_dropout import embedding_concat_dropout
-from .reflect_conv2d import reflect_conv2d
+from .. import _extension
+
+if _extension.available():
+    @torch.library.register_fake("fastfuse::seed")
+    def _seed_fake():
+        return torch.empty(2, dtype=torch.int64)
+
+from .batch_norm import batch_norm  # noqa: E402
+from .dropout import dropout  # noqa: E402
+from .embedding_concat_dropout import embedding_concat_dropout  # noqa: E402
+from .reflect_conv2d import reflect_conv2d  # noqa: E402
 
 __all__ = ["batch_norm", "dropout", "embedding_concat_dropout", "reflect_conv2d"]

@@ -1,15 +1,12 @@
 """fastfuse.reflect_conv2d: conv2d over the reflection-padded input, without building the padded copy.
 
-Path of a call: reflect_conv2d() -> torch.ops.fastfuse.reflect_conv2d -> _route() -> the backend's kernel;
-backward -> torch.ops.fastfuse.reflect_conv2d_backward -> the same backend's (grad_input, grad_weight,
-grad_bias). Every argument is checked (_check) before any kernel runs, with torch's error messages."""
-import os
-
+A call: reflect_conv2d() checks every argument (_check, with torch's error messages) and calls
+fastfuse::reflect_conv2d, whose autograd (csrc/reflect_conv2d.cpp) and kernels (csrc/cpu/reflect_conv2d_kernel.cpp,
+csrc/cuda/reflect_conv2d_kernel.cu) are C++. This file holds the fake kernels and the Python backends (triton,
+reference)."""
 import torch
 
-from .. import _backends, _double_backward, _library, reference  # noqa: F401  (_library defines the schemas)
-
-_MAX_TAPS = 64  # csrc/reflect_conv2d.h kMaxTaps: larger kernels run on the reference
+from .. import _backends, _extension, reference
 
 
 def _pair(v, name):
@@ -83,57 +80,37 @@ def _format(x, w):
     return torch.channels_last if _channels_last(x) or _channels_last(w) else torch.contiguous_format
 
 
-# C++ designs: "auto" picks per shape; "frame" = vendor convolution with zero padding + frame correction;
-# "gemm" = reflected im2col + GEMM; "split" (CPU) = vendor convolution without padding on the block it gets
-# right + folded-tap GEMM on the rest, forward and backward; "fold" (CPU) = the folded-tap GEMM everywhere;
-# "direct" (CPU, AVX-512, fp32, one group; NCHW through a relayout) = our own micro-kernel on every pixel with
-# folded taps, forward and backward; where it cannot run, "auto" runs. On CUDA the last three run "frame".
-# FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
-_ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4, "direct": 5}
+def _python_forward(run):
+    """The op on a Python backend, with the checks and the output layout of the C++ kernels."""
+    def forward(x, w, b, stride, padding, dilation, groups):
+        _check(x, w, b, stride, padding, dilation, groups)
+        return run(x, w, b, stride, padding, dilation, groups).contiguous(memory_format=_format(x, w))
+    return forward
 
 
-def _algo():
-    name = os.environ.get("FASTFUSE_REFLECT_CONV2D_ALGO", "auto")
-    if name not in _ALGOS:
-        raise ValueError(f"FASTFUSE_REFLECT_CONV2D_ALGO must be one of {list(_ALGOS)}, got {name!r}")
-    return _ALGOS[name]
+def _python_backward(run):
+    def backward(go, x, w, stride, padding, dilation, groups, mask):
+        _check(x, w, None, stride, padding, dilation, groups)
+        gi, gw, gb = run(go, x, w, stride, padding, dilation, groups, list(mask))
+        empty = x.new_empty(0)
+        return (gi.contiguous(memory_format=_format(x, w)) if mask[0] else empty,
+                gw.contiguous(memory_format=_weight_format(w)) if mask[1] else empty.clone(),
+                gb.contiguous() if mask[2] else empty.clone())
+    return backward
 
 
-def _run_cpp(x, w, b, stride, padding, dilation, groups):
-    return torch.ops.fastfuse_C.reflect_conv2d(x, w, b, stride, padding, dilation, groups, _algo())
-
-
-def _run_cpp_backward(go, x, w, stride, padding, dilation, groups, mask):
-    return torch.ops.fastfuse_C.reflect_conv2d_backward(go, x, w, stride, padding, dilation, groups, mask,
-                                                        _algo())
-
-
-def _run_triton(x, w, b, stride, padding, dilation, groups):
+def _triton(x, w, b, stride, padding, dilation, groups):
     from ..triton_kernels import reflect_conv2d as tk  # lazily: triton is optional and slow to import
     return tk.reflect_conv2d(x, w, b, stride, padding, dilation, groups)
 
 
-def _run_triton_backward(go, x, w, stride, padding, dilation, groups, mask):
+def _triton_backward(go, x, w, stride, padding, dilation, groups, mask):
     from ..triton_kernels import reflect_conv2d as tk
     return tk.reflect_conv2d_backward(go, x, w, stride, padding, dilation, groups, mask)
 
 
-_FWD = {"cpp": _run_cpp, "cuda": _run_cpp, "triton": _run_triton, "reference": reference.reflect_conv2d}
-_BWD = {"cpp": _run_cpp_backward, "cuda": _run_cpp_backward, "triton": _run_triton_backward,
-        "reference": reference.reflect_conv2d_backward}
-
-
-def _backend(x, w):
-    name = _backends.select(x)
-    if name in ("cpp", "cuda") and w.shape[2] * w.shape[3] > _MAX_TAPS:
-        return "reference"
-    return name
-
-
-def _route(x, w, b, stride, padding, dilation, groups):
-    _check(x, w, b, stride, padding, dilation, groups)
-    out = _FWD[_backend(x, w)](x, w, b, stride, padding, dilation, groups)
-    return out.contiguous(memory_format=_format(x, w))
+def _weight_format(w):
+    return torch.channels_last if _channels_last(w) else torch.contiguous_format
 
 
 def _fake(x, w, b, stride, padding, dilation, groups):
@@ -141,57 +118,20 @@ def _fake(x, w, b, stride, padding, dilation, groups):
     return x.new_empty(_out_shape(x, w, stride, padding, dilation)).contiguous(memory_format=_format(x, w))
 
 
-def _grad_like(t, fmt):
-    return t.contiguous(memory_format=fmt)
-
-
-def _route_backward(go, x, w, stride, padding, dilation, groups, mask):
-    _check(x, w, None, stride, padding, dilation, groups)
-    gi, gw, gb = _BWD[_backend(x, w)](go, x, w, stride, padding, dilation, groups, list(mask))
-    empty = x.new_empty(0)
-    return (_grad_like(gi, _format(x, w)) if mask[0] else empty,
-            _grad_like(gw, torch.channels_last if _channels_last(w) else torch.contiguous_format) if mask[1] else
-            empty.clone(),
-            gb.contiguous() if mask[2] else empty.clone())
-
-
 def _fake_backward(go, x, w, stride, padding, dilation, groups, mask):
     empty = x.new_empty(0)
     return (torch.empty_like(x, memory_format=_format(x, w)) if mask[0] else empty,
-            torch.empty_like(w, memory_format=torch.channels_last if _channels_last(w) else torch.contiguous_format)
-            if mask[1] else empty.clone(),
+            torch.empty_like(w, memory_format=_weight_format(w)) if mask[1] else empty.clone(),
             w.new_empty(w.shape[0]) if mask[2] else empty.clone())
 
 
-torch.library.register_kernel("fastfuse::reflect_conv2d", ("cpu", "cuda"), _route)
-torch.library.register_fake("fastfuse::reflect_conv2d", _fake)
-torch.library.register_kernel("fastfuse::reflect_conv2d_backward", ("cpu", "cuda"), _route_backward)
-torch.library.register_fake("fastfuse::reflect_conv2d_backward", _fake_backward)
-
-
-def _setup_context(ctx, inputs, output):
-    x, w, b, stride, padding, dilation, groups = inputs
-    ctx.args = (stride, padding, dilation, groups)
-    ctx.has_bias = b is not None
-    ctx.save_for_backward(x, w)
-
-
-def _backward(ctx, grad):
-    x, w = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], ctx.has_bias and need[2]]
-    if not any(mask):
-        return None, None, None, None, None, None, None
-    if _double_backward.wanted():  # create_graph=True: differentiable gradients (see _double_backward)
-        b = w.new_zeros(w.shape[0]) if mask[2] else None  # the gradients do not depend on the bias's value
-        gi, gw, gb = _double_backward.grads(lambda x, w, b: reference.reflect_conv2d(x, w, b, *ctx.args), [x, w, b],
-                                            grad, mask)
-    else:
-        gi, gw, gb = torch.ops.fastfuse.reflect_conv2d_backward(grad, x, w, *ctx.args, mask)
-    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None
-
-
-torch.library.register_autograd("fastfuse::reflect_conv2d", _backward, setup_context=_setup_context)
+if _extension.available():
+    torch.library.register_fake("fastfuse::reflect_conv2d", _fake)
+    torch.library.register_fake("fastfuse::reflect_conv2d_backward", _fake_backward)
+    _backends.register("reflect_conv2d", triton=_python_forward(_triton),
+                       reference=_python_forward(reference.reflect_conv2d))
+    _backends.register("reflect_conv2d_backward", triton=_python_backward(_triton_backward),
+                       reference=_python_backward(reference.reflect_conv2d_backward))
 
 
 def _autocast(x, w, b):
@@ -216,19 +156,6 @@ def reflect_conv2d(input: torch.Tensor, weight: torch.Tensor, bias=None, stride=
     x = input.unsqueeze(0) if unbatched else input
     x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, bias, stride, padding, dilation, int(groups))
-    if _eager_cpp(x, weight):
-        out = torch.ops.fastfuse_C.reflect_conv2d_module(x, weight, bias, stride, padding, dilation, int(groups),
-                                                         _algo())
-    else:
-        out = torch.ops.fastfuse.reflect_conv2d(x, weight, bias, stride, padding, dilation, int(groups))
+    _extension.require()
+    out = torch.ops.fastfuse.reflect_conv2d(x, weight, bias, stride, padding, dilation, int(groups))
     return out.squeeze(0) if unbatched else out
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not tensor subclasses, which the registered op's dispatch serves
-
-
-def _eager_cpp(x, w):
-    """Eager, CPU tensors on the cpp backend, a kernel the C++ designs take: fastfuse_C::reflect_conv2d_module, the
-    same kernels, picks and layouts in one C++ autograd node (csrc/cpu/reflect_conv2d_autograd.cpp). Through the
-    registered op's generated autograd the Python cost ~160 us a forward, 6x a (1, 8, 4, 4) convolution's time."""
-    return type(w) in _PLAIN and w.shape[2] * w.shape[3] <= _MAX_TAPS and _backends.eager_cpp(x)

@@ -1,0 +1,54 @@
+// Which backend runs a fastfuse op.
+//
+// Every op's CPU and CUDA kernels are C++ functions registered on the dispatcher, so the default path has no
+// Python in it. fastfuse.use_backend(name) and FASTFUSE_BACKEND set an override: "cpp" and "cuda" name the C++
+// kernels, "triton" and "reference" name Python ones. A C++ kernel asks python_backend() first (one thread-local
+// load); when it says yes, the kernel hands its arguments to the op of the same name and schema in the
+// fastfuse_py namespace, whose Python kernel (python/fastfuse/_backends.py) runs the chosen backend.
+// The autograd node records the backend of the forward and sets it again for the backward, so a backward run on
+// the autograd engine's own threads uses the forward's backend.
+#pragma once
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceType.h>
+
+#include <cstdint>
+#include <string>
+
+namespace fastfuse {
+
+enum class Backend : int64_t { kDefault = 0, kCpp = 1, kCuda = 2, kTriton = 3, kReference = 4 };
+
+// The override of this thread (kDefault: none); set_backend returns the previous one.
+Backend current_backend();
+Backend set_backend(Backend b);
+
+struct BackendGuard {
+  explicit BackendGuard(Backend b) : prev_(set_backend(b)) {}
+  ~BackendGuard() { set_backend(prev_); }
+  BackendGuard(const BackendGuard&) = delete;
+  BackendGuard& operator=(const BackendGuard&) = delete;
+
+ private:
+  Backend prev_;
+};
+
+// For a C++ kernel of device type `dev`: true when the override names a Python backend, false when the C++ kernel
+// runs; raises when the override names the C++ kernels of the other device.
+bool python_backend(c10::DeviceType dev);
+
+// The typed handle of fastfuse_py::<name>, the Python backends' copy of fastfuse::<name> (same schema).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> python_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("fastfuse_py::") + name).c_str(), "")
+      .template typed<Sig>();
+}
+
+// The first statement of every kernel registered for a public op: when the override names a Python backend, the
+// call goes to fastfuse_py::<name> with the kernel's own arguments.
+#define FASTFUSE_PYTHON_BACKEND(device, name, kernel, ...)                  \
+  if (::fastfuse::python_backend(device)) {                                 \
+    static auto py_op = ::fastfuse::python_op<decltype(kernel)>(name);      \
+    return py_op.call(__VA_ARGS__);                                         \
+  }
+
+}  // namespace fastfuse
