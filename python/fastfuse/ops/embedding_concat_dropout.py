@@ -150,7 +150,7 @@ def tensor_tables_forward(x_cat, weights, p, training, x_cont, bn_cont, check_in
     if cont is not None and cont.shape[1] == 0:
         cont = None
     if cont is not None and bn_cont is not None:
-        if check_index and weights:  # before the batch norm updates its running statistics
+        if check_index and weights and not torch.compiler.is_compiling():  # before the running statistics change
             torch.ops.fastfuse_C.embedding_check_codes(x_cat, weights)
         cont = _batch_norm_cont(cont, bn_cont, training)
     if weights and cont is not None and cont.dtype != weights[0].dtype:
