@@ -151,6 +151,7 @@ using OptTensor = c10::optional<at::Tensor>;
 
 at::Tensor reflect_conv2d_kernel(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_reflect_conv2d_args(x, w, b, stride, padding, dilation, groups);
   FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "reflect_conv2d", reflect_conv2d_kernel, x, w, b, stride, padding,
                           dilation, groups);
   return reflect_conv2d_op(x, w, b, stride, padding, dilation, groups, reflect_conv2d_cuda);
@@ -159,6 +160,7 @@ at::Tensor reflect_conv2d_kernel(const at::Tensor& x, const at::Tensor& w, const
 Tensor3 reflect_conv2d_backward_kernel(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w,
                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                        int64_t groups, std::array<bool, 3> mask) {
+  check_reflect_conv2d_args(x, w, c10::nullopt, stride, padding, dilation, groups);
   FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "reflect_conv2d_backward", reflect_conv2d_backward_kernel, go, x, w,
                           stride, padding, dilation, groups, mask);
   return reflect_conv2d_backward_op(go, x, w, stride, padding, dilation, groups, mask, reflect_conv2d_backward_cuda);

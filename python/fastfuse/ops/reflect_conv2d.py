@@ -1,12 +1,15 @@
 """fastfuse.reflect_conv2d: conv2d over the reflection-padded input, without building the padded copy.
 
-A call: reflect_conv2d() checks every argument (_check, with torch's error messages) and calls
-fastfuse::reflect_conv2d, whose autograd (csrc/reflect_conv2d.cpp) and kernels (csrc/cpu/reflect_conv2d_kernel.cpp,
-csrc/cuda/reflect_conv2d_kernel.cu) are C++. This file holds the fake kernels and the Python backends (triton,
-reference)."""
+A call: reflect_conv2d() calls fastfuse::reflect_conv2d, whose autograd (csrc/reflect_conv2d.cpp) and kernels
+(csrc/cpu/reflect_conv2d_kernel.cpp, csrc/cuda/reflect_conv2d_kernel.cu) are C++; the kernels check every argument
+first, with torch's error messages. This file holds the fake kernels and the Python backends (triton, reference)."""
 import torch
 
 from .. import _backends, _extension, reference
+
+# The CPU designs by name, as FASTFUSE_REFLECT_CONV2D_ALGO takes them and as the helper ops
+# torch.ops.fastfuse_C.reflect_conv2d(..., algo) take their codes (csrc/reflect_conv2d_op.h; tests, benchmarks).
+_ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4, "direct": 5}
 
 
 def _pair(v, name):
@@ -22,7 +25,8 @@ def _pair(v, name):
 
 
 def _check(x, w, b, stride, padding, dilation, groups):
-    """Raise what F.conv2d / F.pad(mode='reflect') would raise, before any work is done."""
+    """Raise what F.conv2d / F.pad(mode='reflect') would raise: the fake's checks, which torch.compile runs while
+    tracing (and meta tensors, which reach the fake); the C++ kernels check the same (csrc/reflect_conv2d_op.h)."""
     if x.dim() != 4:
         raise RuntimeError(f"reflect_conv2d: expected a 4-D input (batched), got {x.dim()}-D input of size "
                            f"{list(x.shape)}")
@@ -81,16 +85,14 @@ def _format(x, w):
 
 
 def _python_forward(run):
-    """The op on a Python backend, with the checks and the output layout of the C++ kernels."""
+    """The op on a Python backend (the C++ kernel checked the arguments), with the C++ kernels' output layout."""
     def forward(x, w, b, stride, padding, dilation, groups):
-        _check(x, w, b, stride, padding, dilation, groups)
         return run(x, w, b, stride, padding, dilation, groups).contiguous(memory_format=_format(x, w))
     return forward
 
 
 def _python_backward(run):
     def backward(go, x, w, stride, padding, dilation, groups, mask):
-        _check(x, w, None, stride, padding, dilation, groups)
         gi, gw, gb = run(go, x, w, stride, padding, dilation, groups, list(mask))
         empty = x.new_empty(0)
         return (gi.contiguous(memory_format=_format(x, w)) if mask[0] else empty,
@@ -154,8 +156,7 @@ def reflect_conv2d(input: torch.Tensor, weight: torch.Tensor, bias=None, stride=
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     unbatched = isinstance(input, torch.Tensor) and input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    x, weight, bias = _autocast(x, weight, bias)
-    _check(x, weight, bias, stride, padding, dilation, int(groups))
+    x, weight, bias = _autocast(x, weight, bias)  # the op checks the arguments (csrc/reflect_conv2d_op.h)
     _extension.require()
     out = torch.ops.fastfuse.reflect_conv2d(x, weight, bias, stride, padding, dilation, int(groups))
     return out.squeeze(0) if unbatched else out
