@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "backend.h"
-#include "batch_norm_op.h"
+#include "batch_norm.h"
 #include "double_backward.h"
 
 namespace fastfuse {

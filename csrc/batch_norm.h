@@ -1,13 +1,18 @@
-// Batch norm primitives shared by the CPU and CUDA kernels; the per-channel arithmetic between them is done
-// once in python/fastfuse/ops/batch_norm.py, and fastfuse/reference.py defines what each one computes.
+// fastfuse::batch_norm: four primitives per device (per-channel statistics; the fused elementwise forward; the
+// per-channel gradient sums; the fused elementwise backward; fastfuse/reference.py defines what each computes),
+// and the op composed from them on any device.
 #pragma once
 #include <ATen/ATen.h>
-#include <c10/util/FunctionRef.h>
 
+#include <array>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#include "dropout.h"
+#include "layout.h"
 
 namespace fastfuse {
 
@@ -143,5 +148,142 @@ inline int64_t bn_rows_backward_bytes(const at::Tensor& x, bool post_relu, doubl
 #ifdef FASTFUSE_WITH_CUDA
 FASTFUSE_BN_DECLARE(cuda)
 #endif
+
+
+// ---- fastfuse::batch_norm on one device ------------------------------------------------------------------------
+// The four primitives above and the O(C) per-channel arithmetic between them, forward and backward, and the
+// running-statistics update. Prims gives the device's primitives and its per-channel arithmetic (coeffs); the
+// CPU's is a scalar loop that rounds as the ATen expressions in ChannelCoeffs's comments do, so both give the
+// same bits.
+using OptTensor = c10::optional<at::Tensor>;
+
+inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// The per-channel vectors of both directions (contiguous, of the accumulation type).
+struct ChannelCoeffs {
+  at::Tensor scale;       // forward:  rsqrt(var + eps) * weight
+  at::Tensor k1, k2, k3;  // backward: k1 = rsqrt(var + eps) * weight, k2 = -k1 * invstd * invstd * sum_gxmu / n,
+                          //           k3 = -k1 * sum_g / n (k2 = k3 = 0 without batch statistics)
+  at::Tensor gw;          // backward: sum_gxmu * invstd
+};
+
+// The same in ATen ops, for devices without a scalar loop of their own.
+inline ChannelCoeffs channel_coeffs_aten(const at::Tensor& var, const OptTensor& weight, double eps,
+                                         const at::Tensor& sum_g, const at::Tensor& sum_gxmu, int64_t n, bool backward,
+                                         bool need_k, bool batch_grad, bool need_gw) {
+  const at::Tensor invstd = at::rsqrt(var + eps);
+  const at::Tensor k1 = present(weight) ? invstd * weight->to(var.scalar_type()) : invstd;
+  ChannelCoeffs r;
+  if (!backward) {
+    r.scale = k1;
+    return r;
+  }
+  if (need_k) {
+    r.k1 = k1;
+    r.k2 = batch_grad ? -k1 * invstd * invstd * sum_gxmu / n : at::zeros_like(k1);
+    r.k3 = batch_grad ? -k1 * sum_g / n : at::zeros_like(k1);
+  }
+  if (need_gw) r.gw = sum_gxmu * invstd;
+  return r;
+}
+
+template <typename Prims>
+Tensor3 bn_forward_composite(const at::Tensor& x_in, const OptTensor& weight, const OptTensor& bias,
+                             const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& residual,
+                             bool training, double eps, bool pre_relu, bool post_relu, double p, int64_t key,
+                             int64_t offset) {
+  const at::Tensor x = bn_channel_dense(x_in);
+  const auto acc = bn_acc_type(x);
+  at::Tensor mean, var;
+  if (training) {
+    std::tie(mean, var) = Prims::stats(x, pre_relu);
+  } else {  // copies: an op's outputs must not alias its inputs
+    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
+    var = running_var->to(acc, false, true);
+  }
+  if (x.numel() == 0 || p >= 1) return {at::zeros_like(x), mean, var};
+  const at::Tensor scale = Prims::coeffs(var, weight, eps, {}, {}, 0, false, false, false, false).scale;
+  const at::Tensor b = present(bias) ? bias->to(acc) : at::zeros({x.size(1)}, x.options().dtype(acc));
+  OptTensor res;
+  if (present(residual)) res = to_strides(*residual, x.strides());
+  return {Prims::apply(x, mean, scale, b, res, pre_relu, post_relu, p, key, offset), mean, var};
+}
+
+// g: grad_out laid out like x, already dropped out when p_keys is 0 and p is not (the CPU's drop-once route)
+template <typename Prims>
+Tensor4 bn_backward_composite(const at::Tensor& g, const at::Tensor& x, const OptTensor& weight, const at::Tensor& mean,
+                              const at::Tensor& var, const OptTensor& out, bool training, double eps, bool pre_relu,
+                              bool post_relu, double p_keys, int64_t key, int64_t offset, std::array<bool, 4> mask) {
+  const auto [need_gi, need_gw, need_gb, need_gr] = mask;
+  const int64_t C = x.size(1);
+  const auto wdt = present(weight) ? weight->scalar_type() : bn_acc_type(x);
+  const at::Tensor empty = x.new_empty({0});
+  at::Tensor sum_g, sum_gxmu;
+  if (need_gw || need_gb || (training && need_gi))
+    std::tie(sum_g, sum_gxmu) = Prims::grad_reduce(g, x, out, mean, pre_relu, post_relu, p_keys, key, offset);
+  // d/dx of the batch statistics (training): grad_x = k1 * (g - mean(g) - xhat * mean(g * xhat))
+  const bool need_k = need_gi || need_gr, batch_grad = training && need_gi;
+  const ChannelCoeffs k = Prims::coeffs(var, weight, eps, sum_g, sum_gxmu, x.numel() / C, true, need_k, batch_grad,
+                                        need_gw);
+  at::Tensor gi = empty, gr = empty;
+  if (need_k)
+    std::tie(gi, gr) = Prims::grad_apply(g, x, out, mean, k.k1, k.k2, k.k3, pre_relu, post_relu, p_keys, key, offset,
+                                         need_gi, need_gr);
+  return {gi, need_gw ? k.gw.to(wdt) : empty.to(wdt), need_gb ? sum_g.to(wdt) : empty.to(wdt), gr};
+}
+
+// The backward when the output was all zeros (empty input, or p == 1): nothing flows back.
+inline Tensor4 bn_backward_zeros(const at::Tensor& x, const OptTensor& weight, const at::Tensor& mean,
+                                 std::array<bool, 4> mask) {
+  const auto wdt = present(weight) ? weight->scalar_type() : bn_acc_type(x);
+  const at::Tensor empty = x.new_empty({0});
+  auto z = [&](bool need, const at::Tensor& t) { return need ? at::zeros_like(t) : empty; };
+  return {z(mask[0], x), z(mask[1], mean).to(wdt), z(mask[2], mean).to(wdt), z(mask[3], x)};
+}
+
+// The running statistics after a training step, as torch's _BatchNorm updates them: num_batches_tracked += 1, then
+// stat += factor * (batch stat - stat) with factor = momentum, or 1 / num_batches_tracked when momentum is None
+// (the cumulative average); the variance enters unbiased. n: values per channel.
+inline void bn_update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                    const OptTensor& num_batches_tracked, c10::optional<double> momentum,
+                                    const at::Tensor& mean, const at::Tensor& var, int64_t n) {
+  if (present(num_batches_tracked)) num_batches_tracked->add_(1);
+  const at::Tensor unbiased = var * (static_cast<double>(n) / static_cast<double>(n - 1));
+  auto update = [&](const at::Tensor& stat, const at::Tensor& batch, const auto& factor) {
+    if (stat.scalar_type() == batch.scalar_type())
+      stat.lerp_(batch, factor);
+    else
+      stat.copy_(batch * factor + stat.to(batch.scalar_type()) * (1 - factor));
+  };
+  if (momentum.has_value()) {
+    update(running_mean, mean, *momentum);
+    update(running_var, unbiased, *momentum);
+  } else {
+    TORCH_CHECK(present(num_batches_tracked), "fastfuse batch_norm: momentum=None needs num_batches_tracked");
+    const at::Tensor factor = at::reciprocal(num_batches_tracked->to(mean.scalar_type()));
+    update(running_mean, mean, factor);
+    update(running_var, unbiased, factor);
+  }
+}
+
+// The op on one device: Forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu,
+// post_relu, p, key, offset) -> (out, mean, var), then the update in training.
+template <typename Forward>
+Tensor3 batch_norm_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                      const OptTensor& running_mean, const OptTensor& running_var,
+                      const OptTensor& num_batches_tracked, const OptTensor& residual, bool training,
+                      c10::optional<double> momentum, double eps, bool pre_relu, bool post_relu, double p,
+                      const at::Tensor& seed, Forward forward) {
+  TORCH_CHECK(x.dim() >= 2, "fastfuse batch_norm: expected an (N, C, *) input, got ", x.dim(), "D");
+  TORCH_CHECK(training || (present(running_mean) && present(running_var)),
+              "fastfuse batch_norm: running_mean and running_var must be given when training=False");
+  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
+  auto [out, mean, var] = forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu,
+                                  post_relu, p, key, offset);
+  if (training && present(running_mean))
+    bn_update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var,
+                            x.numel() / x.size(1));
+  return {out, mean, var};
+}
 
 }  // namespace fastfuse

@@ -1,4 +1,4 @@
-// fastfuse::batch_norm on CPU: the composite of csrc/batch_norm_op.h with the per-channel arithmetic in one scalar
+// fastfuse::batch_norm on CPU: the composite of csrc/batch_norm.h with the per-channel arithmetic in one scalar
 // loop (as ~12 ATen ops it cost more than the kernels at (512, 16) or (64, 1000)), plus three CPU routes:
 // - training on a contiguous (N, C, *) tensor with planes of more than one element: the one-read kernels
 //   (bn_train_planes*), which reduce and apply one channel while it is in cache (memory is read once, not twice);
@@ -13,7 +13,6 @@
 
 #include "backend.h"
 #include "batch_norm.h"
-#include "batch_norm_op.h"
 #include "dropout.h"
 #include "layout.h"
 
@@ -22,7 +21,7 @@ namespace {
 
 constexpr int64_t kDropOnceBytes = int64_t(2) << 20;  // see batch_norm_backward_kernel
 
-// The per-channel vectors (ChannelCoeffs, csrc/batch_norm_op.h) as the ATen expressions in its comments compute
+// The per-channel vectors (ChannelCoeffs, csrc/batch_norm.h) as the ATen expressions in its comments compute
 // them on CPU: a scalar operand is first rounded to the tensor's dtype, rsqrt is 1 / sqrt (correctly rounded, as
 // ATen's vectorised rsqrt divides by sqrt), and no step is fused (no multiply-add pattern to contract).
 // var, weight (or undefined), sum_g, sum_gxmu: contiguous vectors of the accumulation type.

@@ -10,7 +10,6 @@
 
 #include "backend.h"
 #include "batch_norm.h"
-#include "batch_norm_op.h"
 #include "dropout.h"
 #include "philox.h"
 

@@ -2,7 +2,7 @@
 
 A call: batch_norm() checks its arguments and calls fastfuse::batch_norm, which also updates the running
 statistics. Its autograd (csrc/batch_norm.cpp) and kernels (csrc/cpu/batch_norm_kernel.cpp,
-csrc/cuda/batch_norm_kernel.cu, both composing the four primitives of csrc/batch_norm.h in csrc/batch_norm_op.h)
+csrc/cuda/batch_norm_kernel.cu, both composing the four primitives of csrc/batch_norm.h)
 are C++. This file holds the fake kernels and the Python backends (triton, reference), which compose the same four
 primitives (signatures of fastfuse.reference.bn_*)."""
 import torch
@@ -27,7 +27,7 @@ def _grad_dtype(weight, x):
 
 def _python_forward(backend):
     """The op on a Python backend: its four primitives (fastfuse.reference.bn_* or the Triton kernels) and the O(C)
-    arithmetic between them, as csrc/batch_norm_op.h composes the C++ ones; the running statistics by the C++
+    arithmetic between them, as csrc/batch_norm.h composes the C++ ones; the running statistics by the C++
     update."""
     def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, residual, training, momentum, eps,
                 pre_relu, post_relu, p, seed):
