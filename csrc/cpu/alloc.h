@@ -1,8 +1,7 @@
 // Output allocation for memory-bound CPU kernels.
 //
-// A fresh multi-MB output comes from a new mmap, and first-touching it 4 KB page by page costs more than the
-// kernel itself: on the 2-core dev VM a 51 MB clone() takes ~45 ms against ~8 ms for copy_ into a warm buffer.
-// So big outputs come from a small cache of blocks that were already touched (as the CUDA caching allocator
+// A fresh multi-MB output comes from a new mmap, and first-touching it 4 KB page by page can cost more than the
+// memory-bound kernel that writes it (docs/architecture.md). So big outputs come from a small cache of blocks that were already touched (as the CUDA caching allocator
 // does on the GPU): a training loop gets the same few sizes back every step. New blocks are 2 MB aligned and
 // advised to use transparent huge pages, 512x fewer faults on first touch. Tensors made here are ordinary
 // resizable CPU tensors; only where their memory comes from differs.
@@ -15,9 +14,8 @@
 namespace fastfuse {
 
 // Blocks of at least this size go through the cache; smaller ones are left to malloc. (glibc maps blocks from
-// 128 KB up fresh, or trims them off its heap, often enough that a 2 MB output page-faults on most calls here.)
-// 64 KB takes in a tabular model's hidden activations at batch 64 ((64, 1000) and (64, 500) float32, just under the
-// old 256 KB line): its training step ran ~1% faster in four paired runs.
+// 128 KB up fresh, or trims them off its heap, often enough that a 2 MB output would page-fault on most calls.)
+// 64 KB takes in a tabular model's hidden activations at small batches ((64, 500) float32 is 125 KB).
 constexpr int64_t kCachedOutputBytes = int64_t(64) << 10;
 
 // The allocator behind empty_like_output and empty_cached (a process-wide singleton).
@@ -37,8 +35,8 @@ inline at::Tensor empty_like_output(const at::Tensor& x) {
 }
 
 // at::empty (contiguous) of the given sizes and dtype; big CPU outputs come from the cache. A training step asks
-// for the same sizes every time (activations, weight gradients): fresh, a 2 MB gradient costs ~0.3 ms of page
-// faults here, as much as the matmul that writes it.
+// for the same sizes every time (activations, weight gradients), whose page faults would otherwise cost about as
+// much as the matmul that writes them.
 inline at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t n = 1;
   for (int64_t s : sizes) n *= s;

@@ -1,6 +1,6 @@
 // The CPU batch-norm kernels, written once and compiled twice: in namespace FF_BN_NS = base (the build's
-// baseline ISA) by batch_norm_kernel.cpp, and = avx2 (AVX2 + FMA) by batch_norm_kernel_avx2.cpp. The loops
-// are vectorised by the compiler, and at SSE2 width they are compute-bound (about 2x slower than AVX2 here).
+// baseline ISA) by batch_norm_primitives.cpp, and = avx2 (AVX2 + FMA) by batch_norm_primitives_avx2.cpp. The
+// loops are vectorised by the compiler, and at SSE2 width they are compute-bound, hence the AVX2 build.
 // The including file includes every header first, so that only this code takes the ISA pragma.
 //
 // Determinism: reductions split the tensor into blocks that depend only on its shape and add the partial sums
@@ -10,8 +10,8 @@ namespace FF_BN_NS {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per elementwise task / per Philox buffer (8 KB of keys)
-// Fewer elements than this run on one thread: a parallel region costs ~10 us on the 2-core VM, more than two
-// threads save on e.g. (64, 1000), where bn_stats took 31 us on two threads against 20 on one.
+// Fewer elements than this run on one thread: opening a parallel region costs more than a second thread saves on
+// a tabular layer's (64, 1000).
 constexpr int64_t kParallelMin = int64_t(1) << 17;
 
 // at::parallel_for's grain for n tasks of `each` elements: one thread below kParallelMin elements in all. Passes
@@ -87,8 +87,8 @@ void channel_sums(const BnGeom& g, const F& proto, double* s1, double* s2) {
   // rows of C: fixed blocks of rows give per-block partials [block][C], then a fixed-order sum over blocks
   const int64_t R = g.numel / g.C, rpb = sum_rows_per_block(g.C), nb = (R + rpb - 1) / rpb;
   // the blocks' partials (every entry is written before it is read). Big ones come from the output cache (cpu/alloc.h;
-  // fastfuse.empty_cpu_cache() frees them): a fresh vector of a few MB page-faults on every call (3 of the 4 ms of
-  // bn_stats at (4096, 1000) here). Small ones stay in a per-thread vector: an allocation cost 3 us at (64, 1000).
+  // fastfuse.empty_cpu_cache() frees them): a fresh vector of a few MB would page-fault on every call. Small ones
+  // stay in a per-thread vector, so a small call allocates nothing.
   const int64_t need = 2 * nb * g.C;
   static thread_local std::vector<double> small;
   at::Tensor big;
@@ -603,8 +603,8 @@ Tensor4 bn_train_planes_backward_cpu(const at::Tensor& grad_out, const at::Tenso
 // applies: three passes and up to three parallel regions over 64K elements. Here each task takes a block of
 // columns (channels) over all rows: it draws the block's dropout keys once into its buffer, reduces, does the
 // block's per-channel arithmetic and applies, while the block is still in cache (col_blocks sizes it to 256 KB).
-// 73 -> 55 us at (64, 1000), 67 -> 54 at (128, 512) here; more rows do not fit and keep the two-pass route (a
-// forward the same way was no faster: Philox and the apply dominate it). Each channel's sums run in channel_sums'
+// More rows do not fit and keep the two-pass route (a forward the same way gains nothing: Philox and the apply
+// dominate it). Each channel's sums run in channel_sums'
 // order (float within sum_rows_per_block-row blocks, double across them) and the per-channel arithmetic is
 // bn_grad_coeffs (batch_norm.h) as on the two-pass route, so the bits are the two-pass route's.
 

@@ -1,4 +1,4 @@
-// The AVX2 + FMA build of the CPU batch-norm kernels (see cpu/batch_norm_impl.h); batch_norm_kernel.cpp
+// The AVX2 + FMA build of the CPU batch-norm kernels (see cpu/batch_norm_impl.h); batch_norm_primitives.cpp
 // calls it only on CPUs that have both. Every header is included before the target pragma, so library code
 // (ATen, the standard library) is never compiled for AVX2 here, only the kernels below.
 #include <ATen/Dispatch.h>

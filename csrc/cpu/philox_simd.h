@@ -1,6 +1,6 @@
 // Philox words for 64 (AVX-512) or 16 (AVX2) consecutive dropout groups at once. The rounds are the
 // template in philox.h; this file only supplies the vector word type and the 4x4 interleave that puts
-// word `lane` of group g at position 4g + lane. GCC's auto-vectorisation of the scalar code is ~3x slower.
+// word `lane` of group g at position 4g + lane (GCC does not vectorise the scalar code as well).
 #pragma once
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTFUSE_X86_SIMD 1
@@ -15,7 +15,7 @@ namespace simd {
 #define FF_AVX2 __attribute__((target("avx2"))) inline
 
 // kN independent vectors per step: a Philox round is a chain of dependent multiplies, so interleaving
-// several chains keeps the multipliers busy (4 chains run ~3x faster than 1 on an EPYC).
+// several chains keeps the multipliers busy.
 constexpr int kN = 4;
 struct V16 { __m512i v[kN]; };
 FF_AVX512 V16 operator^(V16 a, V16 b) {

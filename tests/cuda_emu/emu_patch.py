@@ -1,31 +1,40 @@
-"""Imported by the transformed test module: routes fastfuse's "cuda" backend to the emulated kernels (ffemu,
-built and put on sys.path by run.py) for CPU tensors, through the tables the ops route by, so the Python op
-layer runs unchanged."""
-import importlib
-import types
+"""Imported by the transformed test module: routes fastfuse's "cuda" backend to the emulated kernels for CPU
+tensors. ffemu (built and put on sys.path by run.py) registers the CUDA kernels of the public ops as the CPU
+kernels of namespace fastfuse_emu, whose schemas are defined here from fastfuse's; under use_backend("cuda") the
+C++ CPU kernels hand each call to the Python router (as for a Python backend), which calls fastfuse_emu."""
+import contextlib
 
-import torch  # noqa: F401  (loads libtorch before ffemu)
-import ffemu as E
+import torch
+import fastfuse
 from fastfuse import _backends
 
-drop = importlib.import_module("fastfuse.ops.dropout")
-ecd = importlib.import_module("fastfuse.ops.embedding_concat_dropout")
-bn = importlib.import_module("fastfuse.ops.batch_norm")
-rc = importlib.import_module("fastfuse.ops.reflect_conv2d")
+_lib = torch.library.Library("fastfuse_emu", "DEF")
+_OPS = [name for name in _backends._IMPLS]
+for _name in _OPS:
+    _lib.define(str(getattr(torch.ops.fastfuse, _name).default._schema).split("::", 1)[1])
 
-_select = _backends.select
+import ffemu  # noqa: E402,F401  (registers the emulated kernels)
+
+_emulating = []
+_route = _backends._route
+_use_backend = _backends.use_backend
 
 
-def _select_emulated(x):
-    return "cuda" if _backends._override() == "cuda" else _select(x)
+def _route_emulated(name, args):
+    if _emulating and _emulating[-1]:
+        return getattr(torch.ops.fastfuse_emu, name)(*args)
+    return _route(name, args)
 
 
-_backends.select = _select_emulated
-drop._KERNELS["cuda"] = E.dropout
-ecd._FWD["cuda"] = lambda x, ws, p, k, o, c, ci: E.ecd(x, ws, p, k, o, c, ci)
-ecd._BWD["cuda"] = E.ecd_backward
-bn._CUDA = types.SimpleNamespace(bn_stats=E.bn_stats, bn_apply=E.bn_apply, bn_grad_reduce=E.bn_grad_reduce,
-                                 bn_grad_apply=E.bn_grad_apply)
-rc._FWD["cuda"] = lambda x, w, b, s, p, d, g: E.reflect_conv2d(x, w, b, list(s), list(p), list(d), g, rc._algo())
-rc._BWD["cuda"] = lambda go, x, w, s, p, d, g, m: E.reflect_conv2d_backward(go, x, w, list(s), list(p), list(d), g,
-                                                                             list(m), rc._algo())
+@contextlib.contextmanager
+def _use_backend_emulated(name):
+    with _use_backend("reference" if name == "cuda" else name):  # any Python backend: the router decides
+        _emulating.append(name == "cuda")
+        try:
+            yield
+        finally:
+            _emulating.pop()
+
+
+_backends._route = _route_emulated
+_backends.use_backend = fastfuse.use_backend = _use_backend_emulated

@@ -1,8 +1,9 @@
 """Runs csrc/cuda/*.cu on the CPU, for a machine without a GPU: each .cu file is rewritten (launches
 `k<<<grid, block, smem, stream>>>(args)` -> `emu::launch(grid, block, smem, stream, k, args)`, is_cuda() ->
-is_cpu(), no op registration), compiled with stand-ins for the CUDA headers (inc/, cuda_emu_runtime.h) into
-the module ffemu, and tests/test_cuda_kernels.py is run with its tensors on the CPU and the "cuda" backend
-routed to ffemu (emu_patch.py), against the real C++ CPU kernels.
+is_cpu(), the public ops' CUDA kernels registered as the CPU kernels of namespace fastfuse_emu instead), compiled
+with stand-ins for the CUDA headers (inc/, cuda_emu_runtime.h) into the module ffemu, and
+tests/test_cuda_kernels.py is run with its tensors on the CPU and the "cuda" backend routed to fastfuse_emu
+(emu_patch.py), against the real C++ CPU kernels.
 
     python tests/cuda_emu/run.py [pytest args]     (from the repository root, fastfuse._C built in place)
 
@@ -23,6 +24,7 @@ LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\(", re.S)
 def transform(src):
     src = src.replace(".is_cuda()", ".is_cpu()")
     src = re.sub(r"TORCH_LIBRARY_IMPL\(fastfuse_C, CUDA, m\) \{.*?\n\}\n", "", src, flags=re.S)
+    src = src.replace("TORCH_LIBRARY_IMPL(fastfuse, CUDA, m)", "TORCH_LIBRARY_IMPL(fastfuse_emu, CPU, m)")
     src, n = LAUNCH.subn(lambda m: f"emu::launch({m.group(2)}, {m.group(1)}, ", src)
     assert n and "<<<" not in src, "a launch the rewrite did not catch"
     return '#include "cuda_emu_runtime.h"\n' + src
@@ -30,7 +32,7 @@ def transform(src):
 
 def build():
     os.makedirs(os.path.join(BUILD, "gen"), exist_ok=True)
-    sources = [os.path.join(HERE, "harness.cpp")]
+    sources = [os.path.join(HERE, "harness.cpp"), os.path.join(ROOT, "csrc", "backend.cpp")]
     for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         out = os.path.join(BUILD, "gen", os.path.basename(cu)[:-3] + "_emu.cpp")
         text = transform(open(cu).read())

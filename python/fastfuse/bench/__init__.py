@@ -103,8 +103,7 @@ def time_ms(fn, device: str, slow: bool = False):
 # rounds, so every job sees the same conditions. Budget per job as the per-job blocks had (so the whole run
 # takes about as long): _FAST_S for jobs under _SLOW_CALL_S a call, _SLOW_S for slower ones and the explicitly
 # slow providers (eager/reference), each plus a few calls of warm-up.
-# The dev VM switches between quiet and throttled every few seconds (a 1.6 ms matmul then takes 16 ms), often
-# within one case; per-job medians over all rounds could then take one provider from quiet rounds and the
+# A shared VM can switch between quiet and throttled every few seconds, often within one case; per-job medians over all rounds could then take one provider from quiet rounds and the
 # next from throttled ones. So the quantiles come from the quieter half of the rounds, the SAME rounds for
 # every job: a round's load is the geometric mean over all jobs of (its time / the job's median time), and
 # the rounds at or under the median load are kept. The selection never looks at one provider alone.
