@@ -505,7 +505,7 @@ Tensor2 bn_grad_apply_cpu(const at::Tensor& grad_out, const at::Tensor& x, const
 // The two-pass forward reads x from memory twice (statistics, then apply) and the backward reads grad_out and x
 // twice. Here each task takes whole channels and applies one right after reducing it, while its plane is still
 // in cache (L2 for planes up to about 1 MB, L3 beyond), so memory sees x once forward and (grad_out, x) once
-// backward. The per-channel arithmetic between the two steps is ops/batch_norm.py's (_forward, _backward).
+// backward. The per-channel arithmetic between the two steps is batch_norm.h's composite's.
 
 Tensor3 bn_train_planes_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& residual, double eps, bool pre_relu, bool post_relu,

@@ -24,9 +24,9 @@ __device__ __forceinline__ scalar_t drop_one(scalar_t v, uint32_t key, uint32_t 
 }
 
 template <typename scalar_t, bool kAligned>
-__global__ void dropout_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n,
-                               int64_t ngroups, uint32_t threshold, at::opmath_type<scalar_t> scale,
-                               uint64_t seed, uint64_t offset) {
+__global__ void dropout_cuda_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n,
+                                    int64_t ngroups, uint32_t threshold, at::opmath_type<scalar_t> scale,
+                                    uint64_t seed, uint64_t offset) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < ngroups; g += stride) {
     const DropKeys keys = dropout_group_keys(seed, offset, static_cast<uint64_t>(g));
@@ -70,11 +70,11 @@ at::Tensor dropout_cuda(const at::Tensor& x, double p, int64_t seed, int64_t off
     const bool aligned = reinterpret_cast<uintptr_t>(xp) % align == 0 && reinterpret_cast<uintptr_t>(yp) % align == 0;
     const acc_t scale = static_cast<acc_t>(dropout_scale(p));
     if (aligned)
-      dropout_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, n, ngroups, threshold, scale,
-                                                                       seed, offset);
+      dropout_cuda_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, n, ngroups, threshold, scale,
+                                                                            seed, offset);
     else
-      dropout_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, n, ngroups, threshold, scale,
-                                                                        seed, offset);
+      dropout_cuda_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, n, ngroups, threshold, scale,
+                                                                             seed, offset);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;

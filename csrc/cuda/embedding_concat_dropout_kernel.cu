@@ -6,7 +6,7 @@
 // at most kChunk lookups; kernel 1 sums each chunk (mask regenerated per element) into a partial buffer,
 // kernel 2 sums each segment's partials in chunk order into the table gradient. A 3-row table hit by 4096
 // rows thus spreads over 128 chunks instead of serializing on three atomics.
-// Bad codes (the Python router raises IndexError before launching unless check_index=False) are guarded:
+// Bad codes (the op raises IndexError before launching unless check_index=False) are guarded:
 // they read nothing, give a zero row and no gradient, so the CUDA context is never corrupted.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
