@@ -83,13 +83,11 @@ def _format(x, w):
     return torch.channels_last if _channels_last(x) or _channels_last(w) else torch.contiguous_format
 
 
-# C++ designs: "auto" picks per shape; "frame" = vendor convolution with zero padding + frame correction;
-# "gemm" = reflected im2col + GEMM; "split" (CPU) = vendor convolution without padding on the block it gets
-# right + folded-tap GEMM on the rest, forward and backward; "fold" (CPU) = the folded-tap GEMM everywhere;
-# "direct" (CPU, AVX-512, fp32, one group; NCHW through a relayout) = our own micro-kernel on every pixel with
-# folded taps, forward and backward; where it cannot run, "auto" runs. On CUDA the last three run "frame".
-# FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
-_ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4, "direct": 5}
+# C++ designs (csrc/cpu/reflect_conv2d_cpu.h): "auto" picks per shape and direction; "frame" = vendor convolution with
+# zero padding + frame correction (every device, dtype and layout); "direct" (CPU, AVX-512, fp32, one group; NCHW
+# through a relayout) = our own micro-kernel on every pixel with folded taps, forward and backward; where it cannot
+# run, "auto" runs. On CUDA every value runs "frame". FASTFUSE_REFLECT_CONV2D_ALGO forces one (for benchmarks).
+_ALGOS = {"auto": 0, "frame": 1, "direct": 2}
 
 
 def _algo():
