@@ -6,7 +6,7 @@
 
 #include "backend.h"
 #include "double_backward.h"
-#include "reflect_conv2d_op.h"
+#include "reflect_conv2d.h"
 
 namespace fastfuse {
 namespace {

@@ -1,13 +1,11 @@
-// Reflection-padded conv2d without a padded copy, shared host logic of the CPU and CUDA kernels.
+// Reflection-padded conv2d without a padded copy: the geometry and the frame plan shared by the CPU and CUDA
+// kernels, and their entry points.
 //
-// Design: the vendor convolution (oneDNN / cuDNN) with implicit zero padding does the interior, then a
-// correction over the output frame adds what the reflected pixels contribute (zero padding contributed 0).
-// The frame is cut into rectangular regions whose output pixels all read the pad through the same set of
-// taps; per region the out-of-bounds taps are gathered (reflected index computed at the read) into a small
-// [groups, pixels, Cg * taps] matrix and multiplied with the matching weight columns (one batched GEMM).
-// Backward reuses the same regions: grad_weight adds the frame's outer products, grad_input folds the
-// frame's gradient back onto the source pixels the reflection read. No atomics anywhere: the fold gives
-// each (batch) slice of grad_input to one thread, so every run gives the same bits.
+// The frame design, on both devices: the vendor convolution (oneDNN / cuDNN) with implicit zero padding does the
+// interior, then a correction over the output frame adds what the reflected pixels contribute (zero padding
+// contributed 0). The frame is cut into rectangular regions whose output pixels all read the pad through the same
+// set of taps (plan()); each device corrects region by region. The CPU also has its own AVX-512 "direct" design
+// (cpu/reflect_conv2d_cpu.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -16,8 +14,11 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #ifdef __CUDACC__
@@ -29,7 +30,7 @@
 namespace fastfuse {
 namespace rconv {
 
-constexpr int kMaxTaps = 64;  // kernels up to 8x8; the Python router sends larger ones to the reference
+constexpr int kMaxTaps = 64;  // kernels up to 8x8; larger ones run as torch's pad + conv (reflect_conv2d_op)
 
 struct Geom {
   int64_t N, C, H, W, OC, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, G, Cg, OCg;
@@ -117,253 +118,10 @@ inline Geom geometry(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-inline at::Tensor tap_index(const Geom& g, const Taps& taps, const at::Device& device) {
-  std::vector<int64_t> idx(taps.n);
-  for (int t = 0; t < taps.n; ++t) idx[t] = taps.kh[t] * g.KW + taps.kw[t];
-  return at::tensor(idx, at::kLong).to(device);
-}
-
-// Columns are tap-major (t * Cg + cg): for channels_last inputs the gather then reads and writes
-// contiguous channel runs. w_tap is the weight as [OC, KH*KW, Cg] in the accumulation dtype.
-inline at::Tensor weight_columns(const at::Tensor& w_tap, const Geom& g, const at::Tensor& index) {
-  return w_tap.index_select(1, index).view({g.G, g.OCg, index.numel() * g.Cg});
-}
-
-// grad_output over a region as [G, NP, OCg] (NP = N * rows * cols, row-major over n, r, c).
-inline at::Tensor grad_rows(const at::Tensor& go, const Geom& g, const Region& reg) {
-  return go.slice(2, reg.r0, reg.r1)
-      .slice(3, reg.c0, reg.c1)
-      .permute({0, 2, 3, 1})
-      .reshape({-1, g.G, g.OCg})
-      .permute({1, 0, 2})
-      .to(acc_type(go.scalar_type()))
-      .contiguous();
-}
-
-// Dev provides the device loops:
-//   gather(x, A, g, reg): A[gi, np, t*Cg + cg] = x[n, gi*Cg + cg, reflect(ih), reflect(iw)] for tap t
-//   add(out, corr, g, reg): out[n, gi*OCg + oc, r, c] += corr[gi, np, oc]
-//   fold(gin, B, g, reg):  gin[n, gi*Cg + cg, reflect(ih), reflect(iw)] += B[gi, np, t*Cg + cg], one writer each
-template <typename Dev>
-at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                        const Geom& g);
-template <typename Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemm(const at::Tensor& go, const at::Tensor& x,
-                                                             const at::Tensor& w, const Geom& g,
-                                                             std::array<bool, 3> mask);
-// (defined below; channels_last: the input's layout as the convolution takes it)
-inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last = true);
-
-template <typename Dev>
-at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                   int64_t algo) {
-  const Geom g = geometry(x, w, stride, padding, dilation, groups);
-  if (pick_gemm(g, algo, x.device().is_cpu(), false)) return forward_gemm<Dev>(x, w, bias, g);
-  at::Tensor out = at::convolution(x, w, bias, stride, padding, dilation, false, {0, 0}, groups);
-  if (out.numel() == 0) return out;
-  const auto acc = acc_type(x.scalar_type());
-  const at::Tensor w_tap = w.to(acc).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
-  for (const Region& reg : plan(g)) {
-    const int64_t np = g.N * reg.rows() * reg.cols();
-    at::Tensor A = at::empty({g.G, np, g.Cg * reg.taps.n}, x.options().dtype(acc));
-    Dev::gather(x, A, g, reg);
-    const at::Tensor cols = weight_columns(w_tap, g, tap_index(g, reg.taps, x.device()));
-    Dev::add(out, at::bmm(A, cols.transpose(1, 2)), g, reg);
-  }
-  return out;
-}
-
-template <typename Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& go, const at::Tensor& x,
-                                                        const at::Tensor& w, at::IntArrayRef stride,
-                                                        at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                        int64_t groups, std::array<bool, 3> mask,
-                                                        int64_t algo) {
-  const Geom g = geometry(x, w, stride, padding, dilation, groups);
-  if (pick_gemm(g, algo, x.device().is_cpu(), true)) return backward_gemm<Dev>(go, x, w, g, mask);
-  std::vector<int64_t> bias_sizes{g.OC};
-  auto [gi, gw, gb] = at::convolution_backward(go, x, w, bias_sizes, stride, padding, dilation, false, {0, 0},
-                                               groups, mask);
-  if (!mask[0] && !mask[1]) return {gi, gw, gb};
-  if (go.numel() == 0) return {gi, gw, gb};
-  const auto acc = acc_type(x.scalar_type());
-  const at::Tensor w_tap = w.to(acc).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
-  at::Tensor gw_tap;  // [OC, KH*KW, Cg] view of the fp32/fp64 grad_weight being corrected
-  if (mask[1]) gw_tap = gw.to(acc).contiguous().view({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2);
-  for (const Region& reg : plan(g)) {
-    const at::Tensor Gr = grad_rows(go, g, reg);  // [G, NP, OCg]
-    const at::Tensor index = tap_index(g, reg.taps, x.device());
-    if (mask[1]) {
-      at::Tensor A = at::empty({g.G, Gr.size(1), reg.taps.n * g.Cg}, x.options().dtype(acc));
-      Dev::gather(x, A, g, reg);
-      const at::Tensor part = at::bmm(Gr.transpose(1, 2), A).view({g.OC, reg.taps.n, g.Cg});
-      // tap by tap rather than index_add_, which uses atomics on CUDA (and fails deterministic mode)
-      for (int t = 0; t < reg.taps.n; ++t)
-        gw_tap.select(1, reg.taps.kh[t] * g.KW + reg.taps.kw[t]).add_(part.select(1, t));
-    }
-    if (mask[0]) Dev::fold(gi, at::bmm(Gr, weight_columns(w_tap, g, index)), g, reg);
-  }
-  if (mask[1]) gw = gw_tap.transpose(1, 2).reshape(w.sizes()).to(w.scalar_type());
-  return {gi, gw, gb};
-}
-
-// Design (a) on the host: the whole output is one region with every tap, so the gather is a reflected
-// im2col of a chunk of images (about kChunkRows GEMM rows, to stay cache-sized) and one batched GEMM per
-// chunk gives the output; no vendor convolution. Faster than (b) where the frame is a large part of a small
-// output (the correction work of (b) grows with the frame's share).
-constexpr int64_t kChunkRows = 512;
-
-inline Region whole(const Geom& g) {
-  Region reg{0, g.OH, 0, g.OW, {}};
-  for (int kh = 0; kh < g.KH; ++kh)
-    for (int kw = 0; kw < g.KW; ++kw) {
-      reg.taps.kh[reg.taps.n] = kh;
-      reg.taps.kw[reg.taps.n] = kw;
-      ++reg.taps.n;
-    }
-  return reg;
-}
-
-inline at::MemoryFormat conv_format(const at::Tensor& x, const at::Tensor& w) {
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
-                 w.suggest_memory_format() == at::MemoryFormat::ChannelsLast
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
-inline int64_t chunk_images(const Geom& g) {
-  return std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, g.OH * g.OW));
-}
-
-template <typename Dev>
-at::Tensor forward_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                        const Geom& g) {
-  at::Tensor out = at::empty({g.N, g.OC, g.OH, g.OW}, x.options().memory_format(conv_format(x, w)));
-  if (bias.has_value() && bias->defined())
-    out.copy_(bias->view({1, g.OC, 1, 1}).expand_as(out));
-  else
-    out.zero_();
-  if (out.numel() == 0) return out;
-  const auto acc = acc_type(x.scalar_type());
-  const Region reg = whole(g);
-  const at::Tensor w_tap = w.to(acc).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
-  const at::Tensor cols_t = w_tap.view({g.G, g.OCg, -1}).transpose(1, 2);
-  const int64_t step = chunk_images(g);
-  for (int64_t n0 = 0; n0 < g.N; n0 += step) {
-    Geom gc = g;
-    gc.N = std::min(step, g.N - n0);
-    at::Tensor A = at::empty({g.G, gc.N * g.OH * g.OW, reg.taps.n * g.Cg}, x.options().dtype(acc));
-    Dev::gather(x.narrow(0, n0, gc.N), A, gc, reg);
-    at::Tensor o = out.narrow(0, n0, gc.N);
-    Dev::add(o, at::bmm(A, cols_t), gc, reg);
-  }
-  return out;
-}
-
-template <typename Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemm(const at::Tensor& go, const at::Tensor& x,
-                                                             const at::Tensor& w, const Geom& g,
-                                                             std::array<bool, 3> mask) {
-  const auto acc = acc_type(x.scalar_type());
-  at::Tensor gi, gw, gb;
-  if (mask[2]) gb = go.sum({0, 2, 3}, false, acc).to(go.scalar_type());
-  if (!mask[0] && !mask[1]) return {gi, gw, gb};
-  if (mask[0]) gi = at::zeros_like(x, x.options().memory_format(conv_format(x, w)));
-  at::Tensor gw_tap;
-  if (mask[1]) gw_tap = at::zeros({g.G, g.OCg, g.KH * g.KW * g.Cg}, x.options().dtype(acc));
-  const Region reg = whole(g);
-  const at::Tensor w_tap = w.to(acc).reshape({g.OC, g.Cg, g.KH * g.KW}).transpose(1, 2).contiguous();
-  const at::Tensor cols = w_tap.view({g.G, g.OCg, -1});
-  const int64_t step = chunk_images(g);
-  for (int64_t n0 = 0; go.numel() && n0 < g.N; n0 += step) {
-    Geom gc = g;
-    gc.N = std::min(step, g.N - n0);
-    const at::Tensor Gr = grad_rows(go.narrow(0, n0, gc.N), gc, reg);
-    if (mask[1]) {
-      at::Tensor A = at::empty({g.G, Gr.size(1), reg.taps.n * g.Cg}, x.options().dtype(acc));
-      Dev::gather(x.narrow(0, n0, gc.N), A, gc, reg);
-      gw_tap.baddbmm_(Gr.transpose(1, 2), A);
-    }
-    if (mask[0]) {
-      at::Tensor gin = gi.narrow(0, n0, gc.N);
-      Dev::fold(gin, at::bmm(Gr, cols), gc, reg);
-    }
-  }
-  if (mask[1])
-    gw = gw_tap.view({g.OC, g.KH * g.KW, g.Cg}).transpose(1, 2).reshape(w.sizes()).to(w.scalar_type());
-  return {gi, gw, gb};
-}
-
-// Share of the convolution's multiply-adds that design (b) adds as its frame correction: frame pixels times
-// their pad taps, over all pixels times all taps.
-inline double correction_share(const Geom& g) {
-  double taps = 0;
-  for (const Region& r : plan(g)) taps += double(r.rows()) * r.cols() * r.taps.n;
-  return taps / (double(g.OH) * g.OW * g.KH * g.KW);
-}
-
-// algo: 0 = pick per shape, 1 = vendor convolution + frame correction (b), 2 = reflected im2col GEMM (a);
-// 3 and 4 are CPU designs (cpu/reflect_conv2d_split*.cpp; pick_forward in cpu/reflect_conv2d_kernel.cpp and
-// pick_backward in cpu/reflect_conv2d_backward.cpp make the CPU's automatic choices); on CUDA they run (b).
-// Forward and backward choose independently (each is a complete computation of its own outputs; the choice
-// is a function of the shape and, on CPU, of the thread count where a design runs as our tasks
-// (rconv_cpu::chunks_fill_threads, tasks_fill_threads), so the bits still do not depend on the run).
-// CPU backward, measured on ResNet-34's shapes (2 threads of a shared AVX2 EPYC, oneDNN 3.x, MKL; see README;
-// AVX-512 below):
-// oneDNN's backward is slower than MKL GEMMs on an im2col here, so (a) wins wherever the im2col rows are long
-// enough (Cg*KH*KW >= 256) except where (b)'s correction is tiny (<= 3%, the 56x56 stride-1 case), and (b)
-// keeps the stem (3 input channels: K = 147 makes poor GEMMs).
-// Beyond ResNet-34's batch-16 channels_last shapes (measured below 1.0x of oneDNN there), (a)'s im2col gathers
-// decide: in NCHW every gathered element is a strided read, and (a) ran 1.1-4.4x (b)'s time at stride 1 on 16x16
-// to 32x32 planes ((4-16, 32-128, H, H) inputs) but 0.6-0.7x on 8x8 planes; in channels_last, K = Cg*KH*KW = 288 lost
-// to (b) (0.91-0.97 against 0.75-0.83 of the zero-padded fwd+bwd) while K >= 576 mostly won. channels_last: the
-// input's layout as the convolution takes it (conv_format).
-// Small problems (a few hundred output pixels in all, at most ~33M multiply-adds) take (a) in both directions: its
-// GEMMs on the whole output have fewer fixed costs than the vendor call plus a correction (a 6-layer ConvLayer net
-// at batch 4 on 32x32 images: forward 0.55-0.95x and backward 0.5-1.0x of (b)'s time per layer); beyond, NCHW's
-// strided gathers lose again, and ResNet-34's 7x7 outputs at batch 16 (784 pixels, 1.8G multiply-adds) keep the
-// designs measured for them.
-inline bool small_conv(const Geom& g, bool channels_last, bool backward) {
-  const int64_t pixels = g.N * g.OH * g.OW;
-  const int64_t macs = pixels * g.Cg * g.KH * g.KW * g.OC;
-  return pixels <= (backward && !channels_last ? 256 : 1024) && macs <= (int64_t(1) << 25);
-}
-
-// Whether ATen runs its AVX-512 kernels here (ATEN_CPU_CAPABILITY can lower it): a property of the machine, so
-// a pick that reads it still gives the same bits on every run.
-inline bool cpu_avx512() {
-  static const bool v = at::get_cpu_capability() == "AVX512";
-  return v;
-}
-
-// On AVX-512 CPUs, forward (pick_forward in cpu/reflect_conv2d_kernel.cpp) and backward keep (b) up to this
-// correction share in channels_last: oneDNN runs near the cores' peak there, and the other designs' GEMMs lose.
-constexpr double kAvx512FrameShare = 0.07;
-
-inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool channels_last) {
-  if (algo != 0) return algo == 2;
-  if (!cpu || !backward) return false;
-  if (small_conv(g, channels_last, true)) return true;
-  const int64_t K = g.Cg * g.KH * g.KW;
-  if (K < 256) return false;
-  const bool strided = g.sh * g.sw > 1, avx512_cl = cpu_avx512() && channels_last;
-  if (strided && !avx512_cl) return channels_last || K >= 512;
-  const double share = correction_share(g);
-  if (share <= 0.03) return false;
-  // Strided on AVX-512 in channels_last, (b) below 3% as at stride 1: the 56x56 stride-2 input (2.3%) took
-  // 1.02-1.07x the zero-padded backward against (a)'s 1.08-1.09x in three runs; at 28x28 (4.6%) (a) kept its lead
-  // (1.05-1.09x against 1.11-1.12x).
-  if (strided) return true;
-  // On an AVX-512 Xeon (2 cores of an Emerald Rapids VM) oneDNN's backward gains on MKL's GEMMs: at 28x28 stride 1
-  // (share 4.7%) (b) took 1.09-1.14x the zero-padded backward against (a)'s 1.15-1.27x in three runs; at 14x14
-  // (9.3%) and 7x7, (a) still won.
-  if (cpu_avx512() && share <= kAvx512FrameShare) return false;
-  return channels_last ? K >= 512 : g.OH * g.OW <= 64;
-}
-
 }  // namespace rconv
 
+// algo (python/fastfuse/ops/reflect_conv2d.py _ALGOS): 0 = pick per shape, 1 = frame, 2 = direct (CPU only; where it
+// cannot run, as 0). CUDA runs the frame design for every value. Forward and backward pick independently.
 #define FASTFUSE_RCONV_DECLARE(dev)                                                                            \
   at::Tensor reflect_conv2d_##dev(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, \
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,       \
@@ -373,11 +131,116 @@ inline bool pick_gemm(const Geom& g, int64_t algo, bool cpu, bool backward, bool
       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t algo);
 
 FASTFUSE_RCONV_DECLARE(cpu)
-// The design the CPU forward runs for these arguments ("frame", "gemm", "split", "fold" or "direct"; tests, benchmarks)
+// The design the CPU forward runs for these arguments ("frame" or "direct"; tests, benchmarks)
 std::string reflect_conv2d_cpu_design(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t algo);
 #ifdef FASTFUSE_WITH_CUDA
 FASTFUSE_RCONV_DECLARE(cuda)
 #endif
+
+
+// ---- fastfuse::reflect_conv2d on one device ------------------------------------------------------------------
+// - Output layouts as torch's convolution: channels_last when the input or the weight is; grad_weight like the
+//   weight.
+// - Kernels of more than rconv::kMaxTaps taps run as torch's reflection pad + convolution (and its backward).
+// - FASTFUSE_REFLECT_CONV2D_ALGO forces a CPU design ("frame", "direct"; benchmarks and tests).
+// - The kernels check every argument first, with the errors F.conv2d and F.pad(mode="reflect") raise.
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+inline bool rconv_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+inline at::MemoryFormat rconv_out_format(const at::Tensor& x, const at::Tensor& w) {
+  return rconv_channels_last(x) || rconv_channels_last(w) ? at::MemoryFormat::ChannelsLast
+                                                          : at::MemoryFormat::Contiguous;
+}
+
+// The CPU design forced by FASTFUSE_REFLECT_CONV2D_ALGO (0: the automatic pick).
+inline int64_t rconv_algo_from_env() {
+  const char* v = std::getenv("FASTFUSE_REFLECT_CONV2D_ALGO");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return 0;
+  if (std::strcmp(v, "frame") == 0) return 1;
+  if (std::strcmp(v, "direct") == 0) return 2;
+  TORCH_CHECK(false, "FASTFUSE_REFLECT_CONV2D_ALGO must be auto, frame or direct, got ", v);
+}
+
+// The errors F.conv2d and F.pad(mode="reflect") raise for these arguments, before any work is done.
+inline void check_reflect_conv2d_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "reflect_conv2d: expected a 4-D input (batched), got ", x.dim(), "-D input of size ",
+              x.sizes());
+  TORCH_CHECK(w.dim() == 4, "weight should have 4 dimensions, got ", w.dim(), "-D weight of size ", w.sizes());
+  const bool has_b = b.has_value() && b->defined();
+  using Named = std::pair<const at::Tensor*, const char*>;
+  for (const auto& [t, name] : {Named{&w, "weight"}, Named{has_b ? &*b : nullptr, "bias"}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->device() == x.device(), "Input type (", x.device(), ") and ", name, " type (", t->device(),
+                ") should be the same");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "Input type (", x.scalar_type(), ") and ", name, " type (",
+                t->scalar_type(), ") should be the same");
+  }
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "reflect_conv2d: expected a floating-point input, got ",
+              x.scalar_type());
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "non-positive stride is not supported");
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "negative padding is not supported");
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "dilation should be greater than zero");
+  TORCH_CHECK(groups > 0, "non-positive groups is not supported");
+  TORCH_CHECK(w.size(0) % groups == 0, "Given groups=", groups, ", expected weight to be divisible by ", groups,
+              " at dimension 0, but got weight of size ", w.sizes(), " instead");
+  TORCH_CHECK(x.size(1) == w.size(1) * groups, "Given groups=", groups, ", weight of size ", w.sizes(),
+              ", expected input", x.sizes(), " to have ", w.size(1) * groups, " channels, but got ", x.size(1),
+              " channels instead");
+  TORCH_CHECK(!has_b || (b->dim() == 1 && b->size(0) == w.size(0)), "Given weight of size ", w.sizes(),
+              ", expected bias to be 1-dimensional with ", w.size(0), " elements, but got bias of size ",
+              has_b ? b->sizes() : at::IntArrayRef{}, " instead");
+  // torch checks the width (argument #4 of the pad) before the height (argument #6)
+  for (const auto& [dim, arg, p] : {std::tuple<int64_t, int, int64_t>{3, 4, padding[1]}, {2, 6, padding[0]}})
+    TORCH_CHECK(p < x.size(dim), "Argument #", arg, ": Padding size should be less than the corresponding input ",
+                "dimension, but got: padding (", p, ", ", p, ") at dimension ", dim, " of input ", x.sizes());
+  const int64_t eff_h = dilation[0] * (w.size(2) - 1) + 1, eff_w = dilation[1] * (w.size(3) - 1) + 1;
+  const int64_t pad_h = x.size(2) + 2 * padding[0], pad_w = x.size(3) + 2 * padding[1];
+  TORCH_CHECK(pad_h >= eff_h && pad_w >= eff_w, "Calculated padded input size per channel: (", pad_h, " x ", pad_w,
+              "). Kernel size: (", eff_h, " x ", eff_w, "). Kernel size can't be greater than actual input size");
+}
+
+inline bool rconv_too_many_taps(const at::Tensor& w) { return w.size(2) * w.size(3) > rconv::kMaxTaps; }
+
+inline at::Tensor rconv_pad(const at::Tensor& x, at::IntArrayRef padding) {
+  return padding[0] || padding[1] ? at::reflection_pad2d(x, {padding[1], padding[1], padding[0], padding[0]}) : x;
+}
+
+template <typename Kernel>
+at::Tensor reflect_conv2d_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                             int64_t groups, Kernel kernel) {
+  const at::Tensor out =
+      rconv_too_many_taps(w)
+          ? at::conv2d(rconv_pad(x, padding), w, b, stride, at::IntArrayRef{0, 0}, dilation, groups)
+          : kernel(x, w, b, stride, padding, dilation, groups, rconv_algo_from_env());
+  return out.contiguous(rconv_out_format(x, w));
+}
+
+template <typename Kernel>
+Tensor3 reflect_conv2d_backward_op(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t groups, std::array<bool, 3> mask, Kernel kernel) {
+  at::Tensor gi, gw, gb;
+  if (rconv_too_many_taps(w)) {
+    const at::Tensor xp = rconv_pad(x, padding);
+    std::tie(gi, gw, gb) = at::convolution_backward(go, xp, w, at::IntArrayRef{w.size(0)}, stride, {0, 0}, dilation,
+                                                    false, {0, 0}, groups, mask);
+    if (mask[0] && (padding[0] || padding[1]))
+      gi = at::reflection_pad2d_backward(gi, x, {padding[1], padding[1], padding[0], padding[0]});
+  } else {
+    std::tie(gi, gw, gb) = kernel(go, x, w, stride, padding, dilation, groups, mask, rconv_algo_from_env());
+  }
+  const at::Tensor empty = x.new_empty({0});
+  return {mask[0] ? gi.contiguous(rconv_out_format(x, w)) : empty,
+          mask[1] ? gw.contiguous(rconv_channels_last(w) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
+                  : empty.clone(),
+          mask[2] ? gb.contiguous() : empty.clone()};
+}
 
 }  // namespace fastfuse

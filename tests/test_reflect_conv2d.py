@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastfuse
-from fastfuse import reference
+from fastfuse import _backends, reference
 
 from conftest import CPP, CPU_BACKENDS, TRITON, bits
 
@@ -38,7 +38,7 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10
        torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=4e-2, atol=8e-2)}
 
 # (backend, C++ design): the C++ backend is tested with both designs, whatever "auto" would pick
-DESIGNS = ("frame", "gemm", "split", "fold", "direct")  # direct: AVX-512 fp32 channels_last only, else auto
+DESIGNS = ("frame", "direct")  # direct: AVX-512, fp32, one group, NCHW or channels_last; else auto
 RUNS = [("reference", None)] + ([("cpp", a) for a in DESIGNS] if CPP else []) + \
     ([("triton", None)] if "triton" in CPU_BACKENDS else [])
 
@@ -123,20 +123,18 @@ def test_matches_nn_conv2d_reflect(backend, algo, cfg, channels_last, monkeypatc
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("cfg", [(2, 32, 28, 28, 8, 3, 1, 1, 1, 1, True), (2, 32, 7, 7, 8, 3, 1, 1, 1, 1, True),
                                  (2, 32, 14, 14, 8, 3, 2, 1, 1, 1, True), (2, 2, 20, 20, 8, 3, 1, 1, 1, 1, False)],
-                         ids=["28-split", "7-fold", "s2-fold", "small-k-frame"])
-def test_auto_picks_each_direction_from_one_of_the_designs(cfg, channels_last, monkeypatch):
-    """"auto" chooses the forward's and the backward's design independently (on CPU the 28x28 shape, Cg*9 =
-    288, runs forward on the split design and backward on the GEMM design): the output must be the bits of one
-    forced design and the gradients the bits of one forced design, and all must match torch."""
+                         ids=["28", "7", "s2", "small-k"])
+def test_auto_runs_one_of_the_designs_each_direction(cfg, channels_last):
+    """"auto" picks the forward's and the backward's design independently, whichever they are: the output must be
+    the bits of one forced design and the gradients the bits of one forced design."""
     m, x = _conv(cfg, channels_last=channels_last)
-    auto = _run("cpp", "auto", monkeypatch, lambda: _fwd_bwd(m, x, _ours(m)))
-    forced = [_run("cpp", a, monkeypatch, lambda: _fwd_bwd(m, x, _ours(m))) for a in DESIGNS]
-    assert any(torch.equal(bits(auto[0]), bits(f[0])) for f in forced)
-    assert any(all(torch.equal(bits(a), bits(b)) for a, b in zip(auto[1], f[1])) for f in forced)
-    y_ref, grads_ref = _fwd_bwd(m, x, _theirs(m))
-    torch.testing.assert_close(auto[0], y_ref, **TOL[torch.float32])
-    for a, b in zip(auto[1], grads_ref):
-        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    args = ([m.stride[0]] * 2, [m.padding[0]] * 2, [m.dilation[0]] * 2, m.groups)
+    w = m.weight.detach()
+    go = torch.randn_like(torch.ops.fastfuse_C.reflect_conv2d(x, w, None, *args, 0))
+    b = None if m.bias is None else m.bias.detach()
+    assert _auto_matches(torch.ops.fastfuse_C.reflect_conv2d, (x, w, b, *args), DESIGNS)
+    assert _auto_matches(torch.ops.fastfuse_C.reflect_conv2d_backward, (go, x, w, *args, [True, True, False]),
+                         DESIGNS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -155,7 +153,7 @@ def test_half_precision_against_fp32(backend, algo, cfg, dtype, monkeypatch):
         torch.testing.assert_close(a.float(), b, **TOL[dtype])
 
 
-@pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
+@pytest.mark.parametrize("algo", DESIGNS)
 @pytest.mark.parametrize("cfg", [(1, 2, 4, 5, 3, 3, 1, 1, 1, 1, True), (1, 2, 5, 4, 4, 3, 2, 2, 1, 2, True),
                                  (1, 2, 5, 6, 2, 4, 2, 3, 1, 2, True)], ids=["3x3", "s2g2", "k4s2g2"])
 def test_gradcheck_float64(cfg, algo, monkeypatch):
@@ -166,28 +164,13 @@ def test_gradcheck_float64(cfg, algo, monkeypatch):
     b = torch.randn(OC, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: fastfuse.reflect_conv2d(x, w, b, s, p, d, g), (x, w, b),
                                     fast_mode=True)
-    # create_graph=True: through the reference (_double_backward)
+    # create_graph=True: through the reference composition (csrc/double_backward.h)
     assert torch.autograd.gradgradcheck(lambda x, w, b: fastfuse.reflect_conv2d(x, w, b, s, p, d, g), (x, w, b),
                                         fast_mode=True)
-    # the registered op's own autograd (what torch.compile traces; eager CPU calls run the C++ node above)
+    # the op called directly
     op = lambda x, w, b: torch.ops.fastfuse.reflect_conv2d(x, w, b, [s, s], [p, p], [d, d], g)  # noqa: E731
     assert torch.autograd.gradcheck(op, (x, w, b), fast_mode=True)
     assert torch.autograd.gradgradcheck(op, (x, w, b), fast_mode=True)
-
-
-@pytest.mark.skipif(not CPP, reason="fastfuse._C not built")
-@pytest.mark.parametrize("cfg", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_eager_cpu_node_gives_the_op_paths_bits(cfg, channels_last):
-    """fastfuse.reflect_conv2d on CPU in eager mode runs one C++ node (fastfuse_C::reflect_conv2d_module); it must give
-    the registered op's bits (the path torch.compile traces): output, every gradient, and their layouts."""
-    m, x = _conv(cfg, channels_last=channels_last)
-    args = ([m.stride[0], m.stride[1]], [m.padding[0], m.padding[1]], [m.dilation[0], m.dilation[1]], m.groups)
-    node = _fwd_bwd(m, x, _ours(m))
-    op = _fwd_bwd(m, x, lambda x, w, b: torch.ops.fastfuse.reflect_conv2d(x, w, b, *args))
-    assert "RconvFunction" in _ours(m)(x.requires_grad_(), m.weight, m.bias).grad_fn.name()
-    for a, e in zip([node[0], *node[1]], [op[0], *op[1]]):
-        assert a.stride() == e.stride() and torch.equal(bits(a), bits(e))
 
 
 def test_opcheck():
@@ -220,9 +203,8 @@ def test_gradients_bit_identical_run_to_run(backend, algo, monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last, monkeypatch):
     """Enough GEMM rows for several CPU tasks and grad_weight runs (7x7 outputs: several images per task).
-    Bits across thread counts for design (a), and for the forward of split, fold and direct (their oneDNN part runs
-    single-threaded on fixed chunks of images; direct computes each pixel in one call whatever the task split):
-    oneDNN's own weight gradient in (b) depends on them."""
+    Bits across thread counts for direct's forward (it computes each pixel in one call whatever the task split):
+    oneDNN's own results in the frame design depend on them."""
     cfg = (37, 6, 7, 7, 5, 3, 1, 1, 1, 1, True)
     m, x = _conv(cfg, channels_last=channels_last)
     runs = []
@@ -234,8 +216,7 @@ def test_many_tasks_match_and_do_not_depend_on_thread_count(algo, channels_last,
         for a, b in zip((run[0],) + run[1], (ref[0],) + ref[1]):
             torch.testing.assert_close(a, b, **TOL[torch.float32])
     for again in runs[1:]:
-        same = {"gemm": (runs[0][0],) + runs[0][1], "split": runs[0][:1], "fold": runs[0][:1],
-                "direct": runs[0][:1]}.get(algo, ())
+        same = {"direct": runs[0][:1]}.get(algo, ())
         for a, b in zip(same, (again[0],) + again[1]):
             assert torch.equal(bits(a), bits(b))
 
@@ -306,54 +287,16 @@ def test_direct_design_against_float64(cfg, layout):
 
 
 @pytest.mark.skipif(not AVX512, reason="the direct design runs on AVX-512 CPUs only")
-def test_direct_design_only_where_it_applies():
+def test_forced_direct_design_only_where_it_applies():
     """Forced, it runs on fp32 channels_last or NCHW input with one group; elsewhere the automatic pick runs."""
     x = torch.randn(2, 4, 8, 8)
     w = torch.randn(8, 4, 3, 3)
-    design = lambda x, w, g=1: fastfuse._C.reflect_conv2d_cpu_design(x, w, [1, 1], [1, 1], [1, 1], g, 5)  # noqa: E731
+    design = lambda x, w, g=1: fastfuse._C.reflect_conv2d_cpu_design(  # noqa: E731
+        x, w, [1, 1], [1, 1], [1, 1], g, rc_ops._ALGOS["direct"])
     cl = x.to(memory_format=torch.channels_last)
     assert design(cl, w) == "direct" and design(x, w) == "direct"
     assert design(x.transpose(2, 3), w) != "direct" and design(cl.double(), w.double()) != "direct"
     assert design(cl, w[:, :2], 2) != "direct" and design(cl.bfloat16(), w.bfloat16()) != "direct"
-    # auto: ResNet-34's 14x14, 28x28 and 56x56 stages (stride 1 and 2) from 32 channels, not with 16 channels at
-    # 56x56 nor for images over 1 MB there; and the stem
-    stem = torch.randn(16, 3, 32, 32).to(memory_format=torch.channels_last)
-    cases = ((14, 32, 1, True), (28, 32, 1, True), (28, 32, 2, True), (56, 32, 1, True), (56, 32, 2, True),
-             (56, 16, 1, False), (96, 32, 1, False))
-    for size, c, s, want in cases:
-        picked = fastfuse._C.reflect_conv2d_cpu_design(
-            torch.randn(16, c, size, size).to(memory_format=torch.channels_last), torch.randn(64, c, 3, 3),
-            [s, s], [1, 1], [1, 1], 1, 0)
-        assert (picked == "direct") == want, (size, c, s, picked)
-    for n in (16, 1):  # the stem at any batch
-        assert fastfuse._C.reflect_conv2d_cpu_design(stem[:n], torch.randn(8, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1,
-                                                     0) == "direct"
-    # outputs of up to 8x8: at any batch in channels_last, from two images in NCHW
-    w7 = torch.randn(512, 512, 3, 3)
-    for n, fmt, want in ((1, torch.channels_last, True), (1, torch.contiguous_format, False),
-                         (2, torch.contiguous_format, True)):
-        picked = fastfuse._C.reflect_conv2d_cpu_design(torch.randn(n, 512, 7, 7).to(memory_format=fmt), w7, [1, 1],
-                                                       [1, 1], [1, 1], 1, 0)
-        assert (picked == "direct") == want, (n, fmt, picked)
-    # NCHW (through the relayout): also with 16 channels, images over 1 MB and the stem at batch 4
-    for shape, s, k in (((16, 16, 56, 56), 1, 3), ((2, 32, 96, 96), 1, 3), ((4, 3, 64, 64), 2, 7)):
-        assert fastfuse._C.reflect_conv2d_cpu_design(torch.randn(shape), torch.randn(16, shape[1], k, k), [s, s],
-                                                     [k // 2] * 2, [1, 1], 1, 0) == "direct", shape
-    # the backward takes both gradients from the direct design at 14x14, at 56x56 (below 3% of frame share) from 32
-    # channels at either stride, not with 16 channels there, nor for a 7x7 output, nor with input channels that
-    # leave a partial 16-lane vector (40)
-    cases = (((16, 32, 14, 14), 32, 1, True), ((2, 32, 56, 56), 32, 1, True), ((2, 32, 56, 56), 32, 2, True),
-             ((2, 16, 56, 56), 16, 1, False), ((16, 32, 14, 14), 32, 2, False), ((4, 40, 28, 28), 64, 1, False))
-    # NCHW: 16 channels at 56x56 too
-    cases += tuple((shape, oc, s, True, torch.contiguous_format) for shape, oc, s, _ in cases[3:4])
-    for shape, oc, s, want, *fmt in cases:
-        fmt = fmt[0] if fmt else torch.channels_last
-        x = torch.randn(shape).to(memory_format=fmt)
-        go = torch.randn(shape[0], oc, (shape[2] - 1) // s + 1, (shape[3] - 1) // s + 1)
-        grad = (go.to(memory_format=fmt), x, torch.randn(oc, shape[1], 3, 3), [s, s], [1, 1], [1, 1],
-                1, [True, True, False])
-        assert _auto_matches(torch.ops.fastfuse_C.reflect_conv2d_backward, grad, ["direct"]) == \
-            (["direct"] if want else []), (shape, oc, s)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
@@ -408,14 +351,15 @@ def test_errors_match_torch_and_run_nothing(case, monkeypatch):
         b = torch.randn(6, dtype=torch.float16)
     elif case == "device":
         w = w.to("meta")
-    calls = []
-    for name in rc_ops._FWD:  # reaching any backend's kernel would be a bug
-        monkeypatch.setitem(rc_ops._FWD, name, lambda *a: calls.append(a))
+    calls = []  # the kernels check first: reaching a backend's implementation would be a bug
+    monkeypatch.setitem(_backends._IMPLS["reflect_conv2d"], "reference", lambda *a: calls.append(a))
     # a CPU input with a meta weight does not raise in torch (meta wins); a CUDA one would, with this message
     torch_fn = None if case == "device" else lambda: F.conv2d(F.pad(x, (p, p, p, p), mode="reflect"), w, b, 1, 0, 1, g)
     _both_raise(lambda: fastfuse.reflect_conv2d(x, w, b, 1, p, 1, g), torch_fn, match)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fastfuse.reflect_conv2d(x, w, b, [1, 1], [p, p], [1, 1], g)  # the op checks too
+    with fastfuse.use_backend("reference"), pytest.raises(RuntimeError, match=match):
+        torch.ops.fastfuse.reflect_conv2d(x, w, b, [1, 1], [p, p], [1, 1], g)
     assert not calls
 
 
@@ -509,60 +453,7 @@ def test_triton_matches_reference_op():
                                                            m.groups), **TOL[torch.float32])
 
 
-def test_auto_leaves_batched_designs_with_more_threads_than_tasks():
-    """(c) runs in tasks of 8 images: at batch 16 it is picked on up to 2 threads, and with more threads auto takes a
-    design that every thread works on ((b) here), rather than leave threads idle. (NCHW float64: an AVX-512 CPU runs
-    this shape in float32 on the direct design.)"""
-    x = torch.randn(16, 32, 14, 14, dtype=torch.float64)
-    w = torch.randn(32, 32, 3, 3, dtype=torch.float64)
-    args = (x, w, None, [1, 1], [1, 1], [1, 1], 1)
-    picked = {}
-    for n in (2, 3):
-        with _num_threads(n):
-            picked[n] = _auto_matches(torch.ops.fastfuse_C.reflect_conv2d, args, ("frame", "split"))
-    assert picked == {2: ["split"], 3: ["frame"]}
-
-
-def test_auto_leaves_task_designs_with_more_threads_than_tasks():
-    """A small problem runs (a), a few GEMM tasks, on up to 2 threads (the measured picks); with more threads than
-    tasks auto takes (b), whose vendor convolution uses every thread. Forward and backward alike."""
-    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
-    w = torch.randn(16, 16, 3, 3)
-    go = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
-    conv = (x, w, None, [1, 1], [1, 1], [1, 1], 1)
-    grad = (go, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, False])
-    picked = {}
-    for n in (2, 4):
-        with _num_threads(n):
-            for name, op, args in (("fwd", torch.ops.fastfuse_C.reflect_conv2d, conv),
-                                   ("bwd", torch.ops.fastfuse_C.reflect_conv2d_backward, grad)):
-                picked[name, n] = _auto_matches(op, args, ("frame", "gemm"))
-    assert picked == {("fwd", 2): ["gemm"], ("bwd", 2): ["gemm"], ("fwd", 4): ["frame"], ("bwd", 4): ["frame"]}
-
-
-@pytest.mark.parametrize("algo", ["split", "fold"])
-@pytest.mark.parametrize("groups", [1, 2])
-def test_backward_in_image_blocks(algo, groups, monkeypatch):
-    """split's and fold's grad_weight over a big batch runs in blocks of images (a 1-byte bound makes every block
-    one task of 8 images here: 8, 8, 4), each adding onto the last; the same gradients as the reference, and the
-    same bits on a second run."""
-    x = torch.randn(20, 4, 7, 6).to(memory_format=torch.channels_last)
-    ref_m = nn.Conv2d(4, 6, 3, 1, 1, groups=groups, padding_mode="reflect", bias=False)
-    y, grads = _fwd_bwd(ref_m, x, _theirs(ref_m))
-    torch.manual_seed(1)
-    go = torch.randn_like(y)  # _fwd_bwd's
-    op = lambda: torch.ops.fastfuse_C.reflect_conv2d_backward(  # noqa: E731
-        go, x, ref_m.weight.detach(), [1, 1], [1, 1], [1, 1], groups, [True, True, False], rc_ops._ALGOS[algo])
-    whole = op()
-    monkeypatch.setenv("FASTFUSE_REFLECT_CONV2D_BLOCK_BYTES", "1")
-    blocks, again = op(), op()
-    for got, ref in zip(blocks[:2], grads[:2]):
-        torch.testing.assert_close(got, ref, **TOL[torch.float32])
-    assert not torch.equal(blocks[1], whole[1])  # the blocks ran: three GEMMs round otherwise than one
-    assert all(torch.equal(a, b) for a, b in zip(blocks[:2], again[:2]))
-
-
-@pytest.mark.parametrize("algo", ["frame", "gemm", "split", "fold"])
+@pytest.mark.parametrize("algo", DESIGNS)
 @pytest.mark.parametrize("shape,stride", [((3, 4, 7, 6), 1), ((2, 4, 9, 8), 2), ((2, 4, 2, 2), 1), ((0, 4, 7, 6), 1)],
                          ids=["s1", "s2", "no-block", "batch0"])
 def test_backward_each_mask_as_reference(algo, shape, stride):
@@ -581,26 +472,6 @@ def test_backward_each_mask_as_reference(algo, shape, stride):
         for want, got, ref in zip(mask, out, grads):
             if want:
                 torch.testing.assert_close(got, ref, **TOL[torch.float32])
-
-
-@pytest.mark.parametrize("shape,groups", [((5, 6, 7, 7), 1), ((1, 6, 9, 8), 2), ((2, 16, 24, 24), 1)],
-                         ids=["images-per-task", "one-image-in-pieces", "big-images-in-pieces"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
-def test_gemm_forward_on_nchw_columns(shape, groups, dtype):
-    """Design (a)'s NCHW forward (the im2col as columns, reflect_conv2d_columns.cpp) over its three task layouts:
-    several whole images per GEMM, one image split in two, images larger than a task; fp16 goes through the
-    result buffer. Against the reference, and bit-identical on 1 and 2 threads."""
-    torch.manual_seed(0)
-    x = torch.randn(shape, dtype=dtype)
-    w, b = torch.randn(5 * groups, shape[1] // groups, 3, 3, dtype=dtype), torch.randn(5 * groups, dtype=dtype)
-    ref = F.conv2d(F.pad(x.double(), (2, 2, 1, 1), mode="reflect"), w.double(), b.double(), 1, 0, 1, groups)
-    outs = []
-    for n in (1, 2):
-        with _num_threads(n):
-            outs.append(torch.ops.fastfuse_C.reflect_conv2d(x, w, b, [1, 1], [1, 2], [1, 1], groups,
-                                                             rc_ops._ALGOS["gemm"]))
-    torch.testing.assert_close(outs[0].double(), ref, **TOL[dtype])
-    assert outs[0].is_contiguous() and torch.equal(bits(outs[0]), bits(outs[1]))
 
 
 @pytest.mark.skipif(not CPP, reason="fastfuse._C not built")

@@ -1,9 +1,8 @@
-// Design (d) on CPU, "direct": fp32, one group, AVX-512; reads channels_last (NCHW input through cpu/relayout.h),
-// writes either layout. The vendor's convolution cannot read through the reflection, so (b) repeats the reflected taps
-// and (c) splits the output between oneDNN's unpadded convolution (90% of its zero-padded efficiency at 14x14) and MKL
-// GEMMs on a gathered frame (half of it): both stay 1.1x over the zero-padded conv at ResNet's 14x14. Here our own
-// micro-kernel (reflect_conv2d_direct_kernel.h) computes every pixel once, reading its input in place, with the taps
-// that read one pixel folded (as in (c)); it runs the interior at oneDNN's own rate on 2 Xeon cores.
+// The "direct" design on CPU: fp32, one group, AVX-512; reads channels_last (NCHW input through cpu/relayout.h),
+// writes either layout. The vendor's convolution cannot read through the reflection, so the frame design repeats the
+// reflected taps on top of the whole zero-padded convolution. Here our own micro-kernel
+// (reflect_conv2d_direct_kernel.h) computes every pixel once, reading its input in place, with the taps that read
+// one pixel folded into one; on the interior it runs at about oneDNN's own rate.
 //
 // The same machinery gives grad_input: each input pixel gathers grad_output through the reflection (the pairs (output
 // pixel, tap) that read it, those of one output pixel folded), so no pixel is written twice and nothing is atomic.
@@ -38,11 +37,9 @@ struct Task {
   int64_t h0 = 0, h1 = INT64_MAX;  // the rows it computes (a band of a whole-image task's images)
 };
 
-// Tiles per line: each line's calls run for kGroup tiles in turn, the line's input still in L1 for the second.
-// Interleaved in one process against one tile per line (forward, batch 16, two runs): stride-2 28x28 0.96-0.97x the
-// zero-padded conv against 1.01-1.03x, stride-2 56x56 1.03-1.07x against 1.05-1.08x, 56x56 1.05-1.06x against
-// 1.06-1.09x, 28x28 a tie; four tiles per line did no better. Tasks of one tile over the batch (weight-bound) keep
-// one tile.
+// Tiles per line: each line's calls run for kGroup tiles in turn, the line's input still in L1 for the second (two
+// halve the line's reads from L2; four gain nothing more). Tasks of one tile over the batch (weight-bound) keep one
+// tile.
 constexpr int kGroup = 2;
 
 void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& pk) {
@@ -56,14 +53,13 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
   }
   // Where the packed weight outweighs the activations a pass over the output reads (ResNet's 7x7 stage: 9.4 MB
   // against 1.6 MB at batch 16), a task is one tile over the whole batch, its weight kept in cache, rather than
-  // images that each stream every tile: 7x7 went from 1.13x the zero-padded conv to 0.95x, stride-2 14x14 from
-  // 1.08x to 0.95x (at 14x14, 28x28 and 56x56, not weight-bound, it tied or lost by 2-7%).
+  // images that each stream every tile. Elsewhere tasks of images keep each image's input in cache instead.
   const bool weight_bound = pk.elems() > pr.N * image_px * pr.K;
   // Tasks: whole images, every region of them but those that run as lines across images (corners), which take
   // tasks of their own over even pieces of at most kMaxM images. An image's frame is computed while its input is
-  // in cache: as tasks of their own over the batch, the frame read x back from memory and ran at 2/3 of the
-  // interior's rate at 56x56. Images per task: about 256 pixels (14x14: one image); split further by tiles when
-  // there are fewer tasks than two per thread (a small batch). No result depends on the split.
+  // in cache: as tasks of their own over the batch, the frame would read x back from memory. Images per task: about
+  // 256 pixels (14x14: one image); split further by tiles when there are fewer tasks than two per thread (a small
+  // batch). No result depends on the split.
   const int64_t tiles = pk.tiles();
   std::vector<Task> tasks;
   // images of the k-th of even pieces of at most kMaxM, for lines across images: 16 images as 8 + 8, not 14 + 2
@@ -88,9 +84,8 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
           more.push_back({t.region, t.n0, t.n1, k * tiles / split, (k + 1) * tiles / split, 0});
       tasks.swap(more);
     }
-    // and still too few (a large image, one tile: batch-1 inference), whole-image tasks by bands of rows. Every
-    // pixel is one kernel call's whatever the split, so no result depends on it. (One task ran a 112x112 image of
-    // 32 channels on one thread: 1.95x the zero-padded conv.)
+    // and still too few (a large image, one tile: batch-1 inference), whole-image tasks by bands of rows, so that
+    // every thread works. Every pixel is one kernel call's whatever the split, so no result depends on it.
     const int64_t bands = std::min(out_rows, (want + (int64_t)tasks.size() - 1) / std::max<int64_t>(1, tasks.size()));
     if (!tasks.empty() && bands > 1) {
       std::vector<Task> more;
@@ -211,7 +206,7 @@ void run_direct(const Problem& pr, const std::vector<DRegion>& regions, Packed& 
 }  // namespace
 
 bool direct_applies(const Geom& g, const at::Tensor& x, const at::Tensor& w) {
-  return rconv::cpu_avx512() && g.G == 1 && w.scalar_type() == at::kFloat && relayout_applies(x);
+  return cpu_avx512() && g.G == 1 && w.scalar_type() == at::kFloat && relayout_applies(x);
 }
 
 bool direct_grads_apply(const Geom& g, const at::Tensor& go, const at::Tensor& x, const at::Tensor& w) {

@@ -28,8 +28,8 @@ constexpr int64_t kTile = 32;
 inline __mmask16 last_vector_mask(int64_t lanes) { return __mmask16((1u << (lanes > 16 ? lanes - 16 : lanes)) - 1); }
 
 // A tap's weight: the sum of n packed [K, 32] matrices (a folded class: the taps that read one pixel), summed in
-// the kernel as it streams them (2 adds per 2 x kMaxM FMAs on the frame) rather than packed per call: at 7x7 with
-// 512 channels the folded sums were 19 MB of pack against 9 for the taps.
+// the kernel as it streams them (2 adds per 2 x kMaxM FMAs on the frame) rather than packed per call: packed folded
+// sums would be more weight to pack and stream than the taps themselves (about twice at 7x7).
 constexpr int kMaxFold = 9;  // a pixel is read unreflected and reflected off either edge: 3 taps per axis at most
 struct TapWeight {
   int n;
@@ -39,8 +39,7 @@ struct TapWeight {
 
 // The M pixels' inputs of one tap at one channel: pixel j at row[j / 3] + (j % 3) * as. The compiler keeps kRows
 // pointers and the stride in registers and reads each pixel with a base + scaled index address: with a pointer per
-// pixel it ran out of general registers and reloaded three from the stack per step (12-pixel lines ran at 92% of
-// the 14-pixel lines' rate, now at the same).
+// pixel it runs out of general registers and reloads some from the stack at every step.
 template <int M>
 struct PixelRows {
   static constexpr int kRows = (M + 2) / 3;
@@ -180,9 +179,8 @@ class Packed {
   // - lanes contiguous (a channels_last weight's grad_input view): a 32-lane run per row;
   // - (kh, kw, k) contiguous (its forward view): one transpose of [lanes, KH*KW*K] (cpu/relayout.h);
   // - (kh, kw) contiguous (torch's OIHW weight, either view): per k a transpose of [lanes, KH*KW] onto its rows;
-  // else ATen's copy of the permuted slice. That copy had taken 1.9-3.8x a plain copy's time (2.4 MB: 0.10-0.20 ms
-  // against 0.05), AVX-512 gathers ~4x more still; with the transposes, batch-1 forwards of 256 and 512 channels took
-  // 6-15% less time, batch 16 at 7x7 3%.
+  // else ATen's copy of the permuted slice. The transposes run near a plain copy's rate, ATen's strided copy (or
+  // AVX-512 gathers) several times slower, which shows most where the pack is a large part of the call (batch 1).
   void pack(int64_t tile) {
     const int64_t l0 = tile * kTile, n = std::min(kTile, v_.size(3) - l0);
     const int64_t B = v_.size(1), K = v_.size(2), T = v_.size(0) * B, R = T * K;

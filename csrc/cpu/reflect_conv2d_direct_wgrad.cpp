@@ -1,4 +1,4 @@
-// Design (d)'s weight gradient on CPU: fp32 channels_last, one group, AVX-512, any stride and dilation.
+// The direct design's weight gradient on CPU: fp32 channels_last, one group, AVX-512, any stride and dilation.
 // grad_weight[oc, :, kh, kw] sums grad_output[n, r, c, oc] * x[n, reflect(r*s - p + kh*d), reflect(...), :] over the
 // output pixels. The forward's plan (reflect_conv2d_direct_plan.h) cuts the output into rectangles whose pixels read
 // through the same folded taps; a class of taps that read one pixel is summed once and added to each of its taps.
@@ -25,10 +25,8 @@ struct Walk {
 
 // Runs of taps: T single taps whose sources lie one step apart along the walk's columns (3x3 at stride 1: kw = 0, 1,
 // 2 of one kh; at stride 2: kw = 0 and 2) share each step's grad_output broadcasts and x vectors, tap i+1's pixel
-// being tap i's at the next step. Output channels per call at most kRunCap[T - 1] (T x M x NV accumulators).
-// A standalone loop over cached (2, 128, 28, 28) data ran 146 GFLOP/s on one core a tap at a time, 164 in runs of
-// two; in the op, runs of three against one took grad_weight from 1.07x to 1.03x oneDNN's at 14x14 (28x28 1.04x to
-// 1.03x, stride-2 28x28 0.91x to 0.86x; one run each).
+// being tap i's at the next step: fewer loads per multiply-add than a tap at a time. Output channels per call at
+// most kRunCap[T - 1] (T x M x NV accumulators).
 constexpr int kMaxRun = 3;
 constexpr int kRunCap[kMaxRun] = {kMaxM, 6, 4};
 // output channels per block of grad_weight (of the 14 a lone tap could hold): runs of 2 and 3 split a block into 2
@@ -177,9 +175,9 @@ at::Tensor wgrad_direct(const at::Tensor& go, const at::Tensor& x, const at::Ten
   const int64_t bsplit = even ? 1 : std::min(blocks, (2 * threads + tsplit - 1) / tsplit);
   // Images per chunk: x's and grad_output's pixels of a chunk about kChunkBytes, and where one image is more, bands
   // of output rows of about that (both from the shape alone: they set the order of the sums, so they must not
-  // depend on the task split). From 4 MB up (chunks of 4 MB, or whole images at 112x112) the kernel waited on
-  // memory, 1.3-3.4x slower.
-  constexpr int64_t kChunkBytes = int64_t(1) << 20;  // 512 KB and 2 MB lost 0-18% at 14x14 to 56x56
+  // depend on the task split). A chunk stays in L2 while every block and tile of the task walks it; a few MB would
+  // leave the kernel waiting on memory, a much smaller one adds per-call overhead.
+  constexpr int64_t kChunkBytes = int64_t(1) << 20;
   const int64_t img_bytes = 4 * (g.H * g.W * g.C + g.OH * g.OW * g.OC);
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / img_bytes);
   const int64_t band = img_bytes <= kChunkBytes ? g.OH : std::max<int64_t>(1, g.OH * kChunkBytes / img_bytes);

@@ -7,9 +7,12 @@ import torch
 
 from .. import _backends, _extension, reference
 
-# The CPU designs by name, as FASTFUSE_REFLECT_CONV2D_ALGO takes them and as the helper ops
-# torch.ops.fastfuse_C.reflect_conv2d(..., algo) take their codes (csrc/reflect_conv2d_op.h; tests, benchmarks).
-_ALGOS = {"auto": 0, "frame": 1, "gemm": 2, "split": 3, "fold": 4, "direct": 5}
+# The CPU designs (csrc/cpu/reflect_conv2d_cpu.h) by name, as FASTFUSE_REFLECT_CONV2D_ALGO takes them and as the
+# helper ops torch.ops.fastfuse_C.reflect_conv2d(..., algo) take their codes (tests, benchmarks): "auto" picks per
+# shape and direction; "frame" = vendor convolution with zero padding + frame correction (every device, dtype and
+# layout); "direct" (CPU, AVX-512, fp32, one group; NCHW through a relayout) = our own micro-kernel on every pixel
+# with folded taps; where it cannot run, "auto" runs. On CUDA every value runs "frame".
+_ALGOS = {"auto": 0, "frame": 1, "direct": 2}
 
 
 def _pair(v, name):
