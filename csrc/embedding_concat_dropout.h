@@ -75,19 +75,29 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cuda(const at::Tensor&
                                                                int64_t offset);
 #endif
 
-// Codes outside [0, n_t): IndexError naming the first bad one (the CPU kernel checks inside its gather loop; on
-// GPUs this costs a reduction and a device sync, which check_index=False skips).
-inline void check_codes(const at::Tensor& x_cat, const at::TensorList& weights) {
-  if (x_cat.numel() == 0) return;
-  std::vector<int64_t> rows;
-  for (const auto& w : weights) rows.push_back(w.size(0));
-  const at::Tensor n = at::tensor(rows, x_cat.options().device(at::kCPU)).to(x_cat.device());
-  const at::Tensor bad = (x_cat < 0).logical_or(x_cat >= n);
-  if (!bad.any().item<bool>()) return;
-  const at::Tensor where = bad.nonzero()[0].cpu();
-  const int64_t b = where[0].item<int64_t>(), t = where[1].item<int64_t>();
-  TORCH_CHECK_INDEX(false, "embedding_concat_dropout: x_cat column ", t, " has code ", x_cat[b][t].item<int64_t>(),
-                    " (row ", b, "), outside [0, ", rows[t], ") of its embedding table");
+// Codes outside [0, n_t): IndexError naming the first bad one in row-major order. On CPU a loop; on GPUs a
+// reduction and a device sync, which check_index=False skips. (The CPU kernel also checks inside its gather loop.)
+inline void check_codes(const at::Tensor& x_cat_in, const at::TensorList& weights) {
+  if (x_cat_in.numel() == 0) return;
+  const int64_t T = static_cast<int64_t>(weights.size());
+  int64_t bad_b = -1, bad_t = -1, bad_code = 0;
+  if (x_cat_in.is_cpu()) {
+    const at::Tensor x_cat = x_cat_in.to(at::kLong).contiguous();
+    const int64_t* x = x_cat.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < x_cat.numel() && bad_b < 0; ++i)
+      if (x[i] < 0 || x[i] >= weights[i % T].size(0)) bad_b = i / T, bad_t = i % T, bad_code = x[i];
+  } else {
+    std::vector<int64_t> rows;
+    for (const auto& w : weights) rows.push_back(w.size(0));
+    const at::Tensor n = at::tensor(rows, x_cat_in.options().dtype(at::kLong).device(at::kCPU)).to(x_cat_in.device());
+    const at::Tensor bad = (x_cat_in < 0).logical_or(x_cat_in >= n);
+    if (!bad.any().item<bool>()) return;
+    const at::Tensor where = bad.nonzero()[0].cpu();
+    bad_b = where[0].item<int64_t>(), bad_t = where[1].item<int64_t>();
+    bad_code = x_cat_in[bad_b][bad_t].item<int64_t>();
+  }
+  TORCH_CHECK_INDEX(bad_b < 0, "embedding_concat_dropout: x_cat column ", bad_t, " has code ", bad_code, " (row ",
+                    bad_b, "), outside [0, ", bad_t >= 0 ? weights[bad_t].size(0) : 0, ") of its embedding table");
 }
 
 // The op on one device: the layouts and rules around the device's kernels. Forward kernel(x_cat, weights, p, key,

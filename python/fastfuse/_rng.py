@@ -4,8 +4,6 @@ import numbers
 
 import torch
 
-SEED_HIGH = 2**63 - 1
-
 
 def new_seed() -> torch.Tensor:
     """[key, offset] for Philox, drawn by fastfuse::seed from torch's default CPU generator as
