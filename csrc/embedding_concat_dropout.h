@@ -84,8 +84,15 @@ inline void check_codes(const at::Tensor& x_cat_in, const at::TensorList& weight
   if (x_cat_in.is_cpu()) {
     const at::Tensor x_cat = x_cat_in.to(at::kLong).contiguous();
     const int64_t* x = x_cat.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < x_cat.numel() && bad_b < 0; ++i)
-      if (x[i] < 0 || x[i] >= weights[i % T].size(0)) bad_b = i / T, bad_t = i % T, bad_code = x[i];
+    std::vector<int64_t> rows;
+    for (const auto& w : weights) rows.push_back(w.size(0));
+    const int64_t B = x_cat.size(0);
+    for (int64_t b = 0; b < B && bad_b < 0; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        if (static_cast<uint64_t>(x[b * T + t]) >= static_cast<uint64_t>(rows[t])) {  // negative codes too
+          bad_b = b, bad_t = t, bad_code = x[b * T + t];
+          break;
+        }
   } else {
     std::vector<int64_t> rows;
     for (const auto& w : weights) rows.push_back(w.size(0));
