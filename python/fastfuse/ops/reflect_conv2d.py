@@ -29,7 +29,7 @@ def _pair(v, name):
 
 def _check(x, w, b, stride, padding, dilation, groups):
     """Raise what F.conv2d / F.pad(mode='reflect') would raise: the fake's checks, which torch.compile runs while
-    tracing (and meta tensors, which reach the fake); the C++ kernels check the same (csrc/reflect_conv2d_op.h)."""
+    tracing (and meta tensors, which reach the fake); the C++ kernels check the same (csrc/reflect_conv2d.h)."""
     if x.dim() != 4:
         raise RuntimeError(f"reflect_conv2d: expected a 4-D input (batched), got {x.dim()}-D input of size "
                            f"{list(x.shape)}")
@@ -159,7 +159,7 @@ def reflect_conv2d(input: torch.Tensor, weight: torch.Tensor, bias=None, stride=
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     unbatched = isinstance(input, torch.Tensor) and input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    x, weight, bias = _autocast(x, weight, bias)  # the op checks the arguments (csrc/reflect_conv2d_op.h)
+    x, weight, bias = _autocast(x, weight, bias)  # the op checks the arguments (csrc/reflect_conv2d.h)
     _extension.require()
     out = torch.ops.fastfuse.reflect_conv2d(x, weight, bias, stride, padding, dilation, int(groups))
     return out.squeeze(0) if unbatched else out
