@@ -27,23 +27,6 @@ c10::TypedOperatorHandle<ForwardSig> forward_op() {
   return op;
 }
 
-// dropout(post_relu(bn(pre_relu(x)) + residual)) in ATen ops, with the forward's statistics (eval) or the batch's
-// (training) and its masks: factor is the forward's keep ? 1 / (1 - p) : 0 (and 0 where the post-ReLU cut).
-at::Tensor reference_output(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            const at::Tensor& residual, const at::Tensor& mean, const at::Tensor& var,
-                            const at::Tensor& factor, bool training, double eps, bool pre_relu) {
-  std::vector<int64_t> dims{0}, shape(x.dim(), 1);
-  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
-  shape[1] = -1;
-  const at::Tensor xa = pre_relu ? x.to(bn_acc_type(x)).clamp_min(0) : x.to(bn_acc_type(x));
-  const at::Tensor mu = training ? xa.mean(dims) : mean, s2 = training ? xa.var(dims, 0) : var;
-  at::Tensor z = (xa - mu.view(shape)) * at::rsqrt(s2 + eps).view(shape);
-  if (weight.defined()) z = z * weight.to(z.scalar_type()).view(shape);
-  if (bias.defined()) z = z + bias.view(shape);
-  if (residual.defined()) z = z + residual;
-  return (z * factor).to(x.scalar_type());
-}
-
 struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
@@ -100,7 +83,7 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
       at::Tensor factor = p > 0 ? dropout.call(ones, p, seed) : ones;
       if (post_relu) factor = at::where(to_strides(out, xd.strides()) > 0, factor, at::zeros({}, factor.options()));
       auto forward = [&](const std::vector<at::Tensor>& in) {
-        return reference_output(in[0], in[1], in[2], in[3], mean, var, factor, training, eps, pre_relu);
+        return bn_reference_output(in[0], in[1], in[2], in[3], mean, var, factor, training, eps, pre_relu);
       };
       // the bias and the residual only shift the output: zeros stand in for them
       const at::Tensor b = mask[2] ? at::zeros_like(mean) : at::Tensor();

@@ -286,4 +286,22 @@ Tensor3 batch_norm_op(const at::Tensor& x, const OptTensor& weight, const OptTen
   return {out, mean, var};
 }
 
+// The op in ATen ops, for second derivatives: dropout(post_relu(bn(pre_relu(x)) + residual)) with the forward's
+// statistics (eval) or the batch's (training) and its masks: factor is the forward's keep ? 1 / (1 - p) : 0 (and 0
+// where the post-ReLU cut).
+inline at::Tensor bn_reference_output(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& residual, const at::Tensor& mean, const at::Tensor& var,
+                                      const at::Tensor& factor, bool training, double eps, bool pre_relu) {
+  std::vector<int64_t> dims{0}, shape(x.dim(), 1);
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  shape[1] = -1;
+  const at::Tensor xa = pre_relu ? x.to(bn_acc_type(x)).clamp_min(0) : x.to(bn_acc_type(x));
+  const at::Tensor mu = training ? xa.mean(dims) : mean, s2 = training ? xa.var(dims, 0) : var;
+  at::Tensor z = (xa - mu.view(shape)) * at::rsqrt(s2 + eps).view(shape);
+  if (weight.defined()) z = z * weight.to(z.scalar_type()).view(shape);
+  if (bias.defined()) z = z + bias.view(shape);
+  if (residual.defined()) z = z + residual;
+  return (z * factor).to(x.scalar_type());
+}
+
 }  // namespace fastfuse
