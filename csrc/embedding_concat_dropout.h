@@ -108,7 +108,9 @@ inline void check_codes(const at::Tensor& x_cat_in, const at::TensorList& weight
 }
 
 // The op on one device: the layouts and rules around the device's kernels. Forward kernel(x_cat, weights, p, key,
-// offset, cont, check_index); p == 1 runs it with p = 0 and zeroes the embedding block as torch's x * 0 would.
+// offset, cont, check_index), which checks the codes itself when check_index (the CPU's inside its gather loop, the
+// CUDA entry with check_codes first); p == 1 runs it with p = 0 and zeroes the embedding block as torch's x * 0
+// would.
 template <typename Kernel>
 at::Tensor embedding_concat_dropout_op(const at::Tensor& x_cat_in, at::TensorList weights_in, double p,
                                        const at::Tensor& seed, const c10::optional<at::Tensor>& cont_in,
@@ -124,7 +126,6 @@ at::Tensor embedding_concat_dropout_op(const at::Tensor& x_cat_in, at::TensorLis
   }
   c10::optional<at::Tensor> cont;
   if (cont_in.has_value()) cont = cont_in->to(weights[0].scalar_type()).contiguous();
-  if (check_index && !x_cat.is_cpu()) check_codes(x_cat, weights);
   const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
   if (p >= 1) {
     at::Tensor out = kernel(x_cat, weights, 0.0, key, offset, cont, check_index);

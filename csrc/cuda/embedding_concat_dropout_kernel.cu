@@ -255,6 +255,7 @@ at::Tensor embedding_concat_dropout_kernel(const at::Tensor& x_cat, at::TensorLi
                                            const at::Tensor& seed, const OptTensor& cont, bool check_index) {
   FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "embedding_concat_dropout", embedding_concat_dropout_kernel, x_cat,
                           weights, p, seed, cont, check_index);
+  if (check_index) check_codes(x_cat, weights);  // a reduction and a device sync: check_index=False skips it
   return embedding_concat_dropout_op(x_cat, weights, p, seed, cont, check_index, embedding_concat_dropout_cuda);
 }
 
