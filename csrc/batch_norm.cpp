@@ -37,6 +37,7 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
     auto [out, mean, var] = forward_op().call(x, weight, bias, running_mean, running_var, num_batches_tracked,
                                               residual, training, momentum, eps, pre_relu, post_relu, p, seed);
     ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the outputs without one
     // the post-ReLU's mask is out > 0; without a post-ReLU the output is not needed
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, var, post_relu ? out : at::Tensor(), seed});
     ctx->saved_data["training"] = training;

@@ -36,6 +36,7 @@ struct LinBnDropFunction : torch::autograd::Function<LinBnDropFunction> {
     auto [out, y, mean, var] = forward_op().call(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                                  num_batches_tracked, training, momentum, eps, pre_relu, p, seed);
     ctx->mark_non_differentiable({y, mean, var});
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the outputs without one
     ctx->save_for_backward({x, weight, y, bn_weight.value_or(at::Tensor()), mean, var, seed});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
