@@ -277,13 +277,30 @@ Tensor3 batch_norm_op(const at::Tensor& x, const OptTensor& weight, const OptTen
   TORCH_CHECK(x.dim() >= 2, "fastfuse batch_norm: expected an (N, C, *) input, got ", x.dim(), "D");
   TORCH_CHECK(training || (present(running_mean) && present(running_var)),
               "fastfuse batch_norm: running_mean and running_var must be given when training=False");
-  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
+  const auto [key, offset] = seed_words(seed, p);
   auto [out, mean, var] = forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu,
                                   post_relu, p, key, offset);
   if (training && present(running_mean))
     bn_update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var,
                             x.numel() / x.size(1));
   return {out, mean, var};
+}
+
+// fastfuse::batch_norm_backward on one device: x in a per-channel layout, grad_out and out laid out like it, nothing
+// to compute when the output was all zeros, then Backward(grad_out, x, weight, mean, var, out, training, eps,
+// pre_relu, post_relu, p, key, offset, output_mask).
+template <typename Backward>
+Tensor4 batch_norm_backward_op(const at::Tensor& grad_out, const at::Tensor& x_in, const OptTensor& weight,
+                               const at::Tensor& mean, const at::Tensor& var, const OptTensor& out_in, bool training,
+                               double eps, bool pre_relu, bool post_relu, double p, const at::Tensor& seed,
+                               std::array<bool, 4> mask, Backward backward) {
+  const at::Tensor x = bn_channel_dense(x_in);
+  if (x.numel() == 0 || p >= 1) return bn_backward_zeros(x, weight, mean, mask);
+  const auto [key, offset] = seed_words(seed, p);
+  OptTensor out;
+  if (present(out_in)) out = to_strides(*out_in, x.strides());
+  return backward(to_strides(grad_out, x.strides()), x, weight, mean, var, out, training, eps, pre_relu, post_relu, p,
+                  key, offset, mask);
 }
 
 // The op in ATen ops, for second derivatives: dropout(post_relu(bn(pre_relu(x)) + residual)) with the forward's

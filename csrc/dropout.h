@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "layout.h"
+
 namespace fastfuse {
 
 // keep <=> 16-bit key >= threshold (csrc/philox.h): P(keep) = 1 - floor(p * 2^16) / 2^16.
@@ -24,8 +26,10 @@ inline void check_dropout_input(const at::Tensor& x) {
   TORCH_CHECK(x.is_non_overlapping_and_dense(), "fastfuse dropout kernel: expected a dense tensor");
 }
 
-// The op's seed argument, a CPU int64 tensor [key, offset] (drawn by fastfuse::seed), as two integers.
-inline std::pair<int64_t, int64_t> seed_words(const at::Tensor& seed) {
+// The op's seed argument, a CPU int64 tensor [key, offset] (drawn by fastfuse::seed), as two integers; {0, 0}
+// without dropout (p == 0: no random stream is read, and callers pass a placeholder).
+inline std::pair<int64_t, int64_t> seed_words(const at::Tensor& seed, double p) {
+  if (p <= 0) return {0, 0};
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 && seed.is_cpu(),
               "fastfuse: seed must be a CPU int64 tensor [key, offset], got ", seed.scalar_type(), " of shape ",
               seed.sizes(), " on ", seed.device());
@@ -43,9 +47,9 @@ at::Tensor dropout_cuda(const at::Tensor& x, double p, int64_t key, int64_t offs
 // p == 1 rules around the device's masked multiply.
 template <typename Kernel>
 at::Tensor dropout_op(const at::Tensor& x_in, double p, const at::Tensor& seed, Kernel kernel) {
-  const at::Tensor x = x_in.is_non_overlapping_and_dense() ? x_in : x_in.contiguous();
+  const at::Tensor x = dense(x_in);
   if (p >= 1) return at::mul(x, 0);  // as torch: NaN and inf stay NaN, negatives give -0
-  const auto [key, offset] = seed_words(seed);
+  const auto [key, offset] = seed_words(seed, p);
   return kernel(x, p, key, offset);
 }
 

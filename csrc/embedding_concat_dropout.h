@@ -126,7 +126,7 @@ at::Tensor embedding_concat_dropout_op(const at::Tensor& x_cat_in, at::TensorLis
   }
   c10::optional<at::Tensor> cont;
   if (cont_in.has_value()) cont = cont_in->to(weights[0].scalar_type()).contiguous();
-  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
+  const auto [key, offset] = seed_words(seed, p);
   if (p >= 1) {
     at::Tensor out = kernel(x_cat, weights, 0.0, key, offset, cont, check_index);
     int64_t width = 0;
@@ -150,7 +150,7 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_op(const at::Tensor& g
     for (const auto& w : weights) zeros.push_back(at::zeros_like(w));
     return zeros;
   }
-  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
+  const auto [key, offset] = seed_words(seed, p);
   return kernel(grad.contiguous(), x_cat, weights, p, key, offset);
 }
 

@@ -105,18 +105,10 @@ Tensor3 batch_norm_kernel(const at::Tensor& x, const OptTensor& weight, const Op
                        eps, pre_relu, post_relu, p, seed, forward_cpu);
 }
 
-Tensor4 batch_norm_backward_kernel(const at::Tensor& grad_out_in, const at::Tensor& x_in, const OptTensor& weight,
-                                   const at::Tensor& mean, const at::Tensor& var, const OptTensor& out_in,
-                                   bool training, double eps, bool pre_relu, bool post_relu, double p,
-                                   const at::Tensor& seed, std::array<bool, 4> mask) {
-  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CPU, "batch_norm_backward", batch_norm_backward_kernel, grad_out_in, x_in,
-                          weight, mean, var, out_in, training, eps, pre_relu, post_relu, p, seed, mask);
-  const at::Tensor x = bn_channel_dense(x_in);
-  if (x.numel() == 0 || p >= 1) return bn_backward_zeros(x, weight, mean, mask);
-  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
-  const at::Tensor grad_out = to_strides(grad_out_in, x.strides());
-  OptTensor out;
-  if (present(out_in)) out = to_strides(*out_in, x.strides());
+// The backward's CPU routes (see the top of this file), on x and the gradient laid out by batch_norm_backward_op
+Tensor4 backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const OptTensor& weight, const at::Tensor& mean,
+                     const at::Tensor& var, const OptTensor& out, bool training, double eps, bool pre_relu,
+                     bool post_relu, double p, int64_t key, int64_t offset, std::array<bool, 4> mask) {
   const auto [need_gi, need_gw, need_gb, need_gr] = mask;
   const auto acc = bn_acc_type(x);
   const auto wdt = present(weight) ? weight->scalar_type() : acc;
@@ -146,6 +138,16 @@ Tensor4 batch_norm_backward_kernel(const at::Tensor& grad_out_in, const at::Tens
                                            eps, pre_relu, post_relu, 0.0, key, offset, mask);
   return bn_backward_composite<CpuPrims>(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post_relu, p,
                                          key, offset, mask);
+}
+
+Tensor4 batch_norm_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const OptTensor& weight,
+                                   const at::Tensor& mean, const at::Tensor& var, const OptTensor& out, bool training,
+                                   double eps, bool pre_relu, bool post_relu, double p, const at::Tensor& seed,
+                                   std::array<bool, 4> mask) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CPU, "batch_norm_backward", batch_norm_backward_kernel, grad_out, x,
+                          weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, mask);
+  return batch_norm_backward_op(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, mask,
+                                backward_cpu);
 }
 
 }  // namespace

@@ -342,19 +342,14 @@ Tensor3 batch_norm_kernel(const at::Tensor& x, const OptTensor& weight, const Op
                        eps, pre_relu, post_relu, p, seed, bn_forward_composite<CudaPrims>);
 }
 
-Tensor4 batch_norm_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x_in, const OptTensor& weight,
-                                   const at::Tensor& mean, const at::Tensor& var, const OptTensor& out_in,
-                                   bool training, double eps, bool pre_relu, bool post_relu, double p,
-                                   const at::Tensor& seed, std::array<bool, 4> mask) {
-  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "batch_norm_backward", batch_norm_backward_kernel, grad_out, x_in,
-                          weight, mean, var, out_in, training, eps, pre_relu, post_relu, p, seed, mask);
-  const at::Tensor x = bn_channel_dense(x_in);
-  if (x.numel() == 0 || p >= 1) return bn_backward_zeros(x, weight, mean, mask);
-  const auto [key, offset] = p > 0 ? seed_words(seed) : std::pair<int64_t, int64_t>{0, 0};
-  OptTensor out;
-  if (present(out_in)) out = to_strides(*out_in, x.strides());
-  return bn_backward_composite<CudaPrims>(to_strides(grad_out, x.strides()), x, weight, mean, var, out, training, eps,
-                                          pre_relu, post_relu, p, key, offset, mask);
+Tensor4 batch_norm_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const OptTensor& weight,
+                                   const at::Tensor& mean, const at::Tensor& var, const OptTensor& out, bool training,
+                                   double eps, bool pre_relu, bool post_relu, double p, const at::Tensor& seed,
+                                   std::array<bool, 4> mask) {
+  FASTFUSE_PYTHON_BACKEND(c10::DeviceType::CUDA, "batch_norm_backward", batch_norm_backward_kernel, grad_out, x,
+                          weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, mask);
+  return batch_norm_backward_op(grad_out, x, weight, mean, var, out, training, eps, pre_relu, post_relu, p, seed, mask,
+                                bn_backward_composite<CudaPrims>);
 }
 
 }  // namespace
