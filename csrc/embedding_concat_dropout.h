@@ -75,10 +75,19 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cuda(const at::Tensor&
                                                                int64_t offset);
 #endif
 
-// Codes outside [0, n_t): IndexError naming the first bad one in row-major order. On CPU a loop; on GPUs a
-// reduction and a device sync, which check_index=False skips. (The CPU kernel also checks inside its gather loop.)
+#ifdef FASTFUSE_WITH_CUDA
+// check_codes on CUDA tensors, with no host sync: a bad code is a device-side assert (cuda/embedding_concat_dropout_kernel.cu)
+void check_codes_cuda(const at::Tensor& x_cat, at::TensorList weights);
+#endif
+
+// Codes outside [0, n_t): on CPU, IndexError naming the first bad one in row-major order (the CPU kernel also
+// checks inside its gather loop). On CUDA, check_codes_cuda: no sync, a device-side assert. On other devices a
+// reduction and a device sync. check_index=False skips the check.
 inline void check_codes(const at::Tensor& x_cat_in, const at::TensorList& weights) {
   if (x_cat_in.numel() == 0) return;
+#ifdef FASTFUSE_WITH_CUDA
+  if (x_cat_in.is_cuda()) return check_codes_cuda(x_cat_in, weights);
+#endif
   const int64_t T = static_cast<int64_t>(weights.size());
   int64_t bad_b = -1, bad_t = -1, bad_code = 0;
   if (x_cat_in.is_cpu()) {

@@ -3,6 +3,8 @@ masks, forward outputs and gradients, odd sizes, misaligned storage offsets, lay
 Skipped without a GPU (conftest.py); the GPU backends' other tests are in test_backends.py and
 test_batch_norm.py (test_gpu_matches_cpu)."""
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from conftest import CPP, CUDA, bits
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CPP, reason="fastfuse._C not built")]
 
+_EMULATED = False  # True in the CPU emulation of the CUDA kernels (tests/cuda_emu/run.py)
 SEED = torch.tensor([0x0123456789ABCDEF, 0xFEDCBA98])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -200,14 +203,35 @@ def test_ecd_autograd_through_the_public_function():
         torch.testing.assert_close(a, b)
 
 
+_BAD_CODE_CHILD = """
+import torch, fastfuse
+ws = [torch.randn(n, d, device='cuda') for n, d in [(7, 3), (1, 5), (13, 4), (2, 1)]]
+x = torch.zeros(10, 4, dtype=torch.long, device='cuda')
+x[4, 2] = {bad}
+with fastfuse.use_backend('cuda'):
+    fastfuse.embedding_concat_dropout(x, ws, 0.1)
+torch.cuda.synchronize()
+"""
+
+
 def test_ecd_bad_codes_on_cuda():
     x, ws, _ = _ecd_data(10, 0, torch.float32, TABLES[:4])
     ws = [w.cuda() for w in ws]
     for bad in (13, -1):
-        xb = x.clone()
-        xb[4, 2] = bad
-        with fastfuse.use_backend("cuda"), pytest.raises(IndexError, match=f"column 2 has code {bad}"):
-            fastfuse.embedding_concat_dropout(xb.cuda(), ws, 0.1)
+        # check_index on CUDA: a device-side assert with no host sync, fatal to the CUDA context (as torch's
+        # nn.Embedding), so on a GPU it runs in a child process; the emulation raises it in the op
+        if _EMULATED:
+            xb = x.clone()
+            xb[4, 2] = bad
+            with fastfuse.use_backend("cuda"), pytest.raises(RuntimeError,
+                                                             match=f"device-side assert.*column 2 has code {bad} "):
+                fastfuse.embedding_concat_dropout(xb.cuda(), ws, 0.1)
+        else:
+            r = subprocess.run([sys.executable, "-c", _BAD_CODE_CHILD.format(bad=bad)], capture_output=True,
+                               text=True, timeout=300)
+            assert r.returncode != 0
+            assert f"column 2 has code {bad} (row 4), outside [0, 13)" in r.stdout + r.stderr
+            assert "device-side assert" in r.stderr
     # unchecked: zero rows and no gradient for bad codes, nothing read out of bounds (the fixture synchronizes)
     xb = x.clone()
     xb[4, 2], xb[7, 0] = 10**12, -(10**12)
@@ -220,6 +244,19 @@ def test_ecd_bad_codes_on_cuda():
     valid = lambda t, n: int(((xb[:, t] >= 0) & (xb[:, t] < n)).sum())  # noqa: E731
     assert torch.equal(wr[2].grad.sum(0).cpu(), torch.ones(4) * valid(2, 13))
     assert torch.equal(wr[0].grad.sum(0).cpu(), torch.ones(3) * valid(0, 7))
+
+
+def test_ecd_more_tables_than_one_launch_takes():
+    # 70 tables: two groups of tables (64 + 6), each with its own launches; one zero-width table
+    tables = [(3 + t % 5, 1 + t % 3) for t in range(70)]
+    tables[65] = (4, 0)
+    x, ws, xc = _ecd_data(19, 2, torch.float32, tables)
+    cpu, gpu = _both(lambda x, ws, c: ecd(x, ws, 0.4, SEED, c, True), x, ws, xc)
+    assert torch.equal(bits(gpu.cpu()), bits(cpu))
+    g = torch.randn(19, sum(d for _, d in tables) + 2)
+    cpu, gpu = _both(lambda g, x, ws: ecd_bwd(g, x, ws, 0.4, SEED), g, x, ws)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
 
 
 def test_ecd_empty_and_zero_width():
@@ -359,6 +396,25 @@ def test_reflect_conv2d_dtypes_and_sliced_input(dtype, monkeypatch):
             torch.testing.assert_close(a.double(), b.double(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reflect_conv2d_frame_rounded_twice(dtype):
+    """The frame pixels are rounded twice in bf16/fp16 (cuDNN's zero-padded output a, then a + correction): error
+    <= u(|a| + |y|) against the exact y, where one rounding gives u|y| (u = 2^-8 bf16, 2^-11 fp16); a factor 2
+    for the fp32 accumulations, plus a small absolute term."""
+    u = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    x = torch.randn(2, 16, 9, 10).to(dtype)
+    w = (torch.randn(8, 16, 3, 3) / 12).to(dtype)
+    with fastfuse.use_backend("cuda"):
+        y = fastfuse.reflect_conv2d(x.cuda(), w.cuda(), None, 1, 1).cpu().double()
+    exact = F.conv2d(F.pad(x.double(), (1, 1, 1, 1), mode="reflect"), w.double())
+    a = F.conv2d(x.double(), w.double(), padding=1)  # what zero padding gives
+    frame = torch.ones_like(exact, dtype=torch.bool)
+    frame[..., 1:-1, 1:-1] = False
+    err = (y - exact).abs()
+    assert (err[frame] <= 2 * u * (a.abs() + exact.abs())[frame] + 1e-3).all()
+    assert (err[~frame] <= 2 * u * exact.abs()[~frame] + 1e-3).all()  # the interior: cuDNN's, rounded once
+
+
 def test_reflect_conv2d_gradients_deterministic():
     x = torch.randn(4, 16, 12, 12, device="cuda", requires_grad=True)
     w = torch.randn(16, 16, 3, 3, device="cuda", requires_grad=True)
@@ -399,3 +455,125 @@ def test_tabular_model_training_step_matches_cpu():
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
     for k in b0:
         torch.testing.assert_close(b1[k], b0[k], msg=k)
+
+
+# ---- no host synchronisation; CUDA graphs ------------------------------------------------------------------
+@contextlib.contextmanager
+def _sync_debug_error():
+    """Any host sync raises (torch.cuda.set_sync_debug_mode("error")). The CPU emulation makes the same check
+    inside every emulated op instead (tests/cuda_emu/emu_patch.py), so there this is a no-op."""
+    if _EMULATED:
+        yield
+        return
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+def _sync_case(name):
+    """The leaves that need gradients, and a call of the op `name` through its public function."""
+    if name == "dropout":
+        x = torch.randn(1001, device="cuda", requires_grad=True)
+        return [x], lambda: fastfuse.dropout(x, 0.3)
+    if name == "batch_norm":
+        x, res = (torch.randn(8, 4, 5, 5, device="cuda", requires_grad=True) for _ in range(2))
+        w, b = torch.rand(4, device="cuda", requires_grad=True), torch.randn(4, device="cuda", requires_grad=True)
+        rm, rv = torch.zeros(4, device="cuda"), torch.ones(4, device="cuda")
+        return [x, res, w, b], lambda: fastfuse.batch_norm(x, rm, rv, w, b, True, pre_act="relu", residual=res,
+                                                           post_act="relu", dropout_p=0.2)
+    if name == "reflect_conv2d":
+        x = torch.randn(2, 4, 7, 8, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
+        w, b = torch.randn(6, 4, 3, 3, device="cuda", requires_grad=True), torch.randn(6, device="cuda",
+                                                                                        requires_grad=True)
+        return [x, w, b], lambda: fastfuse.reflect_conv2d(x, w, b, 1, 1)
+    if name == "embedding_concat_dropout":
+        x, ws, xc = _ecd_data(37, 3, torch.float32)
+        x, xc = x.cuda(), xc.cuda().requires_grad_()
+        ws = [w.cuda().requires_grad_() for w in ws]
+        bn = nn.BatchNorm1d(3).cuda()
+        return ws + [xc], lambda: fastfuse.embedding_concat_dropout(x, ws, 0.3, True, xc, bn)
+    assert name == "lin_bn_drop"
+    x, w = torch.randn(16, 8, device="cuda", requires_grad=True), torch.randn(6, 8, device="cuda", requires_grad=True)
+    bw, bb = torch.rand(6, device="cuda", requires_grad=True), torch.randn(6, device="cuda", requires_grad=True)
+    rm, rv = torch.zeros(6, device="cuda"), torch.ones(6, device="cuda")
+    return [x, w, bw, bb], lambda: fastfuse.lin_bn_drop(x, w, rm, rv, bw, bb, True, pre_act="relu", dropout_p=0.2)
+
+
+@pytest.mark.parametrize("name", ["dropout", "batch_norm", "reflect_conv2d", "embedding_concat_dropout",
+                                  "lin_bn_drop"])
+def test_no_host_sync_forward_and_backward(name):
+    leaves, run = _sync_case(name)
+    with fastfuse.use_backend("cuda"):
+        run()  # once before: first calls may initialise cuDNN / cuBLAS handles
+        with _sync_debug_error():
+            y = run()
+            grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    assert len(grads) == len(leaves)
+
+
+def _graph_step_matches_eager(model, inputs, target):
+    """One SGD step of `model` (no dropout: nothing random) captured in a CUDA graph and replayed twice; before
+    each replay the same step runs eagerly on a copy of the model, and the replay must give its loss, parameters
+    and buffers."""
+    import copy
+
+    def step(m, opt):
+        opt.zero_grad(set_to_none=False)  # the graph's gradients stay the same tensors
+        loss = F.mse_loss(m(*inputs), target)
+        loss.backward()
+        opt.step()
+        return loss
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with fastfuse.use_backend("cuda"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up, as torch.cuda.graphs asks: allocations, cuDNN/cuBLAS choices
+            for _ in range(3):
+                step(model, opt)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = step(model, opt)
+        for _ in range(2):
+            ref = copy.deepcopy(model)
+            ref_loss = step(ref, torch.optim.SGD(ref.parameters(), lr=0.05))
+            graph.replay()
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+            for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.skipif(_EMULATED, reason="CUDA graphs need a GPU")
+def test_cuda_graph_tabular_model_step():
+    from fastfuse.models import TabularModel
+
+    emb_szs = [(5, 3), (2, 2), (11, 4), (300, 9)]
+    model = TabularModel(emb_szs, 2, 1, [16, 8], ps=[0.0, 0.0], embed_p=0.0, y_range=(0, 3)).cuda()
+    x = torch.stack([torch.randint(0, n, (64,)) for n, _ in emb_szs], 1).cuda()
+    _graph_step_matches_eager(model, (x, torch.randn(64, 2).cuda()), (torch.rand(64, 1) * 3).cuda())
+
+
+class _XResBlock(nn.Module):
+    """xresnet's basic block with reflection padding: conv-bn-relu, conv-bn, + identity, relu."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = fastfuse.nn.ReflectConv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = fastfuse.nn.BatchNorm2d(c)
+        self.conv2 = fastfuse.nn.ReflectConv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = fastfuse.nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = self.bn1(self.conv1(x), post_act="relu")
+        return self.bn2(self.conv2(h), residual=x, post_act="relu")
+
+
+@pytest.mark.skipif(_EMULATED, reason="CUDA graphs need a GPU")
+def test_cuda_graph_xresnet_block_step():
+    model = _XResBlock(16).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, 12, 12).cuda().to(memory_format=torch.channels_last)
+    _graph_step_matches_eager(model, (x,), torch.randn(8, 16, 12, 12).cuda())
