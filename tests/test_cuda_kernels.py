@@ -577,3 +577,24 @@ def test_cuda_graph_xresnet_block_step():
     model = _XResBlock(16).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(8, 16, 12, 12).cuda().to(memory_format=torch.channels_last)
     _graph_step_matches_eager(model, (x,), torch.randn(8, 16, 12, 12).cuda())
+
+
+@pytest.mark.skipif(not _EMULATED, reason="checks the CPU emulation's host-sync detection")
+def test_emulation_catches_host_syncs():
+    import emu_patch
+    import run
+
+    # a device argument of .to(...) in a .cu file goes through emu::to_arg, which raises for a device
+    assert "t.to(emu::to_arg(x.device()), true)" in run.transform("t.to(x.device(), true); k<<<1, 1>>>(t);")
+    assert ".to(emu::to_arg(c10::DeviceType::CPU))" in run.transform("t.cpu(); k<<<1, 1>>>(t);")
+    # an op whose own code reads device data on the host fails; one that does not passes
+    lib = torch.library.Library("fastfuse_emu", "FRAGMENT")
+    for name, fn in (("selftest_nonzero", lambda x: x.nonzero()), ("selftest_item", lambda x: x * x.sum().item()),
+                     ("selftest_ok", lambda x: x * 2)):
+        lib.define(f"{name}(Tensor x) -> Tensor")
+        lib.impl(name, fn, "CPU")
+    for name in ("selftest_nonzero", "selftest_item"):
+        with emu_patch._NoHostSync(name), pytest.raises(emu_patch.HostSyncError, match="reads device data"):
+            getattr(torch.ops.fastfuse_emu, name)(torch.ones(3))
+    with emu_patch._NoHostSync("selftest_ok"):
+        torch.ops.fastfuse_emu.selftest_ok(torch.ones(3))

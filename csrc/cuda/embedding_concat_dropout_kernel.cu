@@ -5,13 +5,14 @@
 // elements), gathering each element's table row and applying the mask, written straight into the (B, D + C) output.
 // check_index: a bad code is a device-side assert in that same kernel (check_codes_cuda says what the user sees).
 // Backward, deterministic and contention-free (no atomics): the (b, t) lookups are keyed by their global row (row
-// offset of table t + code) and stable-sorted; the sorted lookups are cut into fixed chunks of kChunk. Kernel 1,
-// one block per chunk, regenerates the chunk's masks (one Philox call per 8 elements, staged in shared memory) and
-// sums each run of equal keys in order: a run whose row starts and ends in the chunk is written to the table
-// gradient directly; the run that continues from the previous chunk and the one that continues into the next are
-// written to the chunk's two partial rows. Kernel 2 sums, for each row that crosses chunks, its partials in chunk
-// order. So the partial buffer is 2 rows per kChunk lookups (N / 16 rows of the widest table), a hot row hit by
-// 4096 lookups spreads over 128 blocks, and each gradient element has exactly one writer.
+// offset of table t + code; 32-bit keys where the rows allow, halving the radix sort's passes) and stable-sorted;
+// the sorted lookups are cut into fixed chunks of kChunk. Kernel 1, one block per chunk, regenerates the chunk's
+// masks (one Philox call per 8 elements, staged in shared memory) and sums each run of equal keys in order: a run
+// whose row starts and ends in the chunk is written to the table gradient directly; the run that continues from
+// the previous chunk and the one that continues into the next are written to the chunk's two partial rows. Kernel
+// 2 sums, for each row that crosses chunks, its partials in chunk order. So the partial buffer is 2 rows per
+// kChunk lookups (N / 16 rows of the widest table), a hot row hit by 4096 lookups spreads over 128 blocks, and
+// each gradient element has exactly one writer.
 // Unchecked bad codes (check_index=False) read nothing, give a zero row and no gradient.
 // Launches per group of kMaxTables tables: forward 1 (+1 to copy the continuous columns); backward 4 and torch's
 // sort (zero fill, keys, sort, 2 sums).
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 
 #include "dropout.h"
 #include "backend.h"
@@ -147,26 +149,28 @@ __global__ void ecd_zero_kernel(Tables tb) {
 }
 
 // key of lookup i = b * n + tl: its row in the group's row numbering; bad codes (unchecked) get rows_total, a key
-// past every row, whose run is skipped.
+// past every row, whose run is skipped. key_t is int32_t where the rows allow: half the radix sort's passes.
+template <typename key_t>
 __global__ void ecd_keys_kernel(const int64_t* __restrict__ x, Tables tb, int64_t B, int64_t T,
-                                int64_t* __restrict__ keys) {
+                                key_t* __restrict__ keys) {
   const int64_t total = B * tb.n, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int64_t b = i / tb.n, tl = i % tb.n, code = x[b * T + tb.first + tl];
-    keys[i] = code >= 0 && code < tb.rows[tl] ? tb.rowoff[tl] + code : tb.rows_total;
+    keys[i] = static_cast<key_t>(code >= 0 && code < tb.rows[tl] ? tb.rowoff[tl] + code : tb.rows_total);
   }
 }
 
 // Kernel 1: one block per chunk of kChunk sorted lookups, threads over the columns in tiles of blockDim.x.
 // partial[(2c + 0) * maxd + k]: the chunk's first run when its row began in an earlier chunk (head);
 // partial[(2c + 1) * maxd + k]: the chunk's last run when it began in this chunk and continues (tail).
-template <typename scalar_t>
-__global__ void ecd_chunk_sums_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ sorted,
+template <typename scalar_t, typename key_t>
+__global__ void ecd_chunk_sums_kernel(const scalar_t* __restrict__ grad, const key_t* __restrict__ sorted,
                                       const int64_t* __restrict__ order, Tables tb, at::opmath_type<scalar_t>* partial,
                                       int64_t N, int64_t D, int64_t W, int64_t maxd, bool drop, uint32_t threshold,
                                       at::opmath_type<scalar_t> scale, uint64_t seed, uint64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ int64_t s_key[kChunk], s_b[kChunk];
+  __shared__ key_t s_key[kChunk];
+  __shared__ int64_t s_b[kChunk];
   __shared__ int s_t[kChunk];
   __shared__ uint8_t s_keep[kChunk][kThreads];
   const int64_t c = blockIdx.x, s0 = c * kChunk, len = N - s0 < kChunk ? N - s0 : kChunk, s1 = s0 + len;
@@ -202,7 +206,7 @@ __global__ void ecd_chunk_sums_kernel(const scalar_t* __restrict__ grad, const i
     int run_start = 0;
     for (int i = 0; i < len; ++i) {
       const int t = s_t[i];
-      const int64_t key = s_key[i];
+      const key_t key = s_key[i];
       const bool valid = k < tb.dim[t] && key < tb.rows_total;
       if (valid) {
         const bool keep = !drop || s_keep[i][threadIdx.x];
@@ -228,13 +232,13 @@ __global__ void ecd_chunk_sums_kernel(const scalar_t* __restrict__ grad, const i
 
 // Kernel 2: block c owns the row whose run starts in chunk c and continues past it; it adds the run's tail partial
 // and the following chunks' head partials, in chunk order, and writes the row.
-template <typename scalar_t>
+template <typename scalar_t, typename key_t>
 __global__ void ecd_row_sums_kernel(const at::opmath_type<scalar_t>* __restrict__ partial,
-                                    const int64_t* __restrict__ sorted, const int64_t* __restrict__ order, Tables tb,
+                                    const key_t* __restrict__ sorted, const int64_t* __restrict__ order, Tables tb,
                                     int64_t N, int64_t maxd) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x, s0 = c * kChunk, s1 = std::min<int64_t>(s0 + kChunk, N);
-  const int64_t key = sorted[s1 - 1];
+  const key_t key = sorted[s1 - 1];
   const bool goes_on = s1 < N && sorted[s1] == key;
   const bool begun = sorted[s0] == key && s0 > 0 && sorted[s0 - 1] == key;
   if (!goes_on || begun || key >= tb.rows_total) return;
@@ -337,22 +341,27 @@ std::vector<at::Tensor> embedding_concat_dropout_backward_cuda(const at::Tensor&
       ecd_zero_kernel<scalar_t><<<grid_for(tb.numel_total), kThreads, 0, stream>>>(tb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (N == 0) return;
-      at::Tensor keys = at::empty({N}, x_cat.options());
-      ecd_keys_kernel<<<grid_for(N), kThreads, 0, stream>>>(x_cat.const_data_ptr<int64_t>(), tb, B, T,
-                                                            keys.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      at::Tensor partial = at::empty({2 * n_chunks, maxd}, grad.options().dtype(at::toOpMathType(grad.scalar_type())));
-      ecd_chunk_sums_kernel<scalar_t><<<static_cast<unsigned>(n_chunks), threads, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), sorted.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), tb,
-          partial.mutable_data_ptr<acc_t>(), N, D, W, maxd, drop, threshold,
-          static_cast<acc_t>(drop ? dropout_scale(p) : 1.0), static_cast<uint64_t>(seed),
-          static_cast<uint64_t>(offset));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      ecd_row_sums_kernel<scalar_t><<<static_cast<unsigned>(n_chunks), threads, 0, stream>>>(
-          partial.const_data_ptr<acc_t>(), sorted.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), tb, N,
-          maxd);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto sums = [&](auto key_zero) {  // the keys, their sort and the two sums, with keys of key_zero's type
+        using key_t = decltype(key_zero);
+        at::Tensor keys = at::empty({N}, x_cat.options().dtype(c10::CppTypeToScalarType<key_t>::value));
+        ecd_keys_kernel<key_t><<<grid_for(N), kThreads, 0, stream>>>(x_cat.const_data_ptr<int64_t>(), tb, B, T,
+                                                                     keys.mutable_data_ptr<key_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+        const auto acc_dtype = at::toOpMathType(grad.scalar_type());
+        at::Tensor partial = at::empty({2 * n_chunks, maxd}, grad.options().dtype(acc_dtype));
+        ecd_chunk_sums_kernel<scalar_t, key_t><<<static_cast<unsigned>(n_chunks), threads, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), sorted.const_data_ptr<key_t>(), order.const_data_ptr<int64_t>(), tb,
+            partial.mutable_data_ptr<acc_t>(), N, D, W, maxd, drop, threshold,
+            static_cast<acc_t>(drop ? dropout_scale(p) : 1.0), static_cast<uint64_t>(seed),
+            static_cast<uint64_t>(offset));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        ecd_row_sums_kernel<scalar_t, key_t><<<static_cast<unsigned>(n_chunks), threads, 0, stream>>>(
+            partial.const_data_ptr<acc_t>(), sorted.const_data_ptr<key_t>(), order.const_data_ptr<int64_t>(), tb, N,
+            maxd);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (tb.rows_total < std::numeric_limits<int32_t>::max()) sums(int32_t{0}); else sums(int64_t{0});
     });
   }
   return grads;

@@ -206,8 +206,9 @@ __global__ void grad_weight_frame_kernel(scalar_t* __restrict__ gw, at::opmath_t
 }
 
 template <typename scalar_t>
-__global__ void grad_weight_reduce_kernel(scalar_t* __restrict__ gw, const at::opmath_type<scalar_t>* __restrict__ partial,
-                                          Strides sw, Geom g, int64_t slices) {
+__global__ void grad_weight_reduce_kernel(scalar_t* __restrict__ gw,
+                                          const at::opmath_type<scalar_t>* __restrict__ partial, Strides sw, Geom g,
+                                          int64_t slices) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t elems = g.OC * g.Cg * g.KH * g.KW;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < elems; e += (int64_t)gridDim.x * blockDim.x) {

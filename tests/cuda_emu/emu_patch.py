@@ -45,7 +45,8 @@ class _NoHostSync(TorchDispatchMode):
         if func.namespace == "fastfuse_emu":
             with self:
                 return func.redispatch(_CPU, *args, **kwargs)
-        if func in _SYNCING or (func in (_aten._to_copy.default, _aten.copy_.default) and len(_devices(args, kwargs)) > 1):
+        copies = func in (_aten._to_copy.default, _aten.copy_.default) and len(_devices(args, kwargs)) > 1
+        if func in _SYNCING or copies:
             raise HostSyncError(f"emulated CUDA op fastfuse::{self.name} calls {func}: on a GPU that reads device "
                                 "data on the host (a sync, and a failure under CUDA-graph capture)")
         return func(*args, **kwargs)
