@@ -220,10 +220,11 @@ def _image_hwc(image):
     return a
 
 
-def show(image, heat, path=None, alpha: float = 0.5, cmap: str = "magma"):
+def show(image, heat, path=None, alpha: float = 0.5, cmap: str = "magma", *, ax=None, title=None):
     """Overlay `heat` (H, W), one image's map from cam/grad_cam/grad_cam_pp (a raw map is stretched over the
-    image, bilinearly), on `image` (see _image_hwc for the layouts taken) with matplotlib. Saves a PNG at `path`
-    when given. Returns the matplotlib Figure (shown by notebooks; no pyplot state is touched)."""
+    image, bilinearly), on `image` (see _image_hwc for the layouts taken) with matplotlib. Draws into `ax` when
+    given (a grid of pictures), else into a new Figure; saves the figure as a PNG at `path` when given. Returns
+    the Figure (a notebook shows it; no pyplot state is touched)."""
     from matplotlib.figure import Figure  # the vision extra: pip install "fastfuse[vision]"
 
     img = _image_hwc(image)
@@ -234,11 +235,14 @@ def show(image, heat, path=None, alpha: float = 0.5, cmap: str = "magma"):
         raise ValueError(f"heat must be one image's map (H, W), got shape {tuple(heat.shape)}")
     height, width = img.shape[:2]
     extent = (0, width, height, 0)
-    fig = Figure(figsize=(4, 4 * height / width))
-    ax = fig.add_axes((0, 0, 1, 1))
+    if ax is None:
+        fig = Figure(figsize=(4, 4 * height / width))
+        ax = fig.add_axes((0, 0, 1, 1) if title is None else (0, 0, 1, 0.9))
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=extent, interpolation="nearest")
     ax.imshow(h, cmap=cmap, alpha=alpha, extent=extent, interpolation="bilinear")
     ax.set_axis_off()
+    if title is not None:
+        ax.set_title(title, fontsize=9)
     if path is not None:
-        fig.savefig(path, format="png")
-    return fig
+        ax.figure.savefig(path, format="png")
+    return ax.figure
