@@ -230,6 +230,8 @@ def test_errors():
         fcam.cam(model, (x * 100).to(torch.uint8), model[0])
     with pytest.raises(ValueError, match=r"feature maps \(B, K, h, w\), got \(3, 5\)"):
         fcam.grad_cam(model, x, model[1][2])
+    with pytest.raises(ValueError, match=r"class scores \(B, n_classes\), got shape \(3, 8, 8, 8\)"):
+        fcam.grad_cam(model[0], x, model[0][1])
     shared = nn.Sequential(model[0][0], model[0][1], model[0][1], model[1])
     with pytest.raises(ValueError, match="ran more than once"):
         fcam.grad_cam(shared, x, model[0][1])

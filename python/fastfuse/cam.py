@@ -103,8 +103,9 @@ def _check_images(x):
 
 
 def _targets(out: torch.Tensor, target) -> torch.Tensor:
-    if out.dim() != 2:
-        raise ValueError(f"the model's output must be class scores (B, n_classes), got shape {tuple(out.shape)}")
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model's output must be class scores (B, n_classes), got {got}")
     n_cls = out.shape[1]
     if target is None:
         return out.argmax(1)
