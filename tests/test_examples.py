@@ -1,7 +1,7 @@
 """python -m fastfuse.examples.tabular end to end on small slices: preprocessing, the fused model and its eager
 twin trained side by side from the same weights, RMSPE. CI runs it on a CSV written here in txhousing's columns
 (plotnine, which ships the real file, is not in CI's package index); where plotnine is installed, the real file's
-first rows run too."""
+first rows run too. python -m fastfuse.examples.vision on a slice of scikit-image's lfw_subset."""
 import csv
 import importlib.util
 import math
@@ -49,3 +49,20 @@ def test_example_on_the_first_rows_of_txhousing(capsys):
     results = example.main(["--epochs", "1", "--bs", "64", "--rows", "1200"])
     assert "valid RMSPE" in capsys.readouterr().out
     _check(results)
+
+
+def test_vision_example_on_a_slice_of_lfw(tmp_path, capsys):
+    """python -m fastfuse.examples.vision on 48 of lfw_subset's images, one epoch: the reflection-padded xresnet18
+    and its eager twin train side by side from the same weights, and the Grad-CAM picture is written."""
+    from fastfuse.examples import vision  # scikit-image and matplotlib: the test extra has them
+
+    png = tmp_path / "gradcam.png"
+    results = vision.main(["--epochs", "1", "--limit", "48", "--bs", "16", "--png", str(png)])
+    out = capsys.readouterr().out
+    assert "38 training and 10 validation images" in out and "fused speedup per epoch" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(results) == {"fused", "eager"}
+    for seconds, acc, loss in results.values():
+        assert seconds > 0 and 0 <= acc <= 1 and math.isfinite(loss)
+    # same weights and batches: two steps apart only by rounding
+    assert results["fused"][2] == pytest.approx(results["eager"][2], rel=1e-3)
