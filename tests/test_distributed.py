@@ -344,9 +344,7 @@ def _worker(rank, ws, port, out_dir):
         for name, (fn, sizes) in CHECKS.items():
             if ws in sizes:
                 try:
-                    import time; t0 = time.time()  # TEMP
                     fn(rank, ws)
-                    print(f"TIME rank{rank} ws{ws} {name} {time.time()-t0:.1f}s", flush=True)  # TEMP
                     results[name] = None
                 except Exception:  # noqa: BLE001  (reported as that check's failure)
                     results[name] = traceback.format_exc()
