@@ -93,7 +93,7 @@ Tensor4 sync_batch_norm_kernel(const at::Tensor& x_in, const OptTensor& weight, 
     buf = at::zeros({2 * C + 1}, f64);
   }
   all_reduce_sum(buf, group_name, C, "statistics");
-  const at::Tensor count = buf[2 * C];
+  const at::Tensor count = buf[2 * C].clone();  // an output of its own, not a view of buf
   if (buf.is_cpu()) {  // free here; on other devices it would wait for the device
     TORCH_CHECK(count.item<double>() > 1, "Expected more than 1 value per channel when training, got ",
                 count.item<double>(), " values per channel over all ranks (input size ", x_in.sizes(),

@@ -285,6 +285,18 @@ def check_compile_ddp(rank, ws):
 
 
 @check(2)
+def check_opcheck(rank, ws):
+    """torch.library.opcheck of the op (schema, fake kernel, autograd registration, AOT dispatch), with dropout and
+    a post-ReLU. Every rank runs the same calls, so the collectives pair up."""
+    torch.manual_seed(0)
+    x = torch.randn(3 + rank, 4, 3, 3, requires_grad=True)
+    w, b = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    args = (x, w, b, torch.zeros(4), torch.ones(4), torch.zeros((), dtype=torch.long), None, 0.1, 1e-5, False, True,
+            0.2, torch.tensor([5, 7]), dist.group.WORLD.group_name)
+    torch.library.opcheck(torch.ops.fastfuse.sync_batch_norm.default, args)
+
+
+@check(2)
 def check_one_all_reduce_per_direction(rank, ws):
     """Forward: one all_reduce (of count, sum, sum of squares); backward: one (of the two gradient sums)."""
     m = SyncBatchNorm(4)
