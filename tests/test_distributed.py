@@ -450,7 +450,8 @@ def test_fuse_swaps_and_fuses_sync_batch_norm():
     torch.testing.assert_close(model(x), ref(x))  # no process group: batch norm
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+@pytest.mark.cuda
+@pytest.mark.skipif(not dist.is_nccl_available(), reason="needs NCCL")
 def test_cuda_nccl_world_size_1_matches_torch_sync_batch_norm():
     """The op itself (it has no fallback) over a one-rank NCCL group, against nn.SyncBatchNorm (which at one rank
     is a batch norm): outputs, gradients and running statistics."""
