@@ -36,11 +36,16 @@ def _fused_batch_norm(cls):
     return make
 
 
+def _fused_sync_batch_norm(m: torch.nn.SyncBatchNorm) -> torch.nn.Module:
+    return ffnn.SyncBatchNorm.convert_sync_batchnorm(m, m.process_group)  # same tensors, group and mode
+
+
 # exact types only: a subclass may do more than the layer itself
 _SWAPS = {torch.nn.Dropout: _fused_dropout,
           torch.nn.BatchNorm1d: _fused_batch_norm(ffnn.BatchNorm1d),
           torch.nn.BatchNorm2d: _fused_batch_norm(ffnn.BatchNorm2d),
           torch.nn.BatchNorm3d: _fused_batch_norm(ffnn.BatchNorm3d),
+          torch.nn.SyncBatchNorm: _fused_sync_batch_norm,
           torch.nn.Conv2d: _fused_reflect_conv2d}
 
 
@@ -83,7 +88,7 @@ def _block_swaps():
 
 def fuse(model: torch.nn.Module, graphs: bool = True) -> torch.nn.Module:
     """Replace every swappable layer of `model` in place and return the model. Layers: torch's Dropout,
-    BatchNorm1d/2d/3d and Conv2d(padding_mode='reflect'). Blocks: fastai's LinBnDrop, ConvLayer and TabularModel
+    BatchNorm1d/2d/3d, SyncBatchNorm and Conv2d(padding_mode='reflect'). Blocks: fastai's LinBnDrop, ConvLayer and TabularModel
     become fastfuse.nn.LinBnDrop, fastfuse.nn.ConvLayer and fastfuse.models.TabularModel over the same children
     (the fused input layer, one-call LinBnDrop, fused BN -> ReLU). When `model` itself is such a block, the
     returned model is its fused twin (sharing its parameters): `learn.model = fastfuse.fuse(learn.model)`.

@@ -5,7 +5,9 @@ from .fused_sequential import FusedSequential
 from .lin_bn_drop import LinBnDrop
 
 from .reflect_conv2d import ConvLayer, NormType, ReflectConv2d
+from .sync_batch_norm import SyncBatchNorm
 from .tabular import Embedding, TabularEmbedding
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ConvLayer", "Dropout", "Embedding", "FusedSequential",
-           "LinBnDrop", "NormType", "ReflectConv2d", "TabularEmbedding"]
+           "LinBnDrop", "NormType", "ReflectConv2d", "SyncBatchNorm",
+           "TabularEmbedding"]

@@ -121,6 +121,8 @@ if _extension.available():
 def _batch_norm_cont(x_cont: torch.Tensor, bn, training: bool) -> torch.Tensor:
     """BatchNorm1d's forward (torch's module rules, momentum=None included) on the continuous columns, by
     fastfuse.batch_norm; `bn` is a BatchNorm1d or anything with its attributes."""
+    if hasattr(bn, "process_group"):  # a SyncBatchNorm (torch's or fastfuse's): its own forward, whose statistics
+        return bn(x_cont)              # span the ranks (an empty rank joins them too)
     if x_cont.shape[0] == 0:
         return x_cont.clone()
     return module_batch_norm(bn, x_cont, training)
