@@ -157,7 +157,7 @@ def test_each_kernel_compiles_once_across_seeds():
             y.sum().backward()
             for t in (x, xl):
                 fastfuse.batch_norm(t, None, None, None, None, True, dropout_p=0.2).sum().backward()
-            fastfuse.embedding_concat_dropout(x_cat, w, None, p=0.1).sum().backward()
+            fastfuse.embedding_concat_dropout(x_cat, w, 0.1).sum().backward()
 
     step()
     first = {k.__name__: _compiled_variants(k) for k in kernels}
