@@ -122,6 +122,7 @@ setup(
                  "fastfuse.nn": "python/fastfuse/nn", "fastfuse.bench": "python/fastfuse/bench",
                  "fastfuse.triton_kernels": "triton_kernels", "fastfuse.benchmarks": "benchmarks",
                  "fastfuse.models": "python/fastfuse/models", "fastfuse.examples": "python/fastfuse/examples"},
+    package_data={"fastfuse": ["_cuda_defaults.json"]},  # the CUDA defaults from a GPU run, once committed
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -70,6 +70,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](int64_t b) { return static_cast<int64_t>(fastfuse::set_backend(static_cast<fastfuse::Backend>(b))); },
         "Set this thread's backend override (0: none); returns the previous one");
   m.def("current_backend", []() { return static_cast<int64_t>(fastfuse::current_backend()); });
+  m.def("set_default_backend",
+        [](const std::string& op, bool cuda, int64_t b) {
+          return static_cast<int64_t>(fastfuse::set_default_backend(
+              op, cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU, static_cast<fastfuse::Backend>(b)));
+        },
+        "Set op's process-wide default for CPU or CUDA tensors (0: the device's C++ kernel); returns the previous one");
+  m.def("default_backend", [](const std::string& op, bool cuda) {
+    return static_cast<int64_t>(
+        fastfuse::default_backend(op, cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU));
+  });
   m.def("empty_cpu_cache", &fastfuse::empty_cpu_cache, "Free the idle blocks of the CPU output cache");
   m.def("cpu_cache_idle_bytes", &fastfuse::cpu_cache_idle_bytes, "Bytes the CPU output cache holds idle");
   m.def("reflect_conv2d_cpu_design",

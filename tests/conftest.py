@@ -7,11 +7,13 @@ import torch
 import fastfuse
 
 CUDA = torch.cuda.is_available()
-TRITON = importlib.util.find_spec("triton") is not None and (CUDA or os.environ.get("TRITON_INTERPRET") == "1")
+TRITON_INTERPRET = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+TRITON = TRITON_INTERPRET or (importlib.util.find_spec("triton") is not None and CUDA)
 CPP = fastfuse.backends()["cpp"]["available"]
 
-# backends that can run CPU tensors here (Triton only through the interpreter)
-CPU_BACKENDS = ["reference"] + (["cpp"] if CPP else []) + (["triton"] if TRITON and not CUDA else [])
+# backends that can run CPU tensors here: Triton only through the interpreter, GPU or not (without
+# TRITON_INTERPRET=1 Triton compiles for the GPU and refuses CPU tensors)
+CPU_BACKENDS = ["reference"] + (["cpp"] if CPP else []) + (["triton"] if TRITON_INTERPRET else [])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -348,7 +348,13 @@ def test_gpu_matches_cpu(backend, dtype, kind, shape, cl):
     for a, e in zip(outs[1], outs[0]):
         torch.testing.assert_close(a, e, **tol)
     if dtype == torch.float32:
-        assert torch.equal(outs[1][0] == 0, outs[0][0] == 0)  # same Philox mask (fp32: no rounding ties)
+        # Same Philox mask. A zero here is a dropped element or a ReLU'd one; nvcc and Triton contract
+        # (x - mean) * scale + bias into an FMA and the CPU build does not (-ffp-contract=off), so an output within
+        # rounding of zero may be ReLU'd on one side only. Those flips must be tiny on both sides.
+        gpu, cpu = outs[1][0], outs[0][0]
+        flips = (gpu == 0) != (cpu == 0)
+        assert (gpu[flips].abs() + cpu[flips].abs()).max(initial=0.0) <= 1e-5
+        assert flips.sum() <= max(1, gpu.numel() // 10_000)
 
 
 def test_fused_sequential_keeps_module_modes():

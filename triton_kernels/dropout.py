@@ -4,15 +4,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import key_tile, stream_words
+from .philox import RNG_ARGS, key_tile, stream_words
 from .rounding import fp32_to
 
 BLOCK_GROUPS = 128
 
 
-@triton.jit
-def dropout_kernel(x_ptr, y_ptr, n_elements, threshold, scale, key0, key1, off0, off1,
-                   BLOCK_GROUPS: tl.constexpr):
+@triton.jit(do_not_specialize=RNG_ARGS)
+def dropout_kernel(x_ptr, y_ptr, n_elements, threshold: tl.uint32, scale, key0: tl.uint32, key1: tl.uint32,
+                   off0: tl.uint32, off1: tl.uint32, BLOCK_GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     g = pid * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
     key = key_tile(g, key0.to(tl.uint32), key1.to(tl.uint32), off0.to(tl.uint32), off1.to(tl.uint32))

@@ -1,6 +1,15 @@
-"""Philox4x32-10 in Triton, line for line the same as csrc/philox.h (see there for the dropout mapping)."""
+"""Philox4x32-10 in Triton, line for line the same as csrc/philox.h (see there for the dropout mapping).
+
+Compile once per dtype and shape class: a kernel takes the seed and offset words and the dropout threshold as
+`name: tl.uint32` arguments listed in `do_not_specialize` (RNG_ARGS below). Triton otherwise specialises an int
+argument on its value (i32 or i64 by magnitude, divisibility by 16, and 1 as a constexpr), and every call draws a
+new seed, so a training loop would compile up to 64 variants of each kernel; a word equal to 1 would also arrive
+as a constexpr, on which `.to(tl.uint32)` fails (the threshold is 1 for p in [2^-16, 2^-15))."""
 import triton
 import triton.language as tl
+
+# The arguments of the kernels that change from call to call: no specialisation on their values.
+RNG_ARGS = ("key0", "key1", "off0", "off1", "threshold")
 
 PHILOX_M0: tl.constexpr = tl.constexpr(0xD2511F53)
 PHILOX_M1: tl.constexpr = tl.constexpr(0xCD9E8D57)
@@ -57,8 +66,16 @@ def key_tile(g, key0, key1, off0, off1):
 
 
 @triton.jit
-def element_keys(offs, key0, key1, off0, off1):
-    """The dropout key of each element index in offs (any shape, int64): lane offs % 8 of group offs // 8.
-    Costs a Philox call per element; key_tile shares one call between 8 aligned elements."""
-    r0, r1, r2, r3 = dropout_group_words(offs >> 3, key0, key1, off0, off1)
-    return _key_of(r0, r1, r2, r3, (offs & 7).to(tl.int32))
+def run_keys(e0, WIDTH: tl.constexpr, key0, key1, off0, off1):
+    """(len(e0), WIDTH) tile of the keys of elements e0[:, None] + arange(WIDTH) (e0: int64 run starts, any
+    alignment): WIDTH // 8 + 1 Philox calls per run, one per group the run can touch, each selected where its
+    group lies. For tiles whose rows are not whole groups (batch norm's channel-innermost reductions)."""
+    g0 = e0 >> 3
+    e = e0[:, None] + tl.arange(0, WIDTH)[None, :]
+    rel = (e >> 3) - g0[:, None]
+    lane = (e & 7).to(tl.int32)
+    key = tl.zeros((e0.shape[0], WIDTH), tl.uint32)
+    for j in tl.static_range(WIDTH // 8 + 1):
+        r0, r1, r2, r3 = dropout_group_words(g0 + j, key0, key1, off0, off1)
+        key = tl.where(rel == j, _key_of(r0[:, None], r1[:, None], r2[:, None], r3[:, None], lane), key)
+    return key

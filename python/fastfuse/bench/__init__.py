@@ -69,12 +69,17 @@ def sgd_step(model, args, loss, lr, forward=None):
 
 
 def autograd_modes(fn, x, grad):
-    """{"fwd", "bwd", "fwd+bwd"} zero-arg callables timing fn on x (bwd re-runs backward on one graph)."""
+    """{"fwd", "bwd", "fwd+bwd"} zero-arg callables timing fn on x (bwd re-runs backward on one graph, made on its
+    first call: building a case runs nothing, so a torch.compile provider compiles only when it is timed)."""
     xr = x.detach().requires_grad_()
-    out = fn(xr)
-    return {"fwd": lambda: fn(x),
-            "bwd": lambda: torch.autograd.grad(out, xr, grad, retain_graph=True),
-            "fwd+bwd": lambda: torch.autograd.grad(fn(xr), xr, grad)}
+    graph = []
+
+    def bwd():
+        if not graph:
+            graph.append(fn(xr))
+        return torch.autograd.grad(graph[0], xr, grad, retain_graph=True)
+
+    return {"fwd": lambda: fn(x), "bwd": bwd, "fwd+bwd": lambda: torch.autograd.grad(fn(xr), xr, grad)}
 
 
 def allow_retained_graphs():
@@ -232,13 +237,30 @@ def _cpu_name():
     return f"cpu ({model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
-def run(cases, device: str, progress: bool = True):
+def cuda_backends(*names):
+    """The fastfuse backends a CUDA case times, of `names` (default: all three candidates for an op's CUDA default),
+    those available here. The bench runs with every CUDA default set to "cuda" (see main), so "cuda" times the C++
+    kernels without an override, the per-call cost a user would see; "triton" and "reference" run under one."""
+    names = names or ("cuda", "triton", "reference")
+    return [b for b in names if fastfuse.backends()[b]["available"]]
+
+
+# torch.compile's first compile of a case (inductor, one graph per mode) on a fresh GPU machine: a "compile" job is
+# skipped when less than this is left before the run's soft deadline.
+COMPILE_RESERVE_S = 40.0
+
+
+def run(cases, device: str, progress: bool = True, modes=None, select=None, deadline=None):
+    """Rows of every case's jobs. modes: the modes to time (None: all); select(provider): whether to time a provider
+    (None: all; the copy_ and clone baselines always run). On CUDA with a deadline (time.monotonic()): no job starts past it, and a "compile" job
+    starts only with COMPILE_RESERVE_S left; skipped jobs leave no row."""
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
     jobs = [(c, b, "fwd") for c in cases for b in ("copy_", "clone") if getattr(c, b.rstrip("_"))]
-    jobs += [(c, p, m) for c in cases for p, modes in c.providers.items() for m in modes]
+    jobs += [(c, p, m) for c in cases for p, ms in c.providers.items() for m in ms
+             if (modes is None or m in modes) and (select is None or select(p))]
     bar = tqdm(total=len(jobs), desc="fastfuse.bench", disable=not progress) if tqdm else None
     dev_name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     try:
@@ -257,7 +279,9 @@ def run(cases, device: str, progress: bool = True):
                      for c, prov, mode in jobs if c is case}
         if device == "cuda":
             for k, fn in case_jobs.items():
-                timed[k] = time_ms(fn, device)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is None or left > (COMPILE_RESERVE_S if k[1] == "compile" else 0.0):
+                    timed[k] = time_ms(fn, device)
                 if bar:
                     bar.update()
         else:
@@ -267,14 +291,18 @@ def run(cases, device: str, progress: bool = True):
                 bar.update(len(case_jobs))
     if bar:
         bar.close()
-    saved = {(id(c), p, m): saved_mb(fn) for c in cases for p, modes in c.providers.items()
-             for m, fn in modes.items() if m in SAVED_MODES}
+    saved = {(id(c), p, m): saved_mb(fn) for c in cases for p, ms in c.providers.items()
+             for m, fn in ms.items() if m in SAVED_MODES and (id(c), p, m) in timed}
     for case in cases:
         key = id(case)
+        if (key, "copy_", "fwd") not in timed:  # the deadline came first
+            continue
         copy_gbps = case.bytes_fwd / timed[(key, "copy_", "fwd")][0] / 1e6
         base = [(b, ["fwd"]) for b in ("copy_", "clone") if (key, b, "fwd") in timed]
-        for prov, modes in base + list(case.providers.items()):
-            for mode in modes:
+        for prov, ms in base + list(case.providers.items()):
+            for mode in ms:
+                if (key, prov, mode) not in timed:  # not selected, or skipped at the deadline
+                    continue
                 p50, p20, p80 = timed[(key, prov, mode)]
                 gbps = case.bytes(mode) / p50 / 1e6
                 ref = lambda name: None if prov in ("copy_", "clone") else \
@@ -302,3 +330,43 @@ def print_table(rows):
         r = rows[0]
         print(f"device: {r['device_name']}, torch {r['torch']}, triton {r['triton']}, fastfuse {r['fastfuse']}, "
               f"commit {r['commit']}")
+
+
+def merge_compile(rows, compile_rows):
+    """rows with the "compile" rows of a later run of the same cases added, and speedup_compile filled in."""
+    t = {(r["op"], r["shape"], r["dtype"], r["mode"]): r["ms_p50"] for r in compile_rows if r["provider"] == "compile"}
+    out = []
+    for r in rows:
+        c = t.get((r["op"], r["shape"], r["dtype"], r["mode"]))
+        out.append(dict(r, speedup_compile=c / r["ms_p50"]) if c and r["provider"] not in ("copy_", "clone") else r)
+    return out + [r for r in compile_rows if r["provider"] == "compile"]
+
+
+# ---- the CUDA default of each op, from a run's rows (.ci/gpu check prints it and writes _cuda_defaults.json) ----
+CANDIDATES = ("cuda", "triton", "reference")
+
+
+def choose_defaults(rows_by_op):
+    """{op: [backends, fastest first]} for the ops of fastfuse._backends.OPS in {op: rows}. Per op, over the
+    (case, shape, dtype) groups in which every candidate was timed ("fwd+bwd", else "fwd"), the geometric mean of
+    each candidate's time over the reference's; the reference wins ties. An op with no such group is left out
+    (unmeasured: it keeps the reference)."""
+    import math
+
+    from .. import _backends
+    out = {}
+    for op, rows in rows_by_op.items():
+        if op not in _backends.OPS:
+            continue
+        groups = {}
+        for r in rows:
+            if r["provider"] in CANDIDATES and r["mode"] in ("fwd+bwd", "fwd"):
+                groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r["ms_p50"]
+        both = {k: v for k, v in groups.items() if k[3] == "fwd+bwd"} or groups
+        timed = [c for c in CANDIDATES if c == "reference" or any(c in v for v in both.values())]
+        full = [v for v in both.values() if all(c in v for c in timed) and len(timed) > 1]
+        if not full:
+            continue
+        score = {c: math.exp(sum(math.log(v[c] / v["reference"]) for v in full) / len(full)) for c in timed}
+        out[op] = sorted(timed, key=lambda c: (score[c], c != "reference"))
+    return out

@@ -2,7 +2,8 @@
 
 A call: reflect_conv2d() calls fastfuse::reflect_conv2d, whose autograd (csrc/reflect_conv2d.cpp) and kernels
 (csrc/cpu/reflect_conv2d_kernel.cpp, csrc/cuda/reflect_conv2d_kernel.cu) are C++; the kernels check every argument
-first, with torch's error messages. This file holds the fake kernels and the Python backends (triton, reference)."""
+first, with torch's error messages. This file holds the fake kernels and the Python backends (reference; "triton" runs the reference too: the Triton
+kernel is retired)."""
 import torch
 
 from .. import _backends, _extension, reference
@@ -104,16 +105,6 @@ def _python_backward(run):
     return backward
 
 
-def _triton(x, w, b, stride, padding, dilation, groups):
-    from ..triton_kernels import reflect_conv2d as tk  # lazily: triton is optional and slow to import
-    return tk.reflect_conv2d(x, w, b, stride, padding, dilation, groups)
-
-
-def _triton_backward(go, x, w, stride, padding, dilation, groups, mask):
-    from ..triton_kernels import reflect_conv2d as tk
-    return tk.reflect_conv2d_backward(go, x, w, stride, padding, dilation, groups, mask)
-
-
 def _weight_format(w):
     return torch.channels_last if _channels_last(w) else torch.contiguous_format
 
@@ -133,9 +124,12 @@ def _fake_backward(go, x, w, stride, padding, dilation, groups, mask):
 if _extension.available():
     torch.library.register_fake("fastfuse::reflect_conv2d", _fake)
     torch.library.register_fake("fastfuse::reflect_conv2d_backward", _fake_backward)
-    _backends.register("reflect_conv2d", triton=_python_forward(_triton),
+    # No Triton kernel (retired, docs/reflect_conv2d.md: an implicit GEMM through the reflection cannot beat
+    # cuDNN's conv; the CUDA design is cuDNN plus a frame correction). Under the "triton" override this op runs
+    # torch's own path, F.pad + conv2d (cuDNN on CUDA), so a model under that override still runs.
+    _backends.register("reflect_conv2d", triton=_python_forward(reference.reflect_conv2d),
                        reference=_python_forward(reference.reflect_conv2d))
-    _backends.register("reflect_conv2d_backward", triton=_python_backward(_triton_backward),
+    _backends.register("reflect_conv2d_backward", triton=_python_backward(reference.reflect_conv2d_backward),
                        reference=_python_backward(reference.reflect_conv2d_backward))
 
 
