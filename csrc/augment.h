@@ -62,13 +62,13 @@ FF_AUG_HD void augment_pixel_matrix(const float* m, int64_t H, int64_t W, int64_
 // [0, n - 1]; non-finite coordinates go to -1 (outside: zero weight under 'zeros', the edge otherwise).
 FF_AUG_HD float augment_fold(float c, float n1, int pad) {
   c = (c == c && c > -3.0e8f && c < 3.0e8f) ? c : -1.f;
-  if (pad == kAugReflection) {
-    if (n1 <= 0.f) return 0.f;
-    const float span2 = 2.f * n1;
+  if (pad == kAugReflection) {  // branch-free, so that the CPU's loops vectorise; a 1-pixel side gives 0
+    const float span2 = 2.f * n1, safe = n1 > 0.f ? span2 : 1.f;
     float t = c < 0.f ? -c : c;
-    t = t - aug_mul(floorf(t / span2), span2);
+    t = t - aug_mul(floorf(t / safe), safe);
     t = t > n1 ? span2 - t : t;
-    return t < 0.f ? 0.f : (t > n1 ? n1 : t);
+    t = t < 0.f ? 0.f : (t > n1 ? n1 : t);
+    return n1 > 0.f ? t : 0.f;
   }
   if (pad == kAugBorder) return c < 0.f ? 0.f : (c > n1 ? n1 : c);
   return c;

@@ -52,50 +52,98 @@ inline float vexp(float x) {
   return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
-// The taps of one output row: offsets of the four source pixels (in elements, from the channel's origin) and
-// their weights, zero for taps outside the image (grid_sample skips those).
-struct RowTaps {
-  std::vector<int32_t> o;  // 4 * w: nw, ne, sw, se
-  std::vector<float> wt;
-  explicit RowTaps(int64_t w) : o(4 * w), wt(4 * w) {}
+// The taps of one output row: offsets of the four source pixels (nw, ne, sw, se; in elements, from the channel's
+// origin) and their weights, zero for taps outside the image (grid_sample skips those).
+struct Taps {
+  int32_t *o0, *o1, *o2, *o3;
+  float *w0, *w1, *w2, *w3;
+  float *cx, *cy;  // scratch: the folded source coordinates
 };
 
-FF_AUG_CLONES void row_coords(const float* __restrict__ pm, float fy, int64_t w, int64_t H, int64_t W, int pad,
-                              int32_t sx, int32_t sy, int32_t* __restrict__ o, float* __restrict__ wt) {
+struct RowTaps {
+  std::vector<int32_t> o;
+  std::vector<float> wt;
+  explicit RowTaps(int64_t w) : o(4 * w), wt(6 * w) {}
+  Taps taps(int64_t w) {
+    return {o.data(), o.data() + w, o.data() + 2 * w, o.data() + 3 * w,
+            wt.data(), wt.data() + w, wt.data() + 2 * w, wt.data() + 3 * w, wt.data() + 4 * w, wt.data() + 5 * w};
+  }
+};
+
+// The taps' offsets and weights of one row, for pad mode PAD (a constant, so the loops have no branch), in three
+// loops over restrict-qualified streams: GCC vectorises the coordinates' and the offsets' loops (one loop doing all
+// of it, or streams carved out of one array, it leaves scalar).
+template <int PAD>
+__attribute__((always_inline)) inline void row_coords_body(const float* __restrict__ pm, float fy, int64_t w,
+                                                           int64_t H, int64_t W, int32_t sx, int32_t sy, Taps t) {
   const float n1x = static_cast<float>(W - 1), n1y = static_cast<float>(H - 1);
   const int32_t W1 = static_cast<int32_t>(W - 1), H1 = static_cast<int32_t>(H - 1);
   const float ax = pm[1] * fy + pm[2], ay = pm[4] * fy + pm[5], aw = pm[7] * fy + pm[8];
+  const float p0 = pm[0], p3 = pm[3], p6 = pm[6];
+  int32_t* __restrict__ o0 = t.o0; int32_t* __restrict__ o1 = t.o1;
+  int32_t* __restrict__ o2 = t.o2; int32_t* __restrict__ o3 = t.o3;
+  float* __restrict__ w0 = t.w0; float* __restrict__ w1 = t.w1;
+  float* __restrict__ w2 = t.w2; float* __restrict__ w3 = t.w3;
+  float* __restrict__ cxs = t.cx; float* __restrict__ cys = t.cy;
   for (int64_t ox = 0; ox < w; ++ox) {
-    const float fx = static_cast<float>(ox);
-    const float den = pm[6] * fx + aw;
-    const float cx = augment_fold((pm[0] * fx + ax) / den, n1x, pad);
-    const float cy = augment_fold((pm[3] * fx + ay) / den, n1y, pad);
-    const float x0f = std::floor(cx), y0f = std::floor(cy);
-    const float wx0 = (x0f + 1.f) - cx, wx1 = cx - x0f, wy0 = (y0f + 1.f) - cy, wy1 = cy - y0f;
-    const int32_t x0 = static_cast<int32_t>(x0f), y0 = static_cast<int32_t>(y0f), x1 = x0 + 1, y1 = y0 + 1;
-    const bool vx0 = x0 >= 0 && x0 <= W1, vx1 = x1 >= 0 && x1 <= W1;
-    const bool vy0 = y0 >= 0 && y0 <= H1, vy1 = y1 >= 0 && y1 <= H1;
+    const float fx = static_cast<float>(static_cast<int32_t>(ox));  // int32: AVX2 has no int64 -> float
+    const float den = p6 * fx + aw;
+    cxs[ox] = augment_fold((p0 * fx + ax) / den, n1x, PAD);
+    cys[ox] = augment_fold((p3 * fx + ay) / den, n1y, PAD);
+  }
+  for (int64_t ox = 0; ox < w; ++ox) {  // offsets, clamped into the image
+    const int32_t x0 = static_cast<int32_t>(std::floor(cxs[ox])), y0 = static_cast<int32_t>(std::floor(cys[ox]));
+    const int32_t x1 = x0 + 1, y1 = y0 + 1;
     const int32_t cx0 = x0 < 0 ? 0 : (x0 > W1 ? W1 : x0), cx1 = x1 < 0 ? 0 : (x1 > W1 ? W1 : x1);
     const int32_t cy0 = y0 < 0 ? 0 : (y0 > H1 ? H1 : y0), cy1 = y1 < 0 ? 0 : (y1 > H1 ? H1 : y1);
-    o[ox] = cy0 * sy + cx0 * sx;
-    o[w + ox] = cy0 * sy + cx1 * sx;
-    o[2 * w + ox] = cy1 * sy + cx0 * sx;
-    o[3 * w + ox] = cy1 * sy + cx1 * sx;
-    wt[ox] = (vx0 && vy0) ? wx0 * wy0 : 0.f;
-    wt[w + ox] = (vx1 && vy0) ? wx1 * wy0 : 0.f;
-    wt[2 * w + ox] = (vx0 && vy1) ? wx0 * wy1 : 0.f;
-    wt[3 * w + ox] = (vx1 && vy1) ? wx1 * wy1 : 0.f;
+    o0[ox] = cy0 * sy + cx0 * sx;
+    o1[ox] = cy0 * sy + cx1 * sx;
+    o2[ox] = cy1 * sy + cx0 * sx;
+    o3[ox] = cy1 * sy + cx1 * sx;
   }
+  for (int64_t ox = 0; ox < w; ++ox) {  // weights, 0 for taps outside the image
+    const float cx = cxs[ox], cy = cys[ox];
+    const float x0f = std::floor(cx), y0f = std::floor(cy);
+    const float wx0 = (x0f + 1.f) - cx, wx1 = cx - x0f, wy0 = (y0f + 1.f) - cy, wy1 = cy - y0f;
+    const float x1f = x0f + 1.f, y1f = y0f + 1.f;
+    // 1 or 0 (integers compared as floats, exactly); the weights are >= 0, so a product with 0 is +0, as
+    // grid_sample's skipped tap
+    const float mx0 = (x0f >= 0.f && x0f <= n1x) ? 1.f : 0.f, mx1 = (x1f >= 0.f && x1f <= n1x) ? 1.f : 0.f;
+    const float my0 = (y0f >= 0.f && y0f <= n1y) ? 1.f : 0.f, my1 = (y1f >= 0.f && y1f <= n1y) ? 1.f : 0.f;
+    w0[ox] = (wx0 * wy0) * (mx0 * my0);
+    w1[ox] = (wx1 * wy0) * (mx1 * my0);
+    w2[ox] = (wx0 * wy1) * (mx0 * my1);
+    w3[ox] = (wx1 * wy1) * (mx1 * my1);
+  }
+}
+
+FF_AUG_CLONES void row_coords_zeros(const float* pm, float fy, int64_t w, int64_t H, int64_t W, int32_t sx,
+                                    int32_t sy, Taps t) {
+  row_coords_body<kAugZeros>(pm, fy, w, H, W, sx, sy, t);
+}
+FF_AUG_CLONES void row_coords_border(const float* pm, float fy, int64_t w, int64_t H, int64_t W, int32_t sx,
+                                     int32_t sy, Taps t) {
+  row_coords_body<kAugBorder>(pm, fy, w, H, W, sx, sy, t);
+}
+FF_AUG_CLONES void row_coords_reflection(const float* pm, float fy, int64_t w, int64_t H, int64_t W, int32_t sx,
+                                         int32_t sy, Taps t) {
+  row_coords_body<kAugReflection>(pm, fy, w, H, W, sx, sy, t);
+}
+
+void row_coords(const float* pm, float fy, int64_t w, int64_t H, int64_t W, int pad, int32_t sx, int32_t sy,
+                Taps t) {
+  if (pad == kAugReflection) row_coords_reflection(pm, fy, w, H, W, sx, sy, t);
+  else if (pad == kAugBorder) row_coords_border(pm, fy, w, H, W, sx, sy, t);
+  else row_coords_zeros(pm, fy, w, H, W, sx, sy, t);
 }
 
 // grid_sample's sum, in its order (nw, ne, sw, se), of the taps of one channel; uint8 is read as x / 255.
 template <typename scalar_t>
-void row_sample(const scalar_t* __restrict__ src, int64_t w, const int32_t* __restrict__ o,
-                const float* __restrict__ wt, float* __restrict__ val) {
+void row_sample(const scalar_t* __restrict__ src, int64_t w, Taps t, float* __restrict__ val) {
   for (int64_t ox = 0; ox < w; ++ox) {
-    const float v00 = static_cast<float>(src[o[ox]]), v01 = static_cast<float>(src[o[w + ox]]);
-    const float v10 = static_cast<float>(src[o[2 * w + ox]]), v11 = static_cast<float>(src[o[3 * w + ox]]);
-    val[ox] = ((wt[ox] * v00 + wt[w + ox] * v01) + wt[2 * w + ox] * v10) + wt[3 * w + ox] * v11;
+    const float v00 = static_cast<float>(src[t.o0[ox]]), v01 = static_cast<float>(src[t.o1[ox]]);
+    const float v10 = static_cast<float>(src[t.o2[ox]]), v11 = static_cast<float>(src[t.o3[ox]]);
+    val[ox] = ((t.w0[ox] * v00 + t.w1[ox] * v01) + t.w2[ox] * v10) + t.w3[ox] * v11;
   }
   if constexpr (std::is_same_v<scalar_t, uint8_t>)
     for (int64_t ox = 0; ox < w; ++ox) val[ox] = val[ox] / 255.f;
@@ -142,15 +190,16 @@ void augment_impl(const AugmentParams& p) {
   }
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, w * C));
   at::parallel_for(0, B * h, grain, [&](int64_t r0, int64_t r1) {
-    RowTaps taps(w);
+    RowTaps row_taps(w);
+    const Taps taps = row_taps.taps(w);
     std::vector<float> val(w * (out_nhwc ? C : 1));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / h, oy = r % h;
-      row_coords(pix.data() + 9 * b, static_cast<float>(oy), w, H, W, p.pad, sx, sy, taps.o.data(), taps.wt.data());
+      row_coords(pix.data() + 9 * b, static_cast<float>(oy), w, H, W, p.pad, sx, sy, taps);
       const scalar_t* xb = xp + b * C * H * W;
       for (int64_t c = 0; c < C; ++c) {
         float* v = val.data() + (out_nhwc ? c * w : 0);
-        row_sample<scalar_t>(xb + c * cstride, w, taps.o.data(), taps.wt.data(), v);
+        row_sample<scalar_t>(xb + c * cstride, w, taps, v);
         row_finish(v, w, light, light ? lb[b] : 0.f, light ? kp[b] : 1.f, norm, norm ? meanp[c] : 0.f,
                    norm ? stdp[c] : 1.f);
         if (!out_nhwc) {
