@@ -2,7 +2,7 @@
 against the reference composition in eager mode (what fastai runs: grid, warp, grid_sample, lighting, normalise),
 a kornia-style sequence of separate passes written in torch, torch.compile of the reference, and a same-run copy
 of the bytes the op must move (input read once + output written once). Peak extra memory of one call is printed
-with the targets (CPU: the profiler's allocations; CUDA: max_memory_allocated)."""
+with the targets (CPU: growth of the peak resident set over a warm call; CUDA: max_memory_allocated)."""
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +31,7 @@ def _kornia_style(x, p, size, mean, std):
 
 
 def _peak_mb(fn, device):
-    """MB allocated at the peak of one call, above what was allocated before it."""
+    """MB at the peak of one (warm) call above what was in use before it."""
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -40,15 +40,21 @@ def _peak_mb(fn, device):
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # CPU: the growth of the resident set's peak (VmHWM, reset through /proc/self/clear_refs) over one warm call,
+    # after malloc_trim hands the memory glibc keeps from earlier calls back; None where /proc does not allow it
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(field)) * 1024
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = status("VmRSS:")
         fn()
-    evs = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in evs:
-        cur += e.cpu_memory_usage
-        peak = max(peak, cur)
-    return peak / 2 ** 20
+        return max(0, status("VmHWM:") - base) / 2 ** 20
+    except OSError:
+        return None
 
 
 def cases(device, quick):
