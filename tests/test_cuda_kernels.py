@@ -598,3 +598,36 @@ def test_emulation_catches_host_syncs():
             getattr(torch.ops.fastfuse_emu, name)(torch.ones(3))
     with emu_patch._NoHostSync("selftest_ok"):
         torch.ops.fastfuse_emu.selftest_ok(torch.ones(3))
+
+
+# ---- augment ------------------------------------------------------------------------------------------
+# Here (not only in test_augment.py) so that tests/cuda_emu/run.py, which runs this file, checks the CUDA kernel.
+def _aug_inputs(B, channels_last):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (B, 3, 6, 7), dtype=torch.uint8, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    th = torch.rand(B, generator=g) - 0.5
+    m = torch.zeros(B, 3, 3)
+    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = th.cos() * 1.3, th.sin(), -th.sin(), th.cos() * 0.8
+    m[:, 0, 2], m[:, 1, 2], m[:, 2, 2] = 0.3, -0.4, 1
+    m[:, 2, 0], m[:, 2, 1] = 0.1, -0.05  # perspective
+    return x, m, torch.rand(B, generator=g) * 0.4 + 0.3, torch.rand(B, generator=g) + 0.5
+
+
+@pytest.mark.parametrize("pad_mode", ["reflection", "zeros", "border"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_augment_matches_cpu(pad_mode, channels_last, out_dtype):
+    x, m, br, con = _aug_inputs(2, channels_last)
+    kw = dict(mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3], pad_mode=pad_mode, out_dtype=out_dtype,
+              memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    cpu = fastfuse.augment(x, m, (5, 4), **kw)
+    with fastfuse.use_backend("cuda"):
+        gpu = fastfuse.augment(x.cuda(), m.cuda(), (5, 4), **kw)
+    assert gpu.is_contiguous(memory_format=kw["memory_format"])
+    assert torch.equal(bits(gpu.cpu()), bits(cpu))  # the same coordinates, weights and blend, rounded as written
+    cpu = fastfuse.augment(x, m, (5, 4), brightness=br, contrast=con, **kw)
+    with fastfuse.use_backend("cuda"):
+        gpu = fastfuse.augment(x.cuda(), m.cuda(), (5, 4), brightness=br.cuda(), contrast=con.cuda(), **kw)
+    tol = dict(atol=2e-5, rtol=0) if out_dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(gpu.cpu(), cpu, **tol)  # lighting: logf/expf against the CPU kernel's own

@@ -235,3 +235,42 @@ def reflect_conv2d_backward(grad_output, input, weight, stride, padding, dilatio
     if output_mask[0]:
         gx = torch.ops.aten.reflection_pad2d_backward(gxp, input, pad) if ph or pw else gxp
     return gx, gw, gb
+
+
+# ---- augment ------------------------------------------------------------------------------------------
+def augment_lighting(v, brightness, contrast):
+    """fastai's lighting (Brightness then Contrast in logit space): sigmoid(contrast * (logit(v) + logit(b))),
+    with fastai's logit (clamped to [1e-7, 1 - 1e-7]); brightness and contrast per image."""
+    def logit(t):
+        t = t.clamp(1e-7, 1 - 1e-7)
+        return -(1 / t - 1).log()
+    b = brightness.to(v.dtype).view(-1, 1, 1, 1)
+    c = contrast.to(v.dtype).view(-1, 1, 1, 1)
+    return torch.sigmoid(c * (logit(v) + logit(b)))
+
+
+def augment(x, matrix, size, brightness=None, contrast=None, mean=None, std=None, pad_mode="reflection",
+            out_dtype=torch.float32, channels_last=False):
+    """fastai's composition: uint8 -> x/255, the identity grid (F.affine_grid), its perspective warp by
+    `matrix` ((B, 3, 3): [x, y, w] = matrix @ [u, v, 1], source (x/w, y/w)), F.grid_sample (bilinear,
+    align_corners=True, `pad_mode`), lighting in logit space, then (y - mean) / std per channel."""
+    import warnings
+
+    import torch.nn.functional as F
+    h, w = size
+    xf = x.float() / 255 if x.dtype == torch.uint8 else x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    B = x.shape[0]
+    eye = torch.eye(3, dtype=xf.dtype, device=x.device)[:2].expand(B, 2, 3)
+    with warnings.catch_warnings():  # a size-1 side: affine_grid puts its pixel at 0, and says so
+        warnings.simplefilter("ignore", UserWarning)
+        grid = F.affine_grid(eye, [B, x.shape[1], h, w], align_corners=True)  # (B, h, w, 2): (u, v)
+    uv1 = torch.cat([grid, torch.ones_like(grid[..., :1])], dim=-1).view(B, -1, 3)
+    xyw = uv1 @ matrix.to(xf.dtype).transpose(1, 2)
+    coords = (xyw[..., :2] / xyw[..., 2:]).view(B, h, w, 2)
+    y = F.grid_sample(xf, coords, mode="bilinear", padding_mode=pad_mode, align_corners=True)
+    if brightness is not None:
+        y = augment_lighting(y, brightness, contrast)
+    if mean is not None:
+        y = (y - mean.to(y.dtype).view(1, -1, 1, 1)) / std.to(y.dtype).view(1, -1, 1, 1)
+    y = y.to(out_dtype)
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,4 +1,5 @@
 """Drop-in nn.Modules backed by fastfuse ops."""
+from .augment import BatchAugment
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .dropout import Dropout
 from .fused_sequential import FusedSequential
@@ -8,6 +9,5 @@ from .reflect_conv2d import ConvLayer, NormType, ReflectConv2d
 from .sync_batch_norm import SyncBatchNorm
 from .tabular import Embedding, TabularEmbedding
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ConvLayer", "Dropout", "Embedding", "FusedSequential",
-           "LinBnDrop", "NormType", "ReflectConv2d", "SyncBatchNorm",
-           "TabularEmbedding"]
+__all__ = ["BatchAugment", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ConvLayer", "Dropout", "Embedding",
+           "FusedSequential", "LinBnDrop", "NormType", "ReflectConv2d", "SyncBatchNorm", "TabularEmbedding"]

@@ -9,6 +9,7 @@ if _extension.available():
     def _seed_fake():
         return torch.empty(2, dtype=torch.int64)
 
+from .augment import augment  # noqa: E402
 from .batch_norm import batch_norm  # noqa: E402
 from .dropout import dropout  # noqa: E402
 from .embedding_concat_dropout import embedding_concat_dropout  # noqa: E402
@@ -16,4 +17,5 @@ from .lin_bn_drop import lin_bn_drop  # noqa: E402
 from .reflect_conv2d import reflect_conv2d  # noqa: E402
 from .sync_batch_norm import sync_batch_norm  # noqa: E402
 
-__all__ = ["batch_norm", "dropout", "embedding_concat_dropout", "lin_bn_drop", "reflect_conv2d", "sync_batch_norm"]
+__all__ = ["augment", "batch_norm", "dropout", "embedding_concat_dropout", "lin_bn_drop", "reflect_conv2d",
+           "sync_batch_norm"]
