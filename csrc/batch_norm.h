@@ -267,20 +267,21 @@ inline void bn_update_running_stats(const at::Tensor& running_mean, const at::Te
 }
 
 // The op on one device: Forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu,
-// post_relu, p, key, offset) -> (out, mean, var), then the update in training.
+// post_relu, p, key, offset) -> (out, mean, var), then the update in training, unless forward_updates says that the
+// forward did it (CUDA: in the kernel that finalizes the batch statistics).
 template <typename Forward>
 Tensor3 batch_norm_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                       const OptTensor& running_mean, const OptTensor& running_var,
                       const OptTensor& num_batches_tracked, const OptTensor& residual, bool training,
                       c10::optional<double> momentum, double eps, bool pre_relu, bool post_relu, double p,
-                      const at::Tensor& seed, Forward forward) {
+                      const at::Tensor& seed, Forward forward, bool forward_updates = false) {
   TORCH_CHECK(x.dim() >= 2, "fastfuse batch_norm: expected an (N, C, *) input, got ", x.dim(), "D");
   TORCH_CHECK(training || (present(running_mean) && present(running_var)),
               "fastfuse batch_norm: running_mean and running_var must be given when training=False");
   const auto [key, offset] = seed_words(seed, p);
   auto [out, mean, var] = forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu,
                                   post_relu, p, key, offset);
-  if (training && present(running_mean))
+  if (training && present(running_mean) && !forward_updates)
     bn_update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var,
                             x.numel() / x.size(1));
   return {out, mean, var};
