@@ -145,7 +145,7 @@ __device__ __forceinline__ void any_store(const AnyVec& a, int64_t c, float v) {
 // ---- reductions ----------------------------------------------------------------------------------------------------
 // Per channel c, the sums (a, b) of (x' - r, (x' - r)^2) (statistics: r = the channel's first x', kept in
 // partial[parts * C * 2 + c]) or of (g, g (x' - r)) (gradients: r = mean[c]). Each block writes its own
-// partial[(part * C + c) * 2 + {0, 1}].
+// partial[(c * parts + part) * 2 + {0, 1}]: a channel's partials are contiguous for the finalize kernel's lanes.
 struct ReduceArgs {
   float* partial;
   const float* ref;   // the gradients' mean, or null for statistics
@@ -230,8 +230,8 @@ __global__ void reduce_planes_kernel(const scalar_t* x, const scalar_t* go,
   sh[1][t] = b[0];
   block_tree<2>(sh, t, kThreads, tree);
   if (t == 0) {
-    r.partial[(part * r.C + c) * 2] = sh[0][0];
-    r.partial[(part * r.C + c) * 2 + 1] = sh[1][0];
+    r.partial[(c * gridDim.y + part) * 2] = sh[0][0];
+    r.partial[(c * gridDim.y + part) * 2 + 1] = sh[1][0];
   }
 }
 
@@ -269,8 +269,8 @@ __global__ void reduce_rows_kernel(const scalar_t* x, const scalar_t* go,
   __syncthreads();
   if (ty == 0)
     for (int l = 0; l < cnt; ++l) {
-      r.partial[(part * C + c0 + l) * 2] = sh[2 * l][t];
-      r.partial[(part * C + c0 + l) * 2 + 1] = sh[2 * l + 1][t];
+      r.partial[((c0 + l) * gridDim.y + part) * 2] = sh[2 * l][t];
+      r.partial[((c0 + l) * gridDim.y + part) * 2 + 1] = sh[2 * l + 1][t];
     }
 }
 
@@ -361,7 +361,7 @@ __device__ __forceinline__ void sum_parts(const float* partial, int64_t parts, i
   const int q = threadIdx.x, y = threadIdx.y;
   double a = 0, b = 0;
   if (c < C)
-    for (int64_t k = q; k < parts; k += kFinalLanes) a += partial[(k * C + c) * 2], b += partial[(k * C + c) * 2 + 1];
+    for (int64_t k = q; k < parts; k += kFinalLanes) a += partial[(c * parts + k) * 2], b += partial[(c * parts + k) * 2 + 1];
   sh[0][y][q] = a;
   sh[1][y][q] = b;
   for (int w = kFinalLanes / 2; w > 0; w >>= 1) {
