@@ -33,9 +33,9 @@ constexpr int kThreads = 256;
 constexpr int kU = kKeysPerGroup;  // elements per unit
 constexpr int kFinalLanes = 32, kFinalChannels = kThreads / kFinalLanes;
 
-#define FF_BN_DISPATCH(type, name, ...)                                   \
-  AT_DISPATCH_SWITCH(type, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#define FF_BN_DISPATCH(type, name, ...)                                               \
+  AT_DISPATCH_SWITCH(type, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)             \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 struct DropArgs {
   uint32_t threshold;
@@ -159,8 +159,8 @@ struct ReduceArgs {
 // Adds one unit's summands (elements l < cnt) to the accumulators of its channels (acc index l * kPerLane).
 template <typename scalar_t, bool kGrad, int kMask, int kChannels>
 __device__ __forceinline__ void add_unit(const scalar_t* x, const scalar_t* go, const scalar_t* out,
-                                         const ReduceArgs& r, int64_t i0, int cnt, const float (&ref)[kChannels],
-                                         float (&a)[kChannels], float (&b)[kChannels]) {
+    const ReduceArgs& r, int64_t i0, int cnt, const float (&ref)[kChannels],
+    float (&a)[kChannels], float (&b)[kChannels]) {
   float xv[kU], gv[kU], ov[kU];
   load_unit(x, i0, cnt, r.vec, xv);
   uint32_t keys[kU] = {};
@@ -206,8 +206,8 @@ int pow2_below(int n) {  // the largest power of two < n (0 for n <= 1)
 // Planes (contiguous (N, C, S), S > 1): block (c, part) sums channel c's units (sample n, positions 8k .. 8k+7),
 // flattened as n * Su + k, Su = ceil(S / 8): every lane busy whatever S is.
 template <typename scalar_t, bool kGrad, int kMask>
-__global__ void reduce_planes_kernel(const scalar_t* x, const scalar_t* go,
-                                                                 const scalar_t* out, ReduceArgs r, int tree) {
+__global__ void reduce_planes_kernel(const scalar_t* x, const scalar_t* go, const scalar_t* out, ReduceArgs r,
+                                     int tree) {
   __shared__ float sh[2][kThreads];
   const int64_t c = blockIdx.x, part = blockIdx.y, S = r.S, Su = (S + kU - 1) / kU;
   const int t = threadIdx.x;
@@ -221,7 +221,7 @@ __global__ void reduce_planes_kernel(const scalar_t* x, const scalar_t* go,
   for (int64_t u = u0; u < u_end; u += kThreads) {
     const int64_t s0 = k * kU;
     add_unit<scalar_t, kGrad, kMask, 1>(x, go, out, r, (n * r.C + c) * S + s0, static_cast<int>(imin(kU, S - s0)),
-                                        ref, a, b);
+    ref, a, b);
     k += dk;
     n += dn;
     if (k >= Su) k -= Su, ++n;
@@ -238,8 +238,8 @@ __global__ void reduce_planes_kernel(const scalar_t* x, const scalar_t* go,
 // Rows ((R, C), channel innermost): thread (tx, ty) of block (bx, part) sums channels 8 (bx * blockDim.x + tx) + l
 // (l < 8) over the part's rows ty, ty + blockDim.y, ...; the block then adds over ty.
 template <typename scalar_t, bool kGrad, int kMask>
-__global__ void reduce_rows_kernel(const scalar_t* x, const scalar_t* go,
-                                                               const scalar_t* out, ReduceArgs r, int tree) {
+__global__ void reduce_rows_kernel(const scalar_t* x, const scalar_t* go, const scalar_t* out, ReduceArgs r,
+                                   int tree) {
   __shared__ float sh[2 * kU][kThreads];
   const int64_t C = r.C, part = blockIdx.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kU;
@@ -356,12 +356,15 @@ Partials reduce(const at::Tensor& x, const at::Tensor& go, const at::Tensor& out
 // ---- finalize: per-channel arithmetic, one thread block per 8 channels --------------------------------------------
 // Lane q of channel c adds the partials of parts q, q + 32, ... in float64; a fixed tree then adds the 32 lanes.
 __device__ __forceinline__ void sum_parts(const float* partial, int64_t parts, int64_t C, int64_t c, double& s0,
-                                          double& s1) {
+    double& s1) {
   __shared__ double sh[2][kFinalChannels][kFinalLanes];
   const int q = threadIdx.x, y = threadIdx.y;
   double a = 0, b = 0;
   if (c < C)
-    for (int64_t k = q; k < parts; k += kFinalLanes) a += partial[(c * parts + k) * 2], b += partial[(c * parts + k) * 2 + 1];
+    for (int64_t k = q; k < parts; k += kFinalLanes) {
+      a += partial[(c * parts + k) * 2];
+      b += partial[(c * parts + k) * 2 + 1];
+    }
   sh[0][y][q] = a;
   sh[1][y][q] = b;
   for (int w = kFinalLanes / 2; w > 0; w >>= 1) {
@@ -514,7 +517,7 @@ struct ChannelCache {
 // Calls fn(l, values of element l's channel) for the unit's elements l < cnt.
 template <int kWalk, int K, typename Fn>
 __device__ __forceinline__ void for_unit(const Walker& w, const Cursor& cur, int cnt, const float* const (&p)[K],
-                                         ChannelCache<K, 1>& one, ChannelCache<K, kU>& eight, Fn fn) {
+    ChannelCache<K, 1>& one, ChannelCache<K, kU>& eight, Fn fn) {
   if (kWalk == kRows8) {
     eight.at(cur.c, p);
 #pragma unroll
@@ -542,22 +545,29 @@ __device__ __forceinline__ void for_unit(const Walker& w, const Cursor& cur, int
   }
 }
 
-// y = drop(post((x' - mean) * scale + bias + residual))
-template <typename scalar_t, int kWalk, bool kDrop>
-__global__ void apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                                                         scalar_t* __restrict__ y, const float* mean,
-                                                         const float* scale, const float* bias, Walker w, bool pre,
-                                                         bool post, DropArgs d) {
-  const float* const p[3] = {mean, scale, bias};
-  ChannelCache<3, 1> one;
-  ChannelCache<3, kU> eight;
+// Calls fn(u, i0, cnt, vec, cursor) for each of this thread's units u (elements i0 = 8u .. i0+cnt-1; vec: whole
+// and aligned), in grid-stride order, with the cursor at i0.
+template <typename Fn>
+__device__ __forceinline__ void for_each_unit(const Walker& w, Fn fn) {
   const int64_t u0 = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
   Cursor cur = first_cursor(w, u0 * kU);
   for (int64_t u = u0; u * kU < w.n; u += step, cur.advance(w.ds, w.dc, w.S, w.C)) {
     const int64_t i0 = u * kU;
     const int cnt = static_cast<int>(imin(kU, w.n - i0));
-    const bool vec = w.vec && cnt == kU;
+    fn(u, i0, cnt, w.vec && cnt == kU, cur);
+  }
+}
+
+// y = drop(post((x' - mean) * scale + bias + residual))
+template <typename scalar_t, int kWalk, bool kDrop>
+__global__ void apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                             scalar_t* __restrict__ y, const float* mean, const float* scale, const float* bias,
+                             Walker w, bool pre, bool post, DropArgs d) {
+  const float* const p[3] = {mean, scale, bias};
+  ChannelCache<3, 1> one;
+  ChannelCache<3, kU> eight;
+  for_each_unit(w, [&](int64_t u, int64_t i0, int cnt, bool vec, const Cursor& cur) {
     float xv[kU], rv[kU] = {}, z[kU];
     load_unit(x, i0, cnt, vec, xv);
     if (res) load_unit(res, i0, cnt, vec, rv);
@@ -571,27 +581,19 @@ __global__ void apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __r
       z[l] = t;
     });
     store_unit(y, i0, cnt, vec, z);
-  }
+  });
 }
 
 // gout = g; gi = relu'(x) * (k1 g + k2 (x' - mean) + k3)
 template <typename scalar_t, int kWalk, int kMask>
-__global__ void grad_apply_kernel(const scalar_t* __restrict__ go,
-                                                              const scalar_t* __restrict__ x,
-                                                              const scalar_t* __restrict__ out,
-                                                              scalar_t* __restrict__ gi, scalar_t* __restrict__ gout,
-                                                              const float* mean, const float* k, Walker w, bool pre,
-                                                              DropArgs d) {
+__global__ void grad_apply_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+                                  const scalar_t* __restrict__ out, scalar_t* __restrict__ gi,
+                                  scalar_t* __restrict__ gout, const float* mean, const float* k, Walker w, bool pre,
+                                  DropArgs d) {
   const float* const p[4] = {mean, k, k + w.C, k + 2 * w.C};
   ChannelCache<4, 1> one;
   ChannelCache<4, kU> eight;
-  const int64_t u0 = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
-  Cursor cur = first_cursor(w, u0 * kU);
-  for (int64_t u = u0; u * kU < w.n; u += step, cur.advance(w.ds, w.dc, w.S, w.C)) {
-    const int64_t i0 = u * kU;
-    const int cnt = static_cast<int>(imin(kU, w.n - i0));
-    const bool vec = w.vec && cnt == kU;
+  for_each_unit(w, [&](int64_t u, int64_t i0, int cnt, bool vec, const Cursor& cur) {
     float gv[kU], ov[kU] = {}, xv[kU] = {}, a[kU], b[kU];
     load_unit(go, i0, cnt, vec, gv);
     if (kMask == kMaskPost) load_unit(out, i0, cnt, vec, ov);
@@ -601,13 +603,13 @@ __global__ void grad_apply_kernel(const scalar_t* __restrict__ go,
 #pragma unroll
     for (int l = 0; l < kU; ++l) b[l] = grad_of<kMask>(gv[l], ov[l], keys[l], d);
     if (gout) store_unit(gout, i0, cnt, vec, b);
-    if (!gi) continue;
+    if (!gi) return;
     for_unit<kWalk, 4>(w, cur, cnt, p, one, eight, [&](int l, const float(&v)[4]) {
       const float r = v[1] * b[l] + v[2] * ((pre ? relu_f(xv[l]) : xv[l]) - v[0]) + v[3];
       a[l] = pre && !(xv[l] > 0.f) ? 0.f : r;
     });
     store_unit(gi, i0, cnt, vec, a);
-  }
+  });
 }
 
 int blocks_for(int64_t units) {
