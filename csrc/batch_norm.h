@@ -152,9 +152,10 @@ FASTFUSE_BN_DECLARE(cuda)
 
 // ---- fastfuse::batch_norm on one device ------------------------------------------------------------------------
 // The four primitives above and the O(C) per-channel arithmetic between them, forward and backward, and the
-// running-statistics update. Prims gives the device's primitives and its per-channel arithmetic (coeffs); the
-// CPU's is a scalar loop that rounds as the ATen expressions in ChannelCoeffs's comments do, so both give the
-// same bits.
+// running-statistics update. Prims gives the device's primitives and its per-channel arithmetic (coeffs): the
+// CPU's is a scalar loop that rounds as the expressions in ChannelCoeffs's comments. CUDA does not compose these:
+// its forward and backward are three launches each, with the per-channel arithmetic (and the running statistics)
+// in a kernel of their own (cuda/batch_norm_kernel.cu).
 using OptTensor = c10::optional<at::Tensor>;
 
 inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
@@ -166,26 +167,6 @@ struct ChannelCoeffs {
                           //           k3 = -k1 * sum_g / n (k2 = k3 = 0 without batch statistics)
   at::Tensor gw;          // backward: sum_gxmu * invstd
 };
-
-// The same in ATen ops, for devices without a scalar loop of their own.
-inline ChannelCoeffs channel_coeffs_aten(const at::Tensor& var, const OptTensor& weight, double eps,
-                                         const at::Tensor& sum_g, const at::Tensor& sum_gxmu, int64_t n, bool backward,
-                                         bool need_k, bool batch_grad, bool need_gw) {
-  const at::Tensor invstd = at::rsqrt(var + eps);
-  const at::Tensor k1 = present(weight) ? invstd * weight->to(var.scalar_type()) : invstd;
-  ChannelCoeffs r;
-  if (!backward) {
-    r.scale = k1;
-    return r;
-  }
-  if (need_k) {
-    r.k1 = k1;
-    r.k2 = batch_grad ? -k1 * invstd * invstd * sum_gxmu / n : at::zeros_like(k1);
-    r.k3 = batch_grad ? -k1 * sum_g / n : at::zeros_like(k1);
-  }
-  if (need_gw) r.gw = sum_gxmu * invstd;
-  return r;
-}
 
 template <typename Prims>
 Tensor3 bn_forward_composite(const at::Tensor& x_in, const OptTensor& weight, const OptTensor& bias,
@@ -267,20 +248,21 @@ inline void bn_update_running_stats(const at::Tensor& running_mean, const at::Te
 }
 
 // The op on one device: Forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu,
-// post_relu, p, key, offset) -> (out, mean, var), then the update in training.
+// post_relu, p, key, offset) -> (out, mean, var), then the update in training, unless forward_updates says that the
+// forward did it (CUDA: in the kernel that finalizes the batch statistics).
 template <typename Forward>
 Tensor3 batch_norm_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                       const OptTensor& running_mean, const OptTensor& running_var,
                       const OptTensor& num_batches_tracked, const OptTensor& residual, bool training,
                       c10::optional<double> momentum, double eps, bool pre_relu, bool post_relu, double p,
-                      const at::Tensor& seed, Forward forward) {
+                      const at::Tensor& seed, Forward forward, bool forward_updates = false) {
   TORCH_CHECK(x.dim() >= 2, "fastfuse batch_norm: expected an (N, C, *) input, got ", x.dim(), "D");
   TORCH_CHECK(training || (present(running_mean) && present(running_var)),
               "fastfuse batch_norm: running_mean and running_var must be given when training=False");
   const auto [key, offset] = seed_words(seed, p);
   auto [out, mean, var] = forward(x, weight, bias, running_mean, running_var, residual, training, eps, pre_relu,
                                   post_relu, p, key, offset);
-  if (training && present(running_mean))
+  if (training && present(running_mean) && !forward_updates)
     bn_update_running_stats(*running_mean, *running_var, num_batches_tracked, momentum, mean, var,
                             x.numel() / x.size(1));
   return {out, mean, var};

@@ -297,7 +297,8 @@ def _bn_both(x, training=True, misalign=False, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape,cl", [((64, 3, 2, 2), False), ((5, 3, 2, 2), True), ((33, 2000), False),
-                                      ((2, 7, 300), False), ((3, 1, 5, 5), False), ((200, 5, 1, 1), True)])
+                                      ((2, 7, 300), False), ((3, 1, 5, 5), False), ((200, 5, 1, 1), True),
+                                      ((5, 3, 4, 4), False), ((3, 16, 3, 3), True)])
 @pytest.mark.parametrize("training", [True, False])
 def test_bn_shapes_layouts_modes(dtype, shape, cl, training):
     x = torch.randn(shape, dtype=dtype) * 2 + 0.5
@@ -309,11 +310,65 @@ def test_bn_shapes_layouts_modes(dtype, shape, cl, training):
         torch.testing.assert_close(a, e, **tol)
 
 
-def test_bn_misaligned_input_and_residual():
-    x, res = torch.randn(6, 4, 5, 5), torch.randn(6, 4, 5, 5)
+@pytest.mark.parametrize("shape", [(6, 4, 5, 5), (6, 4, 4, 4)])  # planes of 25 (any walk) and 16 (8-element units)
+def test_bn_misaligned_input_and_residual(shape):
+    x, res = torch.randn(shape), torch.randn(shape)
     gpu_cpu = _bn_both(x, True, misalign=True, residual=res, dropout_p=0.2)
     for a, e in zip(gpu_cpu[1], gpu_cpu[0]):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape,cl", [((3, 5, 75, 75), False), ((2, 4, 96, 96), False), ((2, 24, 40, 40), True)])
+def test_bn_grid_stride_walk(shape, cl):
+    """Over 65536 elements, so that a thread's cursor (plane position, channel) steps past its first unit in every
+    walk (any, planes of 8-element units, rows of 8 channels) on the emulation's one-SM grid as well."""
+    x = torch.randn(shape) + 0.5
+    res = torch.randn(shape)
+    if cl:
+        x, res = x.to(memory_format=torch.channels_last), res.to(memory_format=torch.channels_last)
+    gpu_cpu = _bn_both(x, True, residual=res, post_act="relu", dropout_p=0.2)
+    for a, e in zip(gpu_cpu[1], gpu_cpu[0]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_running_stats_on_the_device(momentum, dtype):
+    """The forward's finalize kernel updates running_mean, running_var and num_batches_tracked (bf16 buffers: a
+    module cast with .to(bfloat16)) as torch's _BatchNorm does, over two steps."""
+    x = torch.randn(6, 8, 3, 3) * 3 + 1
+    got = []
+    for dev, be in (("cpu", "cpp"), ("cuda", "cuda")):
+        rm, rv = torch.zeros(8, dtype=dtype, device=dev), torch.ones(8, dtype=dtype, device=dev)
+        nbt = torch.tensor(2, device=dev)
+        with fastfuse.use_backend(be):
+            for _ in range(2):
+                fastfuse.batch_norm(x.to(dev), rm, rv, None, None, True, momentum, num_batches_tracked=nbt)
+        got.append([rm.cpu().float(), rv.cpu().float(), nbt.cpu()])
+    assert got[1][2].item() == 4
+    for a, e in zip(got[1], got[0]):
+        torch.testing.assert_close(a, e, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+def test_bn_primitives_match_cpu():
+    """fastfuse_C's batch-norm primitives (SyncBatchNorm's building blocks) on CUDA against the CPU's. (The CPU
+    emulation registers no CUDA kernels for them: there both sides run on the CPU.)"""
+    torch.manual_seed(0)
+    x, go = torch.randn(4, 6, 5, 5) + 1, torch.randn(4, 6, 5, 5)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    P = torch.ops.fastfuse_C
+    res = []
+    for dev, _ in (("cpu", "cpp"), ("cuda", "cuda")):
+        xx, gg = x.to(dev), go.to(dev)
+        mean, var = P.bn_stats(xx, True)
+        scale = torch.rsqrt(var + 1e-5) * w.to(dev)
+        y = P.bn_apply(xx, mean, scale, b.to(dev), None, True, True, 0.3, *SEED.tolist())
+        sg, sgx = P.bn_grad_reduce(gg, xx, y, mean, True, True, 0.3, *SEED.tolist())
+        k2, k3 = -scale * sgx / (var + 1e-5) / 100, -scale * sg / 100
+        gi, g = P.bn_grad_apply(gg, xx, y, mean, scale, k2, k3, True, True, 0.3, *SEED.tolist(), True, True)
+        res.append([t.cpu() for t in (mean, var, y, sg, sgx, gi, g)])
+    for a, e in zip(res[1], res[0]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
 def test_bn_deterministic():

@@ -1,5 +1,6 @@
-// Fused dropout on CUDA: one thread per Philox group of 8 elements, vector loads/stores when aligned,
-// 64-bit indexing, grid-stride loop on the current stream.
+// Fused dropout on CUDA: one thread per Philox group of 8 elements, 128-bit loads/stores when x and y are 16-byte
+// aligned (a group is 32 bytes in fp32, 16 in fp16/bf16, 64 in fp64: 2, 1 and 4 accesses), 64-bit indexing,
+// grid-stride loop on the current stream.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -13,9 +14,11 @@
 namespace fastfuse {
 namespace {
 
+// 16 bytes of elements: one 128-bit access.
 template <typename T>
-struct alignas(4 * sizeof(T)) Vec4 {
-  T v[4];
+struct alignas(16) Vec128 {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
 };
 
 template <typename scalar_t, typename acc_t>
@@ -31,13 +34,15 @@ __global__ void dropout_cuda_kernel(const scalar_t* __restrict__ x, scalar_t* __
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < ngroups; g += stride) {
     const DropKeys keys = dropout_group_keys(seed, offset, static_cast<uint64_t>(g));
     const int64_t i0 = kKeysPerGroup * g;
-    if (kAligned && i0 + kKeysPerGroup <= n) {  // the group's 8 elements as two aligned 4-vectors
+    if (kAligned && i0 + kKeysPerGroup <= n) {  // the group's 8 elements as aligned 16-byte vectors
+      using V = Vec128<scalar_t>;
+      constexpr int kPer = kKeysPerGroup / V::kN;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        Vec4<scalar_t> in = reinterpret_cast<const Vec4<scalar_t>*>(x)[2 * g + h], out;
+      for (int h = 0; h < kPer; ++h) {
+        V in = reinterpret_cast<const V*>(x)[kPer * g + h], out;
 #pragma unroll
-        for (int l = 0; l < 4; ++l) out.v[l] = drop_one(in.v[l], keys[4 * h + l], threshold, scale);
-        reinterpret_cast<Vec4<scalar_t>*>(y)[2 * g + h] = out;
+        for (int l = 0; l < V::kN; ++l) out.v[l] = drop_one(in.v[l], keys[V::kN * h + l], threshold, scale);
+        reinterpret_cast<V*>(y)[kPer * g + h] = out;
       }
     } else {
 #pragma unroll
@@ -66,8 +71,7 @@ at::Tensor dropout_cuda(const at::Tensor& x, double p, int64_t seed, int64_t off
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const auto align = 4 * sizeof(scalar_t);
-    const bool aligned = reinterpret_cast<uintptr_t>(xp) % align == 0 && reinterpret_cast<uintptr_t>(yp) % align == 0;
+    const bool aligned = reinterpret_cast<uintptr_t>(xp) % 16 == 0 && reinterpret_cast<uintptr_t>(yp) % 16 == 0;
     const acc_t scale = static_cast<acc_t>(dropout_scale(p));
     if (aligned)
       dropout_cuda_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, n, ngroups, threshold, scale,
