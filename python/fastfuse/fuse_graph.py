@@ -2,9 +2,11 @@
 layers cannot fuse what a forward writes between them, such as `relu(bn2(conv2(out)) + identity)`; torch.compile
 does, and won. Here each block that has a batch norm child is traced with torch.fx, one level deep, and every
 batch norm whose only use is a ReLU, or a residual add and then a ReLU, becomes one call of the fused batch norm
-(its post_act and residual). The block becomes a GraphModule over the very same children (same names, order,
-state_dict keys, parameters); a plain nn.Sequential becomes a FusedSequential in place. A block is left as it is when its
-forward cannot be traced, traces differently in train and eval mode (it branches on self.training) or takes
+(its post_act and residual); when the batch norm's input is a convolution used by nothing else, the call also takes
+the convolution, so that inference (eval, no autograd) runs the pair folded: one convolution, no batch norm pass
+(nn/_fold.py). The block becomes a GraphModule over the very same children (same names, order, state_dict keys,
+parameters); a plain nn.Sequential becomes a FusedSequential in place. A block is left as it is when its forward cannot
+be traced, traces differently in train and eval mode (it branches on self.training) or takes
 optional arguments. The forward is traced when fuse() runs: plain attributes it reads (a flag, a scale) are fixed
 then."""
 import inspect
@@ -15,29 +17,43 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .nn._fold import can_fold, conv_bn
 from .nn._hooks import has_own_hooks, hooked
 from .nn.batch_norm import is_fused_bn
-from .nn.fused_sequential import FusedSequential, fuses_any
+from .nn.reflect_conv2d import ReflectConv2d
+from .nn.fused_sequential import FusedSequential, fused_forward, fuses_any
 
 _RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
+_FOLDABLE_CONVS = (torch.nn.Conv2d, ReflectConv2d)
 
 
 # ---- what the rewritten graphs call ------------------------------------------------------------------------------
 # The checks run on every call: hooks may be registered after fuse(), and a residual that broadcasts (or has
 # another dtype) is not one the fused kernel takes. Either way the plain composition runs, with the same result.
-def bn_relu(bn, relu, x):
-    """relu(bn(x)), in one fused batch norm call. relu: the nn.ReLU module of the graph, or None (F.relu)."""
+# `conv`: the graph's convolution module whose only use is the batch norm, with `x` its input (None: x is the batch
+# norm's input). In inference (eval, no autograd) that pair runs folded (nn/_fold.py): one convolution, no batch norm.
+def bn_relu(bn, relu, x, conv=None):
+    """relu(bn(conv(x))), in one fused batch norm call (or folded into conv). relu: the nn.ReLU module of the graph,
+    or None (F.relu)."""
+    if conv is not None:
+        if can_fold(conv, bn) and not hooked((conv, bn, relu)):
+            return conv_bn(conv, bn, x, relu=True)
+        x = conv(x)
     if hooked((bn, relu)):
         return _relu(relu, bn(x))
     return bn(x, post_act="relu")
 
 
-def bn_add_relu(bn, relu, x, other):
-    """relu(bn(x) + other), in one fused batch norm call when `other` is a tensor of the output's shape, dtype and
-    device."""
+def bn_add_relu(bn, relu, x, other, conv=None):
+    """relu(bn(conv(x)) + other), in one fused batch norm call (or folded into conv) when `other` is a tensor of the
+    output's shape, dtype and device."""
+    if conv is not None:
+        if can_fold(conv, bn) and not hooked((conv, bn, relu)):
+            return conv_bn(conv, bn, x, residual=other, relu=True)
+        x = conv(x)
     if (hooked((bn, relu)) or type(other) is not torch.Tensor or other.shape != x.shape or other.dtype != x.dtype
             or other.device != x.device):
         return _relu(relu, bn(x) + other)
@@ -49,10 +65,29 @@ def _relu(relu, t):
 
 
 class SwappedSequential(FusedSequential):
-    """A plain nn.Sequential after fuse(): FusedSequential's forward, nn.Sequential's repr."""
+    """A plain nn.Sequential after fuse(): FusedSequential's forward, nn.Sequential's repr. In inference (eval, no
+    autograd) each [Conv2d, BatchNorm, ReLU?] run runs folded (nn/_fold.py): one convolution (a torchvision
+    downsample, [Conv2d, BatchNorm2d], too: fastfuse's eval batch norm is slower than torch's on NCHW maps of a few
+    pixels)."""
 
     def _get_name(self):
         return "Sequential"
+
+    def forward(self, input):
+        mods = list(self)
+        if torch.is_grad_enabled() or hooked(mods):
+            return fused_forward(mods, input)
+        x, i, start, n = input, 0, 0, len(mods)
+        while i < n - 1:
+            if not can_fold(mods[i], mods[i + 1]):
+                i += 1
+                continue
+            if start < i:
+                x = fused_forward(mods[start:i], x)
+            relu = i + 2 < n and type(mods[i + 2]) is torch.nn.ReLU
+            x = conv_bn(mods[i], mods[i + 1], x, relu=relu)
+            i = start = i + 2 + relu
+        return fused_forward(mods[start:], x) if start < n else x
 
 
 # ---- finding the patterns ----------------------------------------------------------------------------------------
@@ -122,6 +157,16 @@ def _only_user(node):
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _conv_input(node, root):
+    """node when it is a call of a foldable convolution module (torch's Conv2d or fastfuse's ReflectConv2d) on one
+    tensor, used only by the batch norm: the rewritten call then takes the conv and its input (see bn_relu)."""
+    m = _module(node, root)
+    if (type(m) not in _FOLDABLE_CONVS or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node)
+            or len(node.users) != 1):
+        return None
+    return node
+
+
 def _fuse_patterns(graph, root) -> bool:
     """Rewrite bn -> relu and bn -> add -> relu in place; True when anything changed."""
     changed = False
@@ -139,12 +184,16 @@ def _fuse_patterns(graph, root) -> bool:
             if relu is None or not _is_relu(relu, root):
                 continue
             add = user
+        conv = _conv_input(bn.args[0], root)
         with graph.inserting_before(relu):
             relu_mod = graph.get_attr(relu.target) if relu.op == "call_module" else None
-            args = (graph.get_attr(bn.target), relu_mod, bn.args[0])
-            new = graph.call_function(bn_relu, args) if add is None else graph.call_function(bn_add_relu, args + (other,))
+            x = bn.args[0] if conv is None else conv.args[0]
+            args = (graph.get_attr(bn.target), relu_mod, x) + (() if add is None else (other,))
+            if conv is not None:
+                args += (graph.get_attr(conv.target),)
+            new = graph.call_function(bn_relu if add is None else bn_add_relu, args)
         relu.replace_all_uses_with(new)
-        for dead in (relu, add, bn):
+        for dead in (relu, add, bn, conv):
             if dead is not None:
                 graph.erase_node(dead)
         changed = True
@@ -155,7 +204,9 @@ def fused_block(module):
     """module with its forward's patterns fused, as a GraphModule over the same children, parameters and buffers
     (an nn.Sequential becomes a FusedSequential in place); None where there is nothing to fuse or it cannot be done safely."""
     if type(module) is torch.nn.Sequential:
-        if not fuses_any(list(module)):
+        mods = list(module)
+        folds = any(type(a) in _FOLDABLE_CONVS and is_fused_bn(b) for a, b in zip(mods, mods[1:]))
+        if not fuses_any(mods) and not folds:
             return None
         module.__class__ = SwappedSequential  # in place: a subclass that only changes forward
         return module

@@ -1,5 +1,6 @@
 """fuse(model): swap torch layers, and fastai's blocks, for their fastfuse twins in place, keeping parameters,
 buffers, state_dict keys and mode."""
+import copy
 import sys
 from collections import OrderedDict
 
@@ -7,6 +8,7 @@ import torch
 
 from . import nn as ffnn
 from .fuse_graph import fused_block
+from .nn._hooks import hooked
 
 
 def _fused_dropout(m: torch.nn.Dropout) -> torch.nn.Module:
@@ -72,14 +74,66 @@ def _fused_tabular(m):
     return new
 
 
+def _retyped(cls):
+    """A maker for a module whose fused twin differs only in its forward: the same object's state (children,
+    parameters, buffers, hooks, attributes) under cls, in new containers (the original stays as it was)."""
+    def make(m):
+        new = cls.__new__(cls)
+        new.__dict__.update({k: (copy.copy(v) if isinstance(v, (dict, set)) else v) for k, v in m.__dict__.items()})
+        return new  # fuse() then swaps its children: the fused block needs the fused BatchNorm / Conv2d
+    return make
+
+
+# timm's BatchNormAct2d (a BatchNorm2d subclass with `drop` and `act` children): when its act is a ReLU, the fused
+# twin below, a subclass of timm's class (isinstance holds, same keys) whose forward is one fastfuse.batch_norm
+# call. Made on first use, so that importing fastfuse does not import timm; module __getattr__ lets pickle find it.
+_TIMM_BN_ACT = None
+
+
+def _timm_bn_act_cls():
+    global _TIMM_BN_ACT
+    if _TIMM_BN_ACT is None:
+        from timm.layers.norm_act import BatchNormAct2d as TimmBatchNormAct2d
+
+        from .ops.batch_norm import module_batch_norm
+
+        class BatchNormAct2d(TimmBatchNormAct2d):
+            """timm's BatchNormAct2d whose BN -> ReLU runs as one fastfuse.batch_norm(..., post_act='relu') call
+            when drop is an Identity, act an nn.ReLU and neither is hooked; otherwise timm's forward."""
+
+            def forward(self, x):
+                if (type(self.drop) is not torch.nn.Identity or type(self.act) is not torch.nn.ReLU
+                        or hooked((self.drop, self.act)) or x.ndim != 4):
+                    return super().forward(x)
+                return module_batch_norm(self, x, self.training, post_act="relu")
+
+        BatchNormAct2d.__module__, BatchNormAct2d.__qualname__ = __name__, "BatchNormAct2d"
+        _TIMM_BN_ACT = BatchNormAct2d
+    return _TIMM_BN_ACT
+
+
+def __getattr__(name):
+    if name == "BatchNormAct2d":
+        return _timm_bn_act_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _fused_timm_bn_act(m):
+    if type(m.act) is not torch.nn.ReLU:
+        return m  # another activation: timm's own forward
+    return _retyped(_timm_bn_act_cls())(m)
+
+
 def _block_swaps():
-    """Exact block types -> makers. fastai's classes only when fastai is imported (a fastai model means it is)."""
+    """Exact block types -> makers. fastai's (and timm's) classes only when imported (a fastai model means it is)."""
     from .models import tabular
     swaps = {tabular._EagerLinBnDrop: _as_block(ffnn.LinBnDrop), tabular.EagerTabularModel: _fused_tabular}
     layers, model = sys.modules.get("fastai.layers"), sys.modules.get("fastai.tabular.model")
     for mod, name, make in ((layers, "LinBnDrop", _as_block(ffnn.LinBnDrop)),
                             (layers, "ConvLayer", _as_block(ffnn.ConvLayer)),
-                            (model, "TabularModel", _fused_tabular)):
+                            (layers, "ResBlock", _retyped(ffnn.ResBlock)),
+                            (model, "TabularModel", _fused_tabular),
+                            (sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", _fused_timm_bn_act)):
         cls = getattr(mod, name, None)
         if isinstance(cls, type):
             swaps[cls] = make
@@ -88,20 +142,28 @@ def _block_swaps():
 
 def fuse(model: torch.nn.Module, graphs: bool = True) -> torch.nn.Module:
     """Replace every swappable layer of `model` in place and return the model. Layers: torch's Dropout,
-    BatchNorm1d/2d/3d, SyncBatchNorm and Conv2d(padding_mode='reflect'). Blocks: fastai's LinBnDrop, ConvLayer and TabularModel
-    become fastfuse.nn.LinBnDrop, fastfuse.nn.ConvLayer and fastfuse.models.TabularModel over the same children
-    (the fused input layer, one-call LinBnDrop, fused BN -> ReLU). When `model` itself is such a block, the
-    returned model is its fused twin (sharing its parameters): `learn.model = fastfuse.fuse(learn.model)`.
+    BatchNorm1d/2d/3d, SyncBatchNorm and
+    Conv2d(padding_mode='reflect'), and timm's BatchNormAct2d with a ReLU (one fused
+    BN -> ReLU call). Blocks: fastai's LinBnDrop, ConvLayer, ResBlock and TabularModel become fastfuse.nn.LinBnDrop,
+    fastfuse.nn.ConvLayer, fastfuse.nn.ResBlock and fastfuse.models.TabularModel over the same children (the fused
+    input layer, one-call LinBnDrop, fused BN -> ReLU, the block's last BN + residual add + ReLU in one call). When
+    `model` itself is such a block, the returned model is its fused twin (sharing its parameters):
+    `learn.model = fastfuse.fuse(learn.model)`.
 
     With `graphs` (fastfuse.fuse_graph), the forward of every other block below `model` that has a batch norm
-    child is traced, and a batch norm followed by a ReLU, or by a residual add and a ReLU, becomes one fused call:
-    the block becomes a GraphModule over the same children (same name, state_dict keys and parameters), and a
-    plain nn.Sequential (`model` too) a FusedSequential, in place. Any other `model` keeps its own forward."""
+    child is traced, and a batch norm followed by a ReLU, or by a residual add and a ReLU, becomes one fused call
+    (in inference, eval without autograd, folded into the convolution before it): the block becomes a GraphModule
+    over the same children (same name, state_dict keys and parameters), and a plain nn.Sequential (`model` too) a
+    FusedSequential, in place. `model` itself, when its own forward has such a pattern (torchvision's ResNet: its
+    stem's conv1 -> bn1 -> relu), is returned as that GraphModule, its fused twin over the same children; `model`
+    stays usable with its own forward and its fused children: use the returned model."""
     blocks = _block_swaps()
     make = blocks.get(type(model))
     model = _fuse(model if make is None else make(model), {**_SWAPS, **blocks}, graphs)
-    if graphs and type(model) is torch.nn.Sequential:
-        fused_block(model)  # in place
+    if graphs:
+        twin = fused_block(model)  # an nn.Sequential: in place (twin is model)
+        if twin is not None:
+            model = twin
     return model
 
 

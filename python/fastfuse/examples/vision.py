@@ -7,8 +7,9 @@ download at run time. 100 faces and 100 non-faces (patches of the same photos' b
 the Wild, 25x25 gray; the task is face or not. A fifth of each class is held out for validation.
 
 The images are upsampled to 9/8 of --size (72 for 64): an xresnet halves its input five times, and at 25x25 its last
-stage would reach 1x1, where reflection padding cannot pad. Training takes a random --size crop and flips half the
-images left to right; validation takes the centre crop. The model is fastfuse.models.xresnet18 with reflection
+stage would reach 1x1, where reflection padding cannot pad. Training batches go through fastfuse.nn.BatchAugment
+(fastai's aug_transforms: flips, rotations, zooms, perspective warps and lighting, with reflection padding, then
+the normalisation, in one pass) down to --size; validation images are only resized and normalised. The model is fastfuse.models.xresnet18 with reflection
 padding in every convolution (the stem too), and its eager twin is the same model with each fastfuse module turned
 back into the torch class it stands in for: same weights at the start, same batches, so only the kernels differ.
 Both train with Adam on a one-cycle schedule. At the end the fused model's Grad-CAM (fastfuse.cam) of three
@@ -57,21 +58,6 @@ def split(x, y, gen, valid_pct=0.2):
 
 def resize(x, size):
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def augment(x, size, gen):
-    """A random size x size crop of each image, and a left-right flip of half of them (plain torch)."""
-    n, _, h, w = x.shape
-    top = torch.randint(0, h - size + 1, (n,), generator=gen)
-    left = torch.randint(0, w - size + 1, (n,), generator=gen)
-    out = torch.stack([x[i, :, top[i]:top[i] + size, left[i]:left[i] + size] for i in range(n)])
-    flip = torch.rand(n, generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
-
-
-def centre(x, size):
-    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
-    return x[:, :, top:top + size, left:left + size]
 
 
 # ---- the eager twin ----------------------------------------------------------------------------------------------
@@ -197,12 +183,13 @@ def main(argv=None):
 
     gen = torch.Generator().manual_seed(args.seed)
     (x_train, y_train), (x_valid, y_valid) = split(*load_lfw(args.limit), gen)
-    mean, std = x_train.mean(), x_train.std()
+    aug = fastfuse.nn.BatchAugment(args.size, mean=[x_train.mean().item()], std=[x_train.std().item()])
     big = args.size * 9 // 8
-    x_train = resize((x_train - mean) / std, big)
-    x_valid = centre(resize((x_valid - mean) / std, big), args.size)
+    x_train = resize(x_train, big)
+    x_valid = aug.eval()(resize(x_valid, big))  # eval mode: resize and normalise only
+    aug.train()
     print(f"data: scikit-image lfw_subset, {len(y_train)} training and {len(y_valid)} validation images "
-          f"(half faces), 25x25 gray -> {big}x{big}, {args.size}x{args.size} crops")
+          f"(half faces), 25x25 gray -> {big}x{big}, augmented to {args.size}x{args.size} (fastfuse.nn.BatchAugment)")
 
     torch.manual_seed(args.seed)
     fused = xresnet18(n_out=2, c_in=1, padding_mode="reflect")
@@ -225,7 +212,7 @@ def main(argv=None):
     losses = {}
     for epoch in range(args.epochs):
         perm = torch.randperm(len(y_train), generator=gen)
-        xb_all = augment(x_train[perm], args.size, gen)  # this epoch's crops and flips, the same for both models
+        xb_all = aug(x_train[perm])  # this epoch's augmented images, the same for both models
         batches = [(xb_all[i * args.bs:(i + 1) * args.bs], y_train[perm][i * args.bs:(i + 1) * args.bs])
                    for i in range(n_batches)]
         for name, model in models.items():

@@ -1,11 +1,22 @@
 """Drop-in BatchNorm1d/2d/3d: torch's classes (same arguments, repr, state_dict keys, checkpoints load both ways)
 with a forward that runs fastfuse.batch_norm, and optional fused neighbours for FusedSequential."""
+import weakref
+
 import torch
 
 from ..ops.batch_norm import module_batch_norm
 
+# nn/_fold.py's inference cache: batch norm -> its convolution's folded weights. Dropped on every train() / eval()
+# of the batch norm (model.eval() reaches every module): weights changed through .data (fastai's optimizers) bump
+# no version counter, so only a mode switch tells that training may have changed them.
+FOLDED = weakref.WeakKeyDictionary()
+
 
 class _FusedBatchNormMixin:
+    def train(self, mode=True):
+        FOLDED.pop(self, None)
+        return super().train(mode)
+
     def forward(self, input, *, pre_act=None, residual=None, post_act=None, dropout_p=0.0):
         """bn(input) as torch computes it; the keyword arguments fuse the neighbours of fastfuse.batch_norm.
         One fastfuse::batch_norm call, which also updates the running statistics."""
