@@ -149,12 +149,17 @@ def _inference(model, x, device, dtype):
     return {"inf": run}
 
 
+def _formats(quick):
+    """channels_last is the targets' layout; --quick (CI's smoke run, the GPU check) times only it."""
+    return (torch.channels_last,) if quick else (torch.channels_last, torch.contiguous_format)
+
+
 def _xresnet_cases(device, quick):
     B, S, dtype = (64, 224, torch.bfloat16) if device == "cuda" else (16, 64, torch.float32)
     if quick:
         B, S = 4, 64
     out = []
-    for fmt in (torch.channels_last, torch.contiguous_format):
+    for fmt in _formats(quick):
         torch.manual_seed(0)
         fused = xresnet18(n_out=10)
         eager = eager_twin(fused)
@@ -187,7 +192,7 @@ def _torchvision_cases(device, quick):
     if quick:
         B, S = 4, 64
     out = []
-    for fmt in (torch.channels_last, torch.contiguous_format):
+    for fmt in _formats(quick):
         torch.manual_seed(0)
         eager = torchvision.models.resnet18(num_classes=10)
         fused = fastfuse.fuse(copy.deepcopy(eager))
