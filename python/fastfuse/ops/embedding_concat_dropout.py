@@ -135,9 +135,9 @@ def embedding_concat_dropout(x_cat: torch.Tensor, weights, p: float = 0.0, train
     """(B, sum d_t + C): [emb_0[x_cat[:, 0]], ..., emb_{T-1}[x_cat[:, T-1]]] with dropout p (when training),
     then x_cont batch-normed by `bn_cont` (a BatchNorm1d, or None to pass x_cont through).
 
-    weights: T tables (tensors or nn.Embedding). Codes outside [0, n_t) raise IndexError naming the column
-    and the value; check_index=False skips that check (it costs a device sync on GPUs), and such codes then
-    give zero rows and no gradient."""
+    weights: T tables (tensors or nn.Embedding). Codes outside [0, n_t): on CPU an IndexError naming the column
+    and the value; on CUDA a device-side assert (no host sync), which, as nn.Embedding's, raises at the next
+    synchronising call. check_index=False skips that check, and such codes then give zero rows and no gradient."""
     weights = [w.weight if isinstance(w, torch.nn.Embedding) else w for w in weights]
     return tensor_tables_forward(x_cat, weights, p, training, x_cont, bn_cont, check_index)
 
