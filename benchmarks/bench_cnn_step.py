@@ -154,10 +154,14 @@ def _formats(quick):
     return (torch.channels_last,) if quick else (torch.channels_last, torch.contiguous_format)
 
 
-def _xresnet_cases(device, quick):
+def _sizes(device, quick):
+    """(batch, image side, dtype) of the whole-model steps: the issue's shapes, or a small batch for --quick."""
     B, S, dtype = (64, 224, torch.bfloat16) if device == "cuda" else (16, 64, torch.float32)
-    if quick:
-        B, S = 4, 64
+    return (4, 64, dtype) if quick else (B, S, dtype)
+
+
+def _xresnet_cases(device, quick):
+    B, S, dtype = _sizes(device, quick)
     out = []
     for fmt in _formats(quick):
         torch.manual_seed(0)
@@ -188,9 +192,7 @@ def _torchvision_cases(device, quick):
         import torchvision
     except ImportError:
         return []
-    B, S, dtype = (64, 224, torch.bfloat16) if device == "cuda" else (16, 64, torch.float32)
-    if quick:
-        B, S = 4, 64
+    B, S, dtype = _sizes(device, quick)
     out = []
     for fmt in _formats(quick):
         torch.manual_seed(0)
